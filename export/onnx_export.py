@@ -1,0 +1,114 @@
+"""Model-independent export steps: trace to ONNX, run under ONNX Runtime, check parity, publish."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from service.manifest import Manifest, Parity, write_manifest
+from service.repository import load_model
+from service.settings import Settings
+from service.tasks import TASKS
+
+OPSET = 18
+TRACED_BATCH = 2  # the batch size traced at export; parity runs at another one
+PARITY_BATCH = 37
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The artifact failed a check and was not written."""
+
+
+def to_onnx(
+    module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]
+) -> None:
+    """Export with the batch (axis 0 of every input) dynamic; everything else fixed."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        torch.onnx.export(
+            module.eval(),
+            example,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes={name: {0: batch} for name in inputs},
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def run_batched(session: ort.InferenceSession, name: str, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """The first output of `session` over `inputs` in chunks of `batch_size`."""
+    return np.concatenate(
+        [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    )
+
+
+def check_parity(reference: np.ndarray, candidate: np.ndarray, batch_size: int) -> Parity:
+    """Logits from ONNX Runtime against PyTorch's: max abs difference and identical argmax."""
+    diff = float(np.abs(reference.astype(np.float64) - candidate).max())
+    return Parity(
+        max_abs_diff=diff,
+        tolerance=PARITY_TOLERANCE,
+        batch_size=batch_size,
+        traced_batch_size=TRACED_BATCH,
+        argmax_equal=bool((reference.argmax(-1) == candidate.argmax(-1)).all()),
+    )
+
+
+def require_parity(parity: Parity) -> None:
+    if not (parity.max_abs_diff <= parity.tolerance and parity.argmax_equal):
+        raise ExportError(
+            f"ONNX parity failed at batch {parity.batch_size}: max abs diff {parity.max_abs_diff:.3g} "
+            f"(tolerance {parity.tolerance}), argmax equal: {parity.argmax_equal}; nothing was written"
+        )
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+@contextmanager
+def staging(name: str, version: int) -> Iterator[Path]:
+    """A scratch `<name>/<version>/` folder to build an artifact in before it is published."""
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        folder = Path(tmp) / name / str(version)
+        folder.mkdir(parents=True)
+        yield folder
+
+
+def publish(manifest: Manifest, staged: Path, repository: Path) -> Path:
+    """Write the manifest, prove the service itself loads and runs the artifact, then move it
+    into the repository (replacing that version)."""
+    write_manifest(manifest, staged)
+    served = load_model(staged.parent, Settings(device="cpu", warmup=True), TASKS)
+    if served.state != "ready":
+        raise ExportError(f"the service cannot load the exported model: {served.reason}")
+    target = repository / manifest.name / str(manifest.version)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(staged, target)
+    return target

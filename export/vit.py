@@ -1,0 +1,225 @@
+"""ViT: train on digits (or an ImageFolder), evaluate held-out top-1, export to ONNX with parity."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from export.data import LabelledData, Split, load_digits_data, load_image_folder
+from export.onnx_export import (
+    OPSET,
+    PARITY_BATCH,
+    TRACED_BATCH,
+    check_parity,
+    library_versions,
+    publish,
+    require_parity,
+    run_batched,
+    staging,
+    to_onnx,
+)
+from models.vit import ViT, ViTConfig
+from service.imaging import normalize, preprocess, to_unit_array
+from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.tasks.classify import NAME as CLASSIFICATION
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 3
+    label_smoothing: float = 0.1
+    max_rotation_deg: float = 12.0
+    max_shift: float = 0.12  # fraction of the image
+    scale_range: tuple[float, float] = (0.85, 1.1)
+    warp_prob: float = 0.75  # the rest are seen unwarped (blocky upscaled digits must be seen pixel-aligned)
+    invert_prob: float = 0.0  # trains polarity-invariance (white-on-black and black-on-white digits)
+    seed: int = 0
+
+
+def load_data(source: dict[str, Any]) -> LabelledData:
+    """`{"kind": "digits", "seed": 0}` or `{"kind": "folder", "path": ..., "seed": 0}`."""
+    if source["kind"] == "folder":
+        return load_image_folder(Path(source["path"]), seed=source["seed"])
+    return load_digits_data(seed=source["seed"])
+
+
+def unit_tensor(split: Split, spec: Preprocessing, upscale: Image.Resampling | None = None) -> torch.Tensor:
+    """Images -> `[N, C, H, W]` in [0, 1], resized by the service's own code. With `upscale`, each
+    image smaller than the model input is first enlarged 4x with that filter, as a user might have
+    done before uploading it (a blocky nearest-neighbour digit looks nothing like a smooth one)."""
+
+    def view(img: Image.Image) -> Image.Image:
+        if upscale is None or img.height >= spec.size[0]:
+            return img
+        return img.resize((4 * img.width, 4 * img.height), upscale)
+
+    return torch.from_numpy(np.stack([to_unit_array(view(img), spec) for img in split.images]))
+
+
+# the views of each training image: as it is, and blocky-upscaled
+UPSCALE_VIEWS = {"native": None, "upscaled_nearest": Image.Resampling.NEAREST}
+
+
+def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random rotation, scale and shift (one affine warp per image, or none), then random inversion."""
+    n = x.shape[0]
+    uniform = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=gen)  # noqa: E731
+    warp = (torch.rand(n, generator=gen) < cfg.warp_prob).float()
+    angle = uniform(-1, 1) * math.radians(cfg.max_rotation_deg) * warp
+    scale = 1 + (uniform(*cfg.scale_range) - 1) * warp
+    shift = uniform(-cfg.max_shift, cfg.max_shift, 2) * 2 * warp[:, None]  # affine_grid spans [-1, 1]
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    warped = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    invert = (torch.rand(n, 1, 1, 1, generator=gen) < cfg.invert_prob).float()
+    return warped + invert * (1 - 2 * warped)
+
+
+@torch.no_grad()
+def predict(model: ViT, inputs: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]).numpy()
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def train(
+    source: dict[str, Any], out: Path, model_cfg: ViTConfig | None = None, cfg: TrainConfig | None = None
+) -> dict[str, Any]:
+    """Train, evaluate held-out top-1 and save `{"model", "config", ...}` to `out`; returns the checkpoint."""
+    cfg = cfg or TrainConfig(invert_prob=0.5 if source["kind"] == "digits" else 0.0)
+    data = load_data(source)
+    model_cfg = model_cfg or ViTConfig(num_classes=len(data.classes))
+    unit_spec = Preprocessing(
+        color_mode="L" if model_cfg.in_channels == 1 else "RGB",
+        size=(model_cfg.image_size, model_cfg.image_size),
+        mean=[0.0] * model_cfg.in_channels,
+        std=[1.0] * model_cfg.in_channels,
+    )
+    train_views = torch.stack([unit_tensor(data.train, unit_spec, up) for up in UPSCALE_VIEWS.values()])
+    mean, std = train_views[0].mean(dim=(0, 2, 3)), train_views[0].std(dim=(0, 2, 3))
+    spec = unit_spec.model_copy(update={"mean": mean.tolist(), "std": std.tolist()})
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = ViT(model_cfg)
+    started = time.perf_counter()
+    _fit(model, train_views, torch.from_numpy(data.train.labels), spec, cfg, gen)
+    seconds = time.perf_counter() - started
+
+    quality = {}
+    for view, upscale in UPSCALE_VIEWS.items():
+        units = unit_tensor(data.held_out, unit_spec, upscale)
+        name = "top1" if upscale is None else f"top1_{view}"
+        quality[name] = top1(predict(model, _normalize(units, spec)), data.held_out.labels)
+        if cfg.invert_prob > 0:
+            quality[f"{name}_inverted"] = top1(predict(model, _normalize(1 - units, spec)), data.held_out.labels)
+    checkpoint = {
+        "model": model.state_dict(),
+        "config": asdict(model_cfg),
+        "train_config": asdict(cfg),
+        "preprocessing": spec.model_dump(),
+        "labels": data.classes,
+        "source": source,
+        "data": data.description,
+        "quality": quality,
+        "training": {"seconds": round(seconds, 1), "epochs": cfg.epochs, "threads": torch.get_num_threads()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return checkpoint
+
+
+def _normalize(units: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    return torch.from_numpy(normalize(units.numpy(), spec))
+
+
+def _fit(
+    model: ViT, views: torch.Tensor, y: torch.Tensor, spec: Preprocessing, cfg: TrainConfig, gen: torch.Generator
+) -> None:
+    """views `[views, N, C, H, W]`: each step takes every image in a randomly chosen view."""
+    n = views.shape[1]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))),
+    )
+    mean = torch.tensor(spec.mean)[:, None, None]
+    std = torch.tensor(spec.std)[:, None, None]
+    progress = tqdm(range(cfg.epochs), desc="vit", unit="epoch")
+    for _ in progress:
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        losses, correct = [], 0
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            picked = views[torch.randint(len(views), (len(idx),), generator=gen), idx]
+            logits = model((augment(picked, cfg, gen) - mean) / std)
+            loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            correct += int((logits.argmax(-1) == y[idx]).sum())
+        progress.set_postfix(loss=f"{np.mean(losses):.3f}", train_acc=f"{correct / n:.3f}")
+
+
+def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: int = 1) -> Manifest:
+    """Export a checkpoint to `repository/name/version/`, only if it passes parity on held-out images."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    model = ViT(ViTConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    spec = Preprocessing.model_validate(checkpoint["preprocessing"])
+    held_out = load_data(checkpoint["source"]).held_out
+    # the service's exact path: decoded image -> preprocess
+    inputs = np.stack([preprocess(img, spec) for img in held_out.images])
+    reference = predict(model, torch.from_numpy(inputs))
+    image_shape: list[int | str] = ["batch", spec.channels, *spec.size]
+    graph = GraphSpec(
+        file="model.onnx",
+        inputs=[TensorSpec(name="pixel_values", dtype="float32", shape=image_shape)],
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", len(checkpoint["labels"])])],
+    )
+    with staging(name, version) as staged:
+        to_onnx(model, (torch.from_numpy(inputs[:TRACED_BATCH]),), staged / graph.file, ["pixel_values"], ["logits"])
+        session = ort.InferenceSession(str(staged / graph.file), providers=["CPUExecutionProvider"])
+        onnx_logits = run_batched(session, "pixel_values", inputs, PARITY_BATCH)
+        parity = check_parity(reference, onnx_logits, PARITY_BATCH)
+        require_parity(parity)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            task=CLASSIFICATION,
+            architecture="vit",
+            graphs={"main": graph},
+            preprocessing=spec,
+            labels=checkpoint["labels"],
+            data={**checkpoint["data"], "source": checkpoint["source"]},
+            quality={**checkpoint["quality"], "top1_onnx": top1(onnx_logits, held_out.labels)},
+            parity=parity,
+            opset=OPSET,
+            versions=library_versions(),
+            training={**checkpoint["training"], **checkpoint["train_config"]},
+            config=checkpoint["config"],
+        )
+        publish(manifest, staged, repository)
+    return manifest

@@ -1,0 +1,1 @@
+"""PyTorch model definitions (training and export only; the service never imports this)."""

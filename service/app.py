@@ -1,0 +1,51 @@
+"""The FastAPI application: routes, error handling, and model loading in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service import __version__
+from service.errors import install_error_handlers
+from service.limits import BodyLimitMiddleware
+from service.repository import ModelRegistry
+from service.routes import health, models
+from service.settings import Settings, get_settings
+from service.tasks import TASKS
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """
+Vision transformers served over ONNX Runtime: classification (ViT) today, with the attention
+maps, detection and generation to follow.
+
+Images go in as multipart `file` fields (repeatable), as a raw `image/*` body, or as JSON
+`{"images": ["<base64>", ...]}`. Errors are JSON: `{"error": {"code", "message"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # loading blocks startup: the server accepts no request before every model is loaded and warm
+        app.state.registry = await run_in_threadpool(ModelRegistry.load, settings, TASKS)
+        if not app.state.registry.ready:
+            log.warning("not every model is ready: see GET /health/ready")
+        yield
+
+    app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = ModelRegistry([])
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    for task in TASKS.values():
+        app.include_router(task.router)
+    return app

@@ -1,0 +1,101 @@
+"""Image decoding that survives whatever a user uploads, and the manifest's preprocessing."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ServiceError
+from service.manifest import Preprocessing
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# Pillow's own bomb check is a warning at 89 Mpx; we enforce our limit before decoding instead.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> an upright 8-bit "L" or "RGB" image.
+
+    Size is checked from the header before any pixel is decoded (no decompression bomb).
+    Raises ServiceError: 415 not an image, 413 too many pixels, 422 truncated or corrupt.
+    """
+    if not data:
+        raise ServiceError(422, "empty_image", "the image is empty (0 bytes)")
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ServiceError(415, "unsupported_image", "the data is not an image format we can read") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ServiceError(
+            413,
+            "image_too_large",
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
+        raise ServiceError(422, "corrupt_image", f"the image could not be decoded: {exc}") from exc
+    return _to_8bit(image)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Normalise every mode Pillow can hand back to "L" or "RGB"."""
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit (or wider) greyscale: scale the 0..65535 range down, do not clip it
+        wide = np.asarray(image, dtype=np.float32)
+        return Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "1":
+        return image.convert("L")
+    if "A" in image.mode or image.mode == "P" and "transparency" in image.info:
+        # composite transparency onto white, as a browser would show it
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
+def to_unit_array(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """Resize and convert to `[channels, height, width]` float32 in [0, 1] (before normalisation)."""
+    height, width = spec.size
+    image = image.convert(spec.color_mode).resize((width, height), RESAMPLE[spec.resample])
+    array = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def normalize(unit: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """(x - mean) / std per channel; works on `[C, H, W]` and `[N, C, H, W]`."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    return ((unit - mean) / std).astype(np.float32, copy=False)
+
+
+def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """A decoded image -> the model's input `[channels, height, width]` float32."""
+    return normalize(to_unit_array(image, spec), spec)
+
+
+def preprocess_batch(images: list[bytes], spec: Preprocessing, max_pixels: int) -> np.ndarray:
+    """Encoded images -> one input batch `[N, channels, height, width]`; errors name the bad image."""
+    arrays = []
+    for index, data in enumerate(images):
+        try:
+            arrays.append(preprocess(decode_image(data, max_pixels), spec))
+        except ServiceError as exc:
+            if len(images) > 1:
+                exc.message = f"image {index}: {exc.message}"
+            raise
+    return np.stack(arrays)

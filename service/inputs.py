@@ -1,0 +1,131 @@
+"""Reading images out of a request in any of the three accepted forms, with the body's options.
+
+- multipart/form-data: one or more `file` fields (other non-file fields are options, e.g. top_k);
+- a raw body whose Content-Type is `image/*` (or application/octet-stream): one image;
+- application/json: `{"images": ["<base64 or data: URL>", ...], ...options}`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from service.errors import ServiceError
+
+ACCEPTED = "multipart/form-data (field 'file'), image/*, or application/json {\"images\": [base64, ...]}"
+
+# The body of every image endpoint, for the OpenAPI page (the handlers parse it themselves,
+# since one operation takes three content types).
+IMAGE_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "base64-encoded images (a data: URL prefix is accepted)",
+                        }
+                    },
+                    "required": ["images"],
+                    "additionalProperties": True,
+                },
+                "example": {"images": ["iVBORw0KGgo..."]},
+            },
+        },
+    }
+}
+
+Options = TypeVar("Options", bound=BaseModel)
+
+
+async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    """The encoded images of a request, and any options sent in its body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        images, options = await _from_multipart(request, max_images)
+    elif content_type == "application/json":
+        images, options = _from_json(await request.body())
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        images, options = [await request.body()], {}
+    else:
+        shown = content_type or "no Content-Type"
+        raise ServiceError(415, "unsupported_media_type", f"{shown} is not accepted; send {ACCEPTED}")
+    if not images:
+        raise ServiceError(422, "no_image", f"the request holds no image; send {ACCEPTED}")
+    if len(images) > max_images:
+        raise ServiceError(413, "too_many_images", f"{len(images)} images in one request; the limit is {max_images}")
+    return images, options
+
+
+async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        form = await request.form(max_files=max_images, max_fields=100)
+    except HTTPException as exc:  # Starlette's multipart parser reports every problem as a 400
+        if "Too many files" in str(exc.detail):
+            raise ServiceError(413, "too_many_images", f"more than {max_images} images in one request") from exc
+        raise ServiceError(400, "invalid_multipart", f"the multipart body is malformed: {exc.detail}") from exc
+    images: list[bytes] = []
+    options: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if key != "file":
+                raise ServiceError(422, "unexpected_file", f"file field {key!r}: images go in fields named 'file'")
+            images.append(await value.read())
+        elif key == "file":
+            raise ServiceError(422, "not_a_file", "field 'file' must be a file upload (curl -F file=@image.png)")
+        else:
+            options[key] = value
+    return images, options
+
+
+def _from_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
+        raise ServiceError(422, "invalid_request", 'the JSON body must be an object with a list "images"')
+    encoded = payload.pop("images")
+    return [_b64decode(item, i) for i, item in enumerate(encoded)], payload
+
+
+def _b64decode(item: object, index: int) -> bytes:
+    if not isinstance(item, str):
+        raise ServiceError(422, "invalid_base64", f"images[{index}] must be a base64 string")
+    if item.startswith("data:"):
+        item = item.partition(",")[2]
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ServiceError(422, "invalid_base64", f"images[{index}] is not valid base64: {exc}") from exc
+
+
+def merge_options(cls: type[Options], query: Options, body: dict[str, Any]) -> Options:
+    """Query-string options overlaid by the body's (a form field or JSON key wins), validated together."""
+    merged = {**query.model_dump(exclude_unset=True), **body}
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from exc

@@ -1,0 +1,104 @@
+"""The model manifest: the one contract between `export/` (which writes it) and the service (which
+reads it). The service learns everything about a model from here, nothing from code.
+
+Layout of a repository (Triton-like): `<repository>/<name>/<version>/manifest.json` beside the ONNX
+graphs it names. The highest numeric version of each model is served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_FILE = "manifest.json"
+
+DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: DType
+    # ints are fixed sizes, strings are named dynamic axes (e.g. "batch")
+    shape: list[int | str]
+
+
+class GraphSpec(_Strict):
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class Preprocessing(_Strict):
+    """How an RGB image becomes the model's input tensor `[channels, height, width]`."""
+
+    color_mode: Literal["L", "RGB"]
+    size: tuple[int, int] = Field(description="(height, width) the image is resized to")
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    # after scaling pixels to [0, 1]: (x - mean) / std, per channel
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> Preprocessing:
+        channels = len(self.color_mode)
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need {channels} value(s) for color_mode {self.color_mode}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+    @property
+    def channels(self) -> int:
+        return len(self.color_mode)
+
+
+class Parity(_Strict):
+    """ONNX Runtime against PyTorch on held-out inputs, measured at export."""
+
+    max_abs_diff: float
+    tolerance: float
+    batch_size: int
+    traced_batch_size: int
+    argmax_equal: bool
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = 1
+    name: str
+    version: int = Field(ge=1)
+    task: str
+    architecture: str
+    graphs: dict[str, GraphSpec] = Field(description="'main' serves requests; others are optional extras")
+    preprocessing: Preprocessing
+    labels: list[str]
+    data: dict[str, Any] = Field(description="what the model was trained and evaluated on")
+    quality: dict[str, float] = Field(description="held-out figures, e.g. top1")
+    parity: Parity
+    opset: int
+    versions: dict[str, str] = Field(description="library versions at export")
+    training: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict, description="the model's config dataclass")
+
+    @model_validator(mode="after")
+    def _has_main_graph(self) -> Manifest:
+        if "main" not in self.graphs:
+            raise ValueError("graphs must include 'main'")
+        return self
+
+    @property
+    def main(self) -> GraphSpec:
+        return self.graphs["main"]
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    return Manifest.model_validate_json((version_dir / MANIFEST_FILE).read_text())
+
+
+def write_manifest(manifest: Manifest, version_dir: Path) -> None:
+    (version_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")

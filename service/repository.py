@@ -1,0 +1,168 @@
+"""The model repository: find every model, load it in isolation, and look models up for requests.
+
+A model that fails to load (missing or corrupt file, invalid or mismatched manifest) is kept with
+its reason and state "failed"; the other models serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import onnxruntime as ort
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import ServiceError
+from service.manifest import GraphSpec, Manifest, read_manifest
+from service.runtime import create_session
+from service.settings import Settings
+
+if TYPE_CHECKING:  # service.tasks imports this module's users
+    from service.tasks.base import Task
+
+log = logging.getLogger("service")
+
+State = Literal["ready", "failed"]
+
+ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float16": "tensor(float16)",
+    "int64": "tensor(int64)",
+    "int32": "tensor(int32)",
+    "uint8": "tensor(uint8)",
+    "bool": "tensor(bool)",
+}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    state: State = "failed"
+    reason: str | None = None
+    manifest: Manifest | None = None
+    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+    @property
+    def providers(self) -> list[str]:
+        main = self.sessions.get("main")
+        return main.get_providers() if main else []
+
+    async def run(self, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
+        """Run a graph in a worker thread, so the event loop keeps serving meanwhile."""
+        outputs = await run_in_threadpool(self.sessions[graph].run, None, feeds)
+        return list(outputs)
+
+
+def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
+    """The ONNX graph must have exactly the inputs and outputs its manifest promises."""
+    for kind, actual, promised in (
+        ("input", session.get_inputs(), spec.inputs),
+        ("output", session.get_outputs(), spec.outputs),
+    ):
+        if [a.name for a in actual] != [p.name for p in promised]:
+            raise ValueError(
+                f"{spec.file}: {kind}s are {[a.name for a in actual]}, the manifest says {[p.name for p in promised]}"
+            )
+        for a, p in zip(actual, promised, strict=True):
+            if a.type != ORT_TYPES[p.dtype]:
+                raise ValueError(f"{spec.file}: {kind} {a.name} is {a.type}, the manifest says {p.dtype}")
+            fixed = [(x if isinstance(x, int) else None) for x in a.shape]
+            if fixed != [(x if isinstance(x, int) else None) for x in p.shape]:
+                raise ValueError(f"{spec.file}: {kind} {a.name} has shape {a.shape}, the manifest says {p.shape}")
+
+
+def warm_up(session: ort.InferenceSession, spec: GraphSpec) -> None:
+    """One run on zeros (dynamic axes = 1) so the first request pays no lazy initialisation."""
+    feeds = {t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape], dtype=t.dtype) for t in spec.inputs}
+    session.run(None, feeds)
+
+
+def latest_version(model_dir: Path) -> Path:
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise ValueError(f"no numeric version folder in {model_dir}")
+    return max(versions, key=lambda p: int(p.name))
+
+
+def load_model(model_dir: Path, settings: Settings, tasks: Mapping[str, Task]) -> ServedModel:
+    model = ServedModel(name=model_dir.name, path=model_dir)
+    started = time.perf_counter()
+    try:
+        version_dir = latest_version(model_dir)
+        model.path = version_dir
+        manifest = read_manifest(version_dir)
+        if (manifest.name, str(manifest.version)) != (model_dir.name, version_dir.name):
+            raise ValueError(
+                f"manifest names {manifest.name}/{manifest.version}, the folder is {model_dir.name}/{version_dir.name}"
+            )
+        if manifest.task not in tasks:
+            raise ValueError(f"task {manifest.task!r} is not one this service serves ({sorted(tasks)})")
+        tasks[manifest.task].check_manifest(manifest)
+        model.manifest = manifest
+        for graph, spec in manifest.graphs.items():
+            session = create_session(version_dir / spec.file, settings)
+            check_graph(session, spec)
+            if settings.warmup:
+                warm_up(session, spec)
+            model.sessions[graph] = session
+    except Exception as exc:  # any failure takes down this model only
+        model.reason = _reason(exc)
+        model.sessions.clear()
+        log.error("model %s failed to load: %s", model.name, model.reason)
+    else:
+        model.state = "ready"
+        log.info("model %s v%s (%s) ready on %s", model.name, manifest.version, manifest.task, model.providers)
+    model.load_seconds = time.perf_counter() - started
+    return model
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"missing file: {exc.filename or exc}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {' '.join(text)[:500]}"
+
+
+class ModelRegistry:
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = {m.name: m for m in sorted(models, key=lambda m: m.name)}
+
+    @classmethod
+    def load(cls, settings: Settings, tasks: Mapping[str, Task]) -> ModelRegistry:
+        root = settings.model_repository
+        if not root.is_dir():
+            log.error("model repository %s does not exist", root)
+            return cls([])
+        dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return cls([load_model(d, settings, tasks) for d in dirs])
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and all(m.state == "ready" for m in self.models.values())
+
+    def resolve(self, name: str | None, task: str) -> ServedModel:
+        """The model a request asked for, or the first ready model of its task."""
+        if name is None:
+            candidates = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
+            ready = [m for m in candidates if m.state == "ready"]
+            if ready:
+                return ready[0]
+            failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]
+            if failed:
+                raise ServiceError(503, "model_not_ready", f"no {task} model is ready ({'; '.join(failed)})")
+            raise ServiceError(404, "no_model", f"the repository has no {task} model")
+        model = self.models.get(name)
+        if model is None:
+            raise ServiceError(404, "unknown_model", f"no model named {name!r}; models: {sorted(self.models)}")
+        if model.state != "ready" or model.manifest is None:
+            raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
+        if model.manifest.task != task:
+            raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
+        return model

@@ -1,0 +1,37 @@
+"""Liveness and readiness, for load balancers and orchestrators."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from service.deps import RegistryDep
+
+router = APIRouter(tags=["health"])
+
+
+class ModelStatus(BaseModel):
+    state: Literal["ready", "failed"]
+    reason: str | None = None
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, ModelStatus]
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    """The process answers. Says nothing about the models."""
+    return {"status": "live"}
+
+
+@router.get("/health/ready", responses={503: {"model": Readiness, "description": "some model is not ready"}})
+async def ready(registry: RegistryDep, response: Response) -> Readiness:
+    """200 when every model in the repository is loaded and warmed up; else 503 with each model's state."""
+    models = {m.name: ModelStatus(state=m.state, reason=m.reason) for m in registry.models.values()}
+    if not registry.ready:
+        response.status_code = 503
+    return Readiness(ready=registry.ready, models=models)

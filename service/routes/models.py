@@ -1,0 +1,61 @@
+"""`GET /v1/models`: what is served, on which execution providers, and how good it is."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from service.deps import RegistryDep
+from service.repository import ServedModel
+
+router = APIRouter(tags=["models"])
+
+
+class ModelInfo(BaseModel):
+    name: str
+    state: Literal["ready", "failed"]
+    reason: str | None = None
+    version: int | None = None
+    task: str | None = None
+    architecture: str | None = None
+    providers: list[str] = Field(description="ONNX Runtime execution providers actually in use, best first")
+    labels: list[str] = []
+    input_size: tuple[int, int] | None = Field(None, description="(height, width) images are resized to")
+    quality: dict[str, float] = {}
+    data: dict[str, Any] = {}
+    load_seconds: float
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+def describe(model: ServedModel) -> ModelInfo:
+    info = ModelInfo(
+        name=model.name,
+        state=model.state,
+        reason=model.reason,
+        providers=model.providers,
+        load_seconds=round(model.load_seconds, 3),
+    )
+    if m := model.manifest:
+        info = info.model_copy(
+            update={
+                "version": m.version,
+                "task": m.task,
+                "architecture": m.architecture,
+                "labels": m.labels,
+                "input_size": m.preprocessing.size,
+                "quality": m.quality,
+                "data": m.data,
+            }
+        )
+    return info
+
+
+@router.get("/v1/models")
+async def list_models(registry: RegistryDep) -> ModelList:
+    """Every model in the repository, ready or not (with the reason)."""
+    return ModelList(models=[describe(m) for m in registry.models.values()])

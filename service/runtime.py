@@ -1,0 +1,39 @@
+"""ONNX Runtime sessions: which execution providers to ask for, and which we actually got."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def requested_providers(device: str) -> list[str]:
+    """The providers to ask for, best first. CPU is always last, so a model still loads if CUDA fails;
+    the caller reports the providers the session really uses, never assumes them."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        log.warning("device=cuda was asked for but onnxruntime offers only %s: serving on CPU", available)
+    return [CPU]
+
+
+def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = settings.intra_op_threads
+    providers = requested_providers(settings.device)
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if session.get_providers()[0] != providers[0]:
+        log.warning("%s: asked for %s but the session runs on %s", path, providers[0], session.get_providers())
+    return session

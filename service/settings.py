@@ -1,0 +1,35 @@
+"""Every setting, from the environment (prefix `VITSERVE_`) or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VITSERVE_", env_file=".env", extra="ignore")
+
+    host: str = Field("0.0.0.0", description="address `python -m service` binds")
+    port: int = Field(8000, description="port `python -m service` listens on")
+    model_repository: Path = Field(PROJECT_ROOT / "model_repository", description="folder of <name>/<version>/")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto",
+        description="auto: CUDA if onnxruntime offers it, else CPU; cuda: ask for CUDA (logged if it falls back)",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0: one per core)")
+    warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
+    max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
+    max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

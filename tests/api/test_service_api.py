@@ -1,0 +1,103 @@
+"""Health, model listing, docs, limits and fault isolation through the real app."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.manifest import MANIFEST_FILE
+from service.settings import Settings
+from tests.conftest import TINY_NAME, client_for, copy_repository
+from tests.helpers import held_out_digits, png_bytes
+
+DIGIT = png_bytes(held_out_digits()[0][0])
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "live"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "models": {"vit": {"state": "ready", "reason": None}}}
+
+
+def test_models_lists_providers_and_quality(client: TestClient) -> None:
+    (vit,) = client.get("/v1/models").json()["models"]
+    assert vit["name"] == "vit" and vit["task"] == "classification" and vit["state"] == "ready"
+    assert vit["providers"] == ["CPUExecutionProvider"]
+    assert vit["labels"] == [str(d) for d in range(10)]
+    assert vit["input_size"] == [32, 32]
+    assert vit["quality"]["top1"] >= 0.97
+
+
+def test_openapi_documents_every_input_form(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/v1/classify"]["post"]
+    assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/json"}
+    assert {p["name"] for p in operation["parameters"]} == {"model", "top_k"}
+
+
+def test_unknown_route_is_a_json_404(client: TestClient) -> None:
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+@pytest.fixture()
+def small_body_client() -> Iterator[TestClient]:
+    yield from client_for(
+        Settings(model_repository=Path("model_repository"), device="cpu", max_body_bytes=1000, warmup=False)
+    )
+
+
+def test_oversized_body_is_413_before_it_is_read(small_body_client: TestClient) -> None:
+    response = small_body_client.post("/v1/classify", content=b"x" * 5000, headers={"content-type": "image/png"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: stopped while streaming
+        yield from [b"x" * 600] * 5
+
+    response = small_body_client.post("/v1/classify", content=chunks(), headers={"content-type": "image/png"})
+    assert response.status_code == 413
+
+
+@pytest.fixture()
+def broken_repository(tiny_repository: Path, tmp_path: Path) -> Path:
+    """One good model and four broken ones, each broken differently."""
+    root = copy_repository(tiny_repository, tmp_path / "repo")
+    good = root / TINY_NAME / "1"
+    for name in ("corrupt", "mismatched", "no_manifest", "bad_manifest"):
+        shutil.copytree(good, root / name / "1")
+        manifest = (
+            (root / name / "1" / MANIFEST_FILE).read_text().replace(f'"name": "{TINY_NAME}"', f'"name": "{name}"')
+        )
+        (root / name / "1" / MANIFEST_FILE).write_text(manifest)
+    (root / "corrupt" / "1" / "model.onnx").write_bytes(b"\x08\x01garbage")
+    mismatched = root / "mismatched" / "1" / MANIFEST_FILE
+    mismatched.write_text(mismatched.read_text().replace('"pixel_values"', '"images"'))
+    (root / "no_manifest" / "1" / MANIFEST_FILE).unlink()
+    (root / "bad_manifest" / "1" / MANIFEST_FILE).write_text('{"name": "bad_manifest"}')
+    return root
+
+
+def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
+    for client in client_for(Settings(model_repository=broken_repository, device="cpu")):
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        states = ready.json()["models"]
+        assert states[TINY_NAME]["state"] == "ready"
+        reasons = {name: s["reason"] for name, s in states.items() if s["state"] == "failed"}
+        assert set(reasons) == {"corrupt", "mismatched", "no_manifest", "bad_manifest"}
+        assert "images" in reasons["mismatched"] and "pixel_values" in reasons["mismatched"]
+        assert "manifest.json" in reasons["no_manifest"]
+        assert "ValidationError" in reasons["bad_manifest"]
+        listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+        assert listed["corrupt"]["reason"] == reasons["corrupt"] and listed["corrupt"]["providers"] == []
+
+        response = client.post(f"/v1/classify?model={TINY_NAME}", content=DIGIT, headers={"content-type": "image/png"})
+        assert response.status_code == 200
+        response = client.post("/v1/classify?model=corrupt", content=DIGIT, headers={"content-type": "image/png"})
+        assert response.status_code == 503 and "not ready" in response.json()["error"]["message"]

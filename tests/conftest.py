@@ -1,0 +1,72 @@
+"""Fixtures: a tiny random-weight ViT exported through the real export path into a temp repository."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import PROJECT_ROOT, Settings
+
+SHIPPED_REPOSITORY = PROJECT_ROOT / "model_repository"
+TINY_NAME = "tiny"
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    import torch
+
+    from export.data import load_digits_data
+    from export.vit import TrainConfig
+    from models.vit import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=16, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32)
+    data = load_digits_data(seed=0)
+    torch.save(
+        {
+            "model": ViT(cfg).state_dict(),
+            "config": asdict(cfg),
+            "train_config": asdict(TrainConfig(epochs=0)),
+            "preprocessing": {"color_mode": "L", "size": [16, 16], "mean": [0.2], "std": [0.3]},
+            "labels": data.classes,
+            "source": {"kind": "digits", "seed": 0},
+            "data": data.description,
+            "quality": {"top1": 0.1},
+            "training": {"seconds": 0.0, "epochs": 0},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<tmp>/tiny/1/` exported by export.vit.export (parity-checked) from random weights."""
+    from export import vit
+
+    root = tmp_path_factory.mktemp("repository")
+    vit.export(tiny_checkpoint(root.parent / "tiny.pt"), root, name=TINY_NAME)
+    return root
+
+
+def copy_repository(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+def client_for(settings: Settings) -> Iterator[TestClient]:
+    app: FastAPI = create_app(settings)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[TestClient]:
+    """The app over the shipped model repository."""
+    yield from client_for(Settings(model_repository=SHIPPED_REPOSITORY, device="cpu"))
