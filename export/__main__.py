@@ -1,4 +1,4 @@
-"""`python -m export vit [--data DIR] [--seed N]`: train, then export — reproduces a shipped artifact
+"""`python -m export MODEL [--data DIR] [--seed N] [--epochs N]`: train, then export — reproduces a shipped artifact
 from scratch (the training and export CLIs also run alone: export.train, export.export)."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,9 +59,16 @@ def run_batched(session: ort.InferenceSession, name: str, inputs: np.ndarray, ba
     )
 
 
-def check_parity(reference: np.ndarray, candidate: np.ndarray, batch_size: int) -> Parity:
-    """Logits from ONNX Runtime against PyTorch's: max abs difference and identical argmax."""
-    diff = float(np.abs(reference.astype(np.float64) - candidate).max())
+def check_parity(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    batch_size: int,
+    extra: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+) -> Parity:
+    """ONNX Runtime against PyTorch: the max abs difference over the logits (and any `extra` output
+    pairs), and whether the logits' argmax is identical everywhere."""
+    pairs = [(reference, candidate), *extra]
+    diff = max(float(np.abs(ref.astype(np.float64) - cand).max()) for ref, cand in pairs)
     return Parity(
         max_abs_diff=diff,
         tolerance=PARITY_TOLERANCE,

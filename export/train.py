@@ -1,40 +1,42 @@
-"""`python -m export.train vit [--data DIR] [--epochs N]`: train a model and save its checkpoint."""
+"""`python -m export.train MODEL [--data DIR] [--epochs N] [--seed N]`: train a model, save its checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
-from export import vit
+from export import detr, vit
 
 RUNS = Path("runs")
+# each module has source(), TrainConfig, train() and export()
+MODELS: dict[str, ModuleType] = {"vit": vit, "detr": detr}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.train", description=__doc__)
-    parser.add_argument("model", choices=["vit"])
-    parser.add_argument("--data", type=Path, help="an ImageFolder (one sub-folder per class); default: digits")
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="vit: an ImageFolder (DIR/<class>/<image>), default digits; "
+        "detr: DIR/{train,held_out}/annotations.json (COCO), default generated digit scenes",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--epochs", type=int, help="override the default number of epochs")
     parser.add_argument("--checkpoint", type=Path, help="where to save (default runs/<model>/checkpoint.pt)")
     return parser.parse_args(argv)
 
 
-def source_of(args: argparse.Namespace) -> dict[str, Any]:
-    if args.data:
-        return {"kind": "folder", "path": str(args.data.resolve()), "seed": args.seed}
-    return {"kind": "digits", "seed": args.seed}
-
-
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    module = MODELS[args.model]
     out = args.checkpoint or RUNS / args.model / "checkpoint.pt"
-    cfg = vit.TrainConfig(seed=args.seed, invert_prob=0.0 if args.data else 0.5)
+    cfg = module.TrainConfig(seed=args.seed)
     if args.epochs:
         cfg.epochs = args.epochs
-    checkpoint = vit.train(source_of(args), out, cfg=cfg)
+    checkpoint = module.train(module.source(args.data, args.seed), out, cfg=cfg)
     print(json.dumps({"checkpoint": str(out), "quality": checkpoint["quality"], "training": checkpoint["training"]}))
     return out
 

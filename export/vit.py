@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from service.tasks.classify import NAME as CLASSIFICATION
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 120
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -46,8 +46,13 @@ class TrainConfig:
     max_shift: float = 0.12  # fraction of the image
     scale_range: tuple[float, float] = (0.85, 1.1)
     warp_prob: float = 0.75  # the rest are seen unwarped (blocky upscaled digits must be seen pixel-aligned)
-    invert_prob: float = 0.0  # trains polarity-invariance (white-on-black and black-on-white digits)
+    invert_prob: float = 0.5  # polarity-invariance for digits (light-on-dark and dark-on-light); 0 for folders
     seed: int = 0
+
+
+def source(data: Path | None, seed: int) -> dict[str, Any]:
+    """The training data: digits, or an ImageFolder (`DIR/<class>/<image>`)."""
+    return {"kind": "folder", "path": str(data.resolve()), "seed": seed} if data else {"kind": "digits", "seed": seed}
 
 
 def load_data(source: dict[str, Any]) -> LabelledData:
@@ -103,7 +108,9 @@ def train(
     source: dict[str, Any], out: Path, model_cfg: ViTConfig | None = None, cfg: TrainConfig | None = None
 ) -> dict[str, Any]:
     """Train, evaluate held-out top-1 and save `{"model", "config", ...}` to `out`; returns the checkpoint."""
-    cfg = cfg or TrainConfig(invert_prob=0.5 if source["kind"] == "digits" else 0.0)
+    cfg = cfg or TrainConfig()
+    if source["kind"] != "digits":  # inverting a photo makes a different photo
+        cfg = replace(cfg, invert_prob=0.0)
     data = load_data(source)
     model_cfg = model_cfg or ViTConfig(num_classes=len(data.classes))
     unit_spec = Preprocessing(

@@ -68,11 +68,27 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
+def letterbox_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
+    """The (width, height) an image of this size takes inside the letterboxed input."""
+    scale = min(spec.size[1] / width, spec.size[0] / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """The image in the model's colour mode and input size, by the manifest's resize policy."""
+    image = image.convert(spec.color_mode)
+    height, width = spec.size
+    if spec.resize == "stretch":
+        return image.resize((width, height), RESAMPLE[spec.resample])
+    inner = image.resize(letterbox_size(image.width, image.height, spec), RESAMPLE[spec.resample])
+    canvas = Image.new(spec.color_mode, (width, height), (spec.fill,) * spec.channels)
+    canvas.paste(inner, (0, 0))
+    return canvas
+
+
 def to_unit_array(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """Resize and convert to `[channels, height, width]` float32 in [0, 1] (before normalisation)."""
-    height, width = spec.size
-    image = image.convert(spec.color_mode).resize((width, height), RESAMPLE[spec.resample])
-    array = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    array = np.asarray(fit(image, spec), dtype=np.float32) * np.float32(1 / 255)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -88,14 +104,15 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     return normalize(to_unit_array(image, spec), spec)
 
 
-def preprocess_batch(images: list[bytes], spec: Preprocessing, max_pixels: int) -> np.ndarray:
-    """Encoded images -> one input batch `[N, channels, height, width]`; errors name the bad image."""
-    arrays = []
+def preprocess_batch(images: list[bytes], spec: Preprocessing, max_pixels: int) -> tuple[list[Image.Image], np.ndarray]:
+    """Encoded images -> the decoded images and one input batch `[N, channels, height, width]`.
+    An error names the bad image when there are several."""
+    decoded = []
     for index, data in enumerate(images):
         try:
-            arrays.append(preprocess(decode_image(data, max_pixels), spec))
+            decoded.append(decode_image(data, max_pixels))
         except ServiceError as exc:
             if len(images) > 1:
                 exc.message = f"image {index}: {exc.message}"
             raise
-    return np.stack(arrays)
+    return decoded, np.stack([preprocess(image, spec) for image in decoded])

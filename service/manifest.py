@@ -38,7 +38,11 @@ class Preprocessing(_Strict):
     """How an RGB image becomes the model's input tensor `[channels, height, width]`."""
 
     color_mode: Literal["L", "RGB"]
-    size: tuple[int, int] = Field(description="(height, width) the image is resized to")
+    size: tuple[int, int] = Field(description="(height, width) of the model input")
+    # stretch: resized to `size` whatever its aspect; letterbox: scaled to fit with its aspect kept,
+    # placed at the top left and padded with `fill` on the right or bottom
+    resize: Literal["stretch", "letterbox"] = "stretch"
+    fill: int = Field(0, ge=0, le=255, description="padding value (letterbox)")
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     # after scaling pixels to [0, 1]: (x - mean) / std, per channel
     mean: list[float]

@@ -82,7 +82,7 @@ async def classify(
     model = registry.resolve(options.model, NAME)
     assert model.manifest is not None
     manifest = model.manifest
-    batch = await run_in_threadpool(preprocess_batch, images, manifest.preprocessing, settings.max_image_pixels)
+    _, batch = await run_in_threadpool(preprocess_batch, images, manifest.preprocessing, settings.max_image_pixels)
     (logits,) = await model.run({manifest.main.inputs[0].name: batch})
     return ClassifyResponse(model=model.name, results=top_k(logits, manifest.labels, options.top_k))
 

@@ -121,4 +121,14 @@ def test_batch_error_names_the_image() -> None:
     with pytest.raises(ServiceError) as info:
         preprocess_batch([good, b"junk"], SPEC, LIMIT)
     assert info.value.message.startswith("image 1:")
-    assert preprocess_batch([good, good], SPEC, LIMIT).shape == (2, 1, 32, 32)
+    decoded, batch = preprocess_batch([good, good], SPEC, LIMIT)
+    assert len(decoded) == 2 and batch.shape == (2, 1, 32, 32)
+
+
+def test_letterbox_keeps_aspect_and_pads_bottom_right() -> None:
+    spec = Preprocessing(color_mode="L", size=(32, 32), resize="letterbox", fill=0, mean=[0], std=[1])
+    image = Image.new("L", (64, 32), 255)  # wide: scaled by 0.5 to 32x16
+    unit = to_unit_array(image, spec)[0]
+    assert unit.shape == (32, 32)
+    np.testing.assert_allclose(unit[:16], 1.0)
+    np.testing.assert_allclose(unit[16:], 0.0)

@@ -1,0 +1,272 @@
+"""DETR: generate digit scenes (or read a COCO data set), train with Hungarian matching, evaluate
+COCO mAP with pycocotools, export to ONNX with parity."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tqdm import tqdm
+
+from export.boxes import xyxy_to_cxcywh
+from export.coco import CocoData, coco_detections, coco_map, load_coco
+from export.criterion import SetCriterion
+from export.matcher import HungarianMatcher
+from export.onnx_export import (
+    OPSET,
+    PARITY_BATCH,
+    TRACED_BATCH,
+    check_parity,
+    library_versions,
+    publish,
+    require_parity,
+    staging,
+    to_onnx,
+)
+from export.scenes import write_scenes
+from models.detr import DETR, DETRConfig
+from service.imaging import letterbox_size, normalize, preprocess, to_unit_array
+from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.tasks.detect import NAME as DETECTION
+from service.tasks.detect import detections
+
+SCENES = Path("runs/scenes")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 5e-4
+    backbone_lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 300
+    clip_norm: float = 0.1
+    seed: int = 0
+
+
+def source(data: Path | None, seed: int) -> dict[str, Any]:
+    """Generated digit scenes, or a COCO data set laid out as `DIR/{train,held_out}/annotations.json`
+    with each split's images in `images/` beside its JSON."""
+    if data:
+        root = data.resolve()
+        return {"kind": "coco", "train": str(root / "train" / "annotations.json"),
+                "held_out": str(root / "held_out" / "annotations.json")}  # fmt: skip
+    return {"kind": "scenes", "path": str(SCENES), "seed": seed}
+
+
+def load_data(source: dict[str, Any]) -> tuple[CocoData, CocoData]:
+    """`{"kind": "scenes", "path": DIR, "seed": 0}` (generated on first use) or
+    `{"kind": "coco", "train": JSON, "held_out": JSON}` (images in `images/` beside each JSON)."""
+    if source["kind"] == "coco":
+        return load_coco(Path(source["train"])), load_coco(Path(source["held_out"]))
+    root = Path(source["path"])
+    if not (root / "held_out" / "annotations.json").exists():
+        write_scenes(root, seed=source["seed"])
+    return load_coco(root / "train" / "annotations.json"), load_coco(root / "held_out" / "annotations.json")
+
+
+def targets_for(data: CocoData, spec: Preprocessing) -> list[dict[str, torch.Tensor]]:
+    """Pixel boxes -> (cx, cy, w, h) relative to the letterboxed input, per image."""
+    height, width = spec.size
+    targets = []
+    for image, boxes, labels in zip(data.images, data.boxes, data.labels, strict=True):
+        inner_w, inner_h = letterbox_size(image.width, image.height, spec)
+        scale = np.array([inner_w / image.width / width, inner_h / image.height / height] * 2, dtype=np.float32)
+        xyxy = torch.from_numpy(boxes * scale)
+        targets.append({"labels": torch.from_numpy(labels), "boxes": xyxy_to_cxcywh(xyxy).float()})
+    return targets
+
+
+def inputs_for(data: CocoData, spec: Preprocessing) -> np.ndarray:
+    """The service's exact preprocessing of every image: `[N, C, S, S]`."""
+    return np.stack([preprocess(image, spec) for image in data.images])
+
+
+@torch.no_grad()
+def forward_all(model: DETR, inputs: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    logits, boxes = [], []
+    for i in range(0, len(inputs), batch_size):
+        out = model(torch.from_numpy(inputs[i : i + batch_size]))
+        logits.append(out["logits"].numpy())
+        boxes.append(out["boxes"].numpy())
+    return np.concatenate(logits), np.concatenate(boxes)
+
+
+def evaluate(data: CocoData, logits: np.ndarray, boxes: np.ndarray, spec: Preprocessing) -> dict[str, float]:
+    """COCO mAP of the service's own post-processing (every query, no threshold) on `data`."""
+    found = []
+    for i, image in enumerate(data.images):
+        xyxy, scores, labels = detections(logits[i], boxes[i], image.size, spec, threshold=0.0, limit=1000)
+        found += coco_detections(data, i, xyxy, scores, labels)
+    return coco_map(data.annotations, found)
+
+
+def train(
+    source: dict[str, Any], out: Path, model_cfg: DETRConfig | None = None, cfg: TrainConfig | None = None
+) -> dict[str, Any]:
+    cfg = cfg or TrainConfig()
+    train_data, held_out = load_data(source)
+    model_cfg = model_cfg or DETRConfig(num_classes=len(train_data.classes))
+    size = (model_cfg.image_size, model_cfg.image_size)
+    unit_spec = Preprocessing(color_mode="L", size=size, resize="letterbox", fill=0, mean=[0.0], std=[1.0])
+    units = np.stack([to_unit_array(image, unit_spec) for image in train_data.images])
+    spec = unit_spec.model_copy(update={"mean": [float(units.mean())], "std": [float(units.std())]})
+    x = torch.from_numpy(normalize(units, spec))
+    targets = targets_for(train_data, spec)
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = DETR(model_cfg)
+    started = time.perf_counter()
+    _fit(model, x, targets, cfg, gen)
+    seconds = time.perf_counter() - started
+    quality = evaluate(held_out, *forward_all(model, inputs_for(held_out, spec)), spec)
+    checkpoint = {
+        "model": model.state_dict(),
+        "config": asdict(model_cfg),
+        "train_config": asdict(cfg),
+        "preprocessing": spec.model_dump(),
+        "labels": train_data.classes,
+        "source": source,
+        "data": {
+            "name": "digit scenes (export.scenes), COCO format" if source["kind"] == "scenes" else "COCO data set",
+            "train_images": len(train_data.images),
+            "held_out_images": len(held_out.images),
+            "held_out_boxes": int(sum(len(b) for b in held_out.boxes)),
+        },
+        "quality": quality,
+        "training": {"seconds": round(seconds, 1), "epochs": cfg.epochs, "threads": torch.get_num_threads()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return checkpoint
+
+
+def _fit(
+    model: DETR, x: torch.Tensor, targets: list[dict[str, torch.Tensor]], cfg: TrainConfig, gen: torch.Generator
+) -> None:
+    criterion = SetCriterion(model.config.num_classes, HungarianMatcher())
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": rest}, {"params": backbone, "lr": cfg.backbone_lr}], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    total = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))),
+    )
+    progress = tqdm(range(cfg.epochs), desc="detr", unit="epoch")
+    for _ in progress:
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        terms: list[dict[str, float]] = []
+        for i in range(0, len(x), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            outputs = model(x[idx], return_aux=True)
+            loss, final = criterion(outputs, [targets[j] for j in idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
+            schedule.step()
+            terms.append(final)
+        progress.set_postfix({k: f"{np.mean([t[k] for t in terms]):.3f}" for k in terms[0]})
+
+
+class DETRForOnnx(torch.nn.Module):
+    """The served graph: pixel_values -> (logits, boxes); no auxiliary heads, no attention."""
+
+    def __init__(self, model: DETR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(pixel_values)
+        return out["logits"], out["boxes"]  # type: ignore[return-value]
+
+
+def export(checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1) -> Manifest:
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    model = DETR(DETRConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    spec = Preprocessing.model_validate(checkpoint["preprocessing"])
+    _, held_out = load_data(checkpoint["source"])
+    inputs = inputs_for(held_out, spec)
+    ref_logits, ref_boxes = forward_all(model, inputs)
+    num_queries, classes = ref_logits.shape[1:]
+    graph = GraphSpec(
+        file="model.onnx",
+        inputs=[TensorSpec(name="pixel_values", dtype="float32", shape=["batch", spec.channels, *spec.size])],
+        outputs=[
+            TensorSpec(name="logits", dtype="float32", shape=["batch", num_queries, classes]),
+            TensorSpec(name="boxes", dtype="float32", shape=["batch", num_queries, 4]),
+        ],
+    )
+    with staging(name, version) as staged:
+        to_onnx(DETRForOnnx(model), (torch.from_numpy(inputs[:TRACED_BATCH]),), staged / graph.file,
+                ["pixel_values"], ["logits", "boxes"])  # fmt: skip
+        session = ort.InferenceSession(str(staged / graph.file), providers=["CPUExecutionProvider"])
+        chunks = [
+            session.run(None, {"pixel_values": inputs[i : i + PARITY_BATCH]})
+            for i in range(0, len(inputs), PARITY_BATCH)
+        ]
+        onnx_logits = np.concatenate([c[0] for c in chunks])
+        onnx_boxes = np.concatenate([c[1] for c in chunks])
+        parity = check_parity(ref_logits, onnx_logits, PARITY_BATCH, extra=[(ref_boxes, onnx_boxes)])
+        require_parity(parity)
+        require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            task=DETECTION,
+            architecture="detr",
+            graphs={"main": graph},
+            preprocessing=spec,
+            labels=checkpoint["labels"],
+            data={**checkpoint["data"], "source": checkpoint["source"]},
+            quality={
+                **checkpoint["quality"],
+                **{f"{k}_onnx": v for k, v in evaluate(held_out, onnx_logits, onnx_boxes, spec).items()},
+            },
+            parity=parity,
+            opset=OPSET,
+            versions=library_versions(),
+            training={**checkpoint["training"], **checkpoint["train_config"]},
+            config=checkpoint["config"],
+        )
+        publish(manifest, staged, repository)
+    return manifest
+
+
+def require_same_detections(
+    data: CocoData,
+    reference: tuple[np.ndarray, np.ndarray],
+    candidate: tuple[np.ndarray, np.ndarray],
+    spec: Preprocessing,
+) -> None:
+    """At the served threshold, PyTorch and ONNX Runtime must find the same boxes (IoU >= 0.99, same labels)."""
+    from export.onnx_export import ExportError
+
+    for i, image in enumerate(data.images):
+        a = detections(reference[0][i], reference[1][i], image.size, spec, 0.5, 100)
+        b = detections(candidate[0][i], candidate[1][i], image.size, spec, 0.5, 100)
+        if len(a[0]) != len(b[0]) or not (a[2] == b[2]).all() or (len(a[0]) and min_iou(a[0], b[0]) < 0.99):
+            raise ExportError(f"held-out image {i}: ONNX detections differ from PyTorch's; nothing was written")
+
+
+def min_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest IoU of row-matched xyxy boxes."""
+    top_left, bottom_right = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(-1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return float((inter / (area(a) + area(b) - inter)).min())
