@@ -1,5 +1,5 @@
-"""`python -m examples.make_examples` writes the example images the README's curl commands use: two held-out digits, enlarged (one
-light-on-dark as in the data set, one dark-on-light as people write)."""
+"""`python -m examples.make_examples` writes the images the README's curl commands use: two
+held-out digits, enlarged (one light-on-dark as in the data set, one dark-on-light as people write)."""
 
 from __future__ import annotations
 
