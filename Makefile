@@ -36,6 +36,7 @@ check: lint test
 # retrain and re-export the shipped models from scratch
 models: $(VENV)/.dev
 	$(BIN)/python -m export vit
+	$(BIN)/python -m export detr
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

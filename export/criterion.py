@@ -60,5 +60,5 @@ class SetCriterion(nn.Module):
             losses = self.layer_losses(layer["logits"], layer["boxes"], targets)  # type: ignore[index]
             total = total + sum(self.weights[k] * v for k, v in losses.items())
             if depth == 0:
-                final = {k: float(v) for k, v in losses.items()}
+                final = {k: v.item() for k, v in losses.items()}
         return total, final

@@ -52,11 +52,10 @@ def to_onnx(
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def run_batched(session: ort.InferenceSession, name: str, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    """The first output of `session` over `inputs` in chunks of `batch_size`."""
-    return np.concatenate(
-        [session.run(None, {name: inputs[i : i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
-    )
+def run_batched(session: ort.InferenceSession, name: str, inputs: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Every output of `session` over `inputs`, run in chunks of `batch_size`."""
+    chunks = [session.run(None, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
+    return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
 
 
 def check_parity(

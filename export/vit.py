@@ -209,7 +209,7 @@ def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: 
     with staging(name, version) as staged:
         to_onnx(model, (torch.from_numpy(inputs[:TRACED_BATCH]),), staged / graph.file, ["pixel_values"], ["logits"])
         session = ort.InferenceSession(str(staged / graph.file), providers=["CPUExecutionProvider"])
-        onnx_logits = run_batched(session, "pixel_values", inputs, PARITY_BATCH)
+        (onnx_logits,) = run_batched(session, "pixel_values", inputs, PARITY_BATCH)
         parity = check_parity(reference, onnx_logits, PARITY_BATCH)
         require_parity(parity)
         manifest = Manifest(

@@ -20,8 +20,8 @@ from service.tasks import TASKS
 log = logging.getLogger("service")
 
 DESCRIPTION = """
-Vision transformers served over ONNX Runtime: classification (ViT) today, with the attention
-maps, detection and generation to follow.
+Vision transformers served over ONNX Runtime: classification (ViT) and detection (DETR), with
+the attention maps and generation to follow.
 
 Images go in as multipart `file` fields (repeatable), as a raw `image/*` body, or as JSON
 `{"images": ["<base64>", ...]}`. Errors are JSON: `{"error": {"code", "message"}}`.

@@ -55,6 +55,48 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+TINY_DETR = "tinydetr"
+
+
+def tiny_detr_checkpoint(path: Path, scenes: Path) -> Path:
+    import torch
+
+    from export.detr import TrainConfig
+    from export.scenes import write_scenes
+    from models.detr import DETR, DETRConfig
+
+    write_scenes(scenes, train=4, held_out=40, seed=0)
+    torch.manual_seed(0)
+    cfg = DETRConfig(image_size=32, backbone_channels=[8, 16], dim=16, heads=2, encoder_layers=1,
+                     decoder_layers=1, ffn_dim=32, num_queries=5)  # fmt: skip
+    torch.save(
+        {
+            "model": DETR(cfg).state_dict(),
+            "config": asdict(cfg),
+            "train_config": asdict(TrainConfig(epochs=0)),
+            "preprocessing": {"color_mode": "L", "size": [32, 32], "resize": "letterbox", "mean": [0.1], "std": [0.2]},
+            "labels": [str(d) for d in range(10)],
+            "source": {"kind": "scenes", "path": str(scenes), "seed": 0},
+            "data": {"name": "tiny scenes"},
+            "quality": {},
+            "training": {"seconds": 0.0, "epochs": 0},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_detr_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<tmp>/tinydetr/1/` exported by export.detr.export from random weights."""
+    from export import detr
+
+    root = tmp_path_factory.mktemp("detr_repository")
+    checkpoint = tiny_detr_checkpoint(root.parent / "tinydetr.pt", root.parent / "scenes")
+    detr.export(checkpoint, root, name=TINY_DETR)
+    return root
+
+
 def copy_repository(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, dirs_exist_ok=True)
     return target

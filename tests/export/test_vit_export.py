@@ -48,10 +48,10 @@ def test_onnx_matches_pytorch_at_untraced_batch_sizes(tiny_repository: Path, tmp
 def test_export_refuses_an_artifact_that_fails_parity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = vit.run_batched
 
-    def drifting(*args: object, **kwargs: object) -> np.ndarray:
-        out = real(*args, **kwargs)  # type: ignore[arg-type]
-        out[PARITY_BATCH + 1, 0] += 1e-3  # one logit of one image in the second chunk drifts
-        return out
+    def drifting(*args: object, **kwargs: object) -> list[np.ndarray]:
+        outputs = real(*args, **kwargs)  # type: ignore[arg-type]
+        outputs[0][PARITY_BATCH + 1, 0] += 1e-3  # one logit of one image in the second chunk drifts
+        return outputs
 
     monkeypatch.setattr(vit, "run_batched", drifting)
     with pytest.raises(ExportError, match="parity failed"):
