@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from export import detr, vit
+from export import detr, image_transformer, vit
 
 RUNS = Path("runs")
 # each module has source(), TrainConfig, train() and export()
-MODELS: dict[str, ModuleType] = {"vit": vit, "detr": detr}
+MODELS: dict[str, ModuleType] = {"vit": vit, "detr": detr, "imagetransformer": image_transformer}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

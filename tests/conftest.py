@@ -97,6 +97,38 @@ def tiny_detr_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+TINY_GENERATOR = "tinygen"
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_repository(tmp_path_factory: pytest.TempPathFactory, tiny_repository: Path) -> Path:
+    """`<tmp>/tinygen/1/` exported by export.image_transformer.export from random weights."""
+    import torch
+
+    from export import image_transformer
+    from models.image_transformer import ImageTransformer, ImageTransformerConfig
+
+    root = tmp_path_factory.mktemp("generator_repository")
+    torch.manual_seed(0)
+    cfg = ImageTransformerConfig(dim=16, heads=2, layers=2, mlp_dim=32, memory=10)
+    checkpoint = root.parent / "tinygen.pt"
+    torch.save(
+        {
+            "model": ImageTransformer(cfg).state_dict(),
+            "config": asdict(cfg),
+            "train_config": asdict(image_transformer.TrainConfig(epochs=0)),
+            "labels": [str(d) for d in range(10)],
+            "source": {"kind": "digits", "seed": 0},
+            "data": {"name": "digits"},
+            "quality": {},
+            "training": {"seconds": 0.0, "epochs": 0},
+        },
+        checkpoint,
+    )
+    image_transformer.export(checkpoint, root, name=TINY_GENERATOR, classifier=tiny_repository / TINY_NAME)
+    return root
+
+
 def copy_repository(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, dirs_exist_ok=True)
     return target

@@ -1,9 +1,10 @@
 """The tasks the service serves. Adding one = a module here plus one entry in TASKS."""
 
-from service.tasks import classify, detect
+from service.tasks import classify, detect, generate
 from service.tasks.base import Task
 
 TASKS: dict[str, Task] = {
     classify.NAME: classify.TASK,
     detect.NAME: detect.TASK,
+    generate.NAME: generate.TASK,
 }

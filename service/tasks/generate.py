@@ -1,0 +1,228 @@
+"""Image generation with the Image Transformer: `POST /v1/generate` samples images (optionally
+completing a primed image), row by row over Server-Sent Events if asked; `POST /v1/score` gives the
+bits per dimension of uploaded images under the model."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from service.deps import RegistryDep, SettingsDep
+from service.errors import ServiceError
+from service.imaging import decode_image, preprocess_batch, to_unit_array
+from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
+from service.manifest import Manifest, Preprocessing
+from service.repository import ServedModel
+from service.sampling import GenerationConfig, sample_rows
+from service.tasks.base import Task
+
+NAME = "generation"
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"label": "7", "num_images": 4, "seed": 1}, {"prime": "<base64 PNG>", "prime_rows": 4}]
+        },
+    )
+
+    model: str | None = Field(None, description="model name (default: the first ready generation model)")
+    label: str | None = Field(
+        None, description="class to condition on (one of the model's labels); none: unconditional"
+    )
+    num_images: int = Field(
+        1, ge=1, le=256, description="images decoded together as one batch (see max_images_per_request)"
+    )
+    temperature: float = Field(1.0, ge=0.05, le=5.0, description="softmax temperature; lower is more conservative")
+    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest levels only")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same request and seed, same images, bit for bit")
+    prime: str | None = Field(None, description="base64 image to complete; it is resized to the model's size")
+    prime_rows: int | None = Field(None, ge=0, description="rows of the prime kept (default: half the image)")
+    scale: int = Field(16, ge=1, le=64, description="each pixel becomes scale x scale in the PNGs; 1: native size")
+    stream: bool = Field(False, description="Server-Sent Events: one 'row' event per decoded row, then 'done'")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    label: str | None
+    seed: int
+    size: tuple[int, int] = Field(description="(height, width) of the PNGs")
+    images: list[str] = Field(description="base64 PNGs")
+
+
+class ScoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name (default: the first ready generation model)")
+    label: str | None = Field(None, description="score under this class; none: unconditional")
+
+
+class Score(BaseModel):
+    bits_per_dim: float
+    log_likelihood: float = Field(description="natural log of the image's probability, as quantised")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[Score]
+
+
+def levels_to_image(levels: np.ndarray, count: int, scale: int = 1) -> Image.Image:
+    """`[height, width]` levels in [0, count) -> an 8-bit greyscale image, enlarged `scale` times."""
+    grey = np.round(levels * (255 / (count - 1))).astype(np.uint8)
+    if scale > 1:
+        grey = grey.repeat(scale, axis=0).repeat(scale, axis=1)
+    return Image.fromarray(grey, mode="L")
+
+
+def image_to_levels(image: Image.Image, spec: Preprocessing, count: int) -> np.ndarray:
+    """An image -> `[height, width]` levels, resized as the manifest says."""
+    levels: np.ndarray = np.round(to_unit_array(image, spec)[0] * (count - 1)).astype(np.int64)
+    return levels
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def label_index(manifest: Manifest, cfg: GenerationConfig, label: str | None) -> int:
+    if label is None:
+        return cfg.num_classes
+    if label not in manifest.labels:
+        raise ServiceError(422, "unknown_label", f"label {label!r} is not one of {manifest.labels}")
+    return manifest.labels.index(label)
+
+
+def check_manifest(manifest: Manifest) -> None:
+    cfg = GenerationConfig.model_validate(manifest.config)
+    if "step" not in manifest.graphs:
+        raise ValueError("a generation model needs a 'step' graph (cached decoding)")
+    if len(manifest.labels) != cfg.num_classes:
+        raise ValueError(f"{len(manifest.labels)} labels for {cfg.num_classes} classes")
+
+
+def _prime(request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, max_pixels: int) -> np.ndarray | None:
+    """The primed rows `[batch, rows, width]`, or None."""
+    if request.prime is None:
+        if request.prime_rows:
+            raise ServiceError(422, "invalid_request", "prime_rows needs a prime image")
+        return None
+    rows = cfg.height // 2 if request.prime_rows is None else request.prime_rows
+    if rows > cfg.height:
+        raise ServiceError(422, "invalid_request", f"prime_rows is at most {cfg.height}")
+    try:
+        data = base64.b64decode(
+            request.prime.partition(",")[2] if request.prime.startswith("data:") else request.prime, validate=True
+        )
+    except (binascii.Error, ValueError) as exc:
+        raise ServiceError(422, "invalid_base64", f"prime is not valid base64: {exc}") from exc
+    levels = image_to_levels(decode_image(data, max_pixels), manifest.preprocessing, cfg.levels)
+    return np.broadcast_to(levels[:rows], (request.num_images, rows, cfg.width)).copy()
+
+
+router = APIRouter(tags=["generation"])
+
+
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    responses={
+        200: {
+            "content": {"image/png": {}, "text/event-stream": {}},
+            "description": "images, one PNG, or an event stream",
+        }
+    },
+)
+async def generate(
+    request: Request, body: GenerateRequest, registry: RegistryDep, settings: SettingsDep
+) -> GenerateResponse | Response:
+    """Sample images, class-conditional or not, or complete the top rows of a prime image.
+    JSON answer with base64 PNGs; `Accept: image/png` for one raw PNG; `stream` (or
+    `Accept: text/event-stream`) for each row as it is decoded."""
+    if body.num_images > settings.max_images_per_request:
+        raise ServiceError(413, "too_many_images", f"num_images is at most {settings.max_images_per_request}")
+    accept = request.headers.get("accept", "")
+    want_png = "image/png" in accept
+    if want_png and body.num_images != 1:
+        raise ServiceError(422, "png_needs_one_image", "Accept: image/png returns one image: ask for num_images 1")
+    model = registry.resolve(body.model, NAME)
+    assert model.manifest is not None
+    cfg = GenerationConfig.model_validate(model.manifest.config)
+    labels = np.full(body.num_images, label_index(model.manifest, cfg, body.label), dtype=np.int64)
+    prime = await run_in_threadpool(_prime, body, model.manifest, cfg, settings.max_image_pixels)
+    seed = secrets.randbits(63) if body.seed is None else body.seed
+    rows = sample_rows(
+        model.sessions["step"], cfg, labels, np.random.default_rng(seed), body.temperature, body.top_k, prime
+    )
+
+    def finish(images: np.ndarray) -> GenerateResponse:
+        pngs = [png_base64(levels_to_image(img, cfg.levels, body.scale)) for img in images]
+        size = (cfg.height * body.scale, cfg.width * body.scale)
+        return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
+
+    if body.stream or "text/event-stream" in accept:
+        return StreamingResponse(_events(rows, cfg, finish), media_type="text/event-stream")
+    images = await run_in_threadpool(lambda: list(rows)[-1][1])
+    if want_png:
+        return Response(base64.b64decode(finish(images).images[0]), media_type="image/png")
+    return await run_in_threadpool(finish, images)
+
+
+async def _events(
+    rows: Iterator[tuple[int, np.ndarray]], cfg: GenerationConfig, finish: Callable[[np.ndarray], GenerateResponse]
+) -> AsyncIterator[str]:
+    """`event: row` with the grey values (0-255) of that row of every image, then `event: done`."""
+    images: np.ndarray | None = None
+    async for row, images in iterate_in_threadpool(rows):
+        grey = np.round(images[:, row] * (255 / (cfg.levels - 1))).astype(int).tolist()
+        yield f"event: row\ndata: {json.dumps({'row': row, 'pixels': grey})}\n\n"
+    assert images is not None
+    done = await run_in_threadpool(finish, images)
+    yield f"event: done\ndata: {done.model_dump_json()}\n\n"
+
+
+@router.post("/v1/score", openapi_extra=IMAGE_REQUEST_BODY)
+async def score(
+    request: Request, query: Annotated[ScoreOptions, Query()], registry: RegistryDep, settings: SettingsDep
+) -> ScoreResponse:
+    """Bits per dimension of each uploaded image under the model (quantised to its grey levels and
+    resized to its size, light digits on a dark ground like the training data)."""
+    images, body_options = await read_images(request, settings.max_images_per_request)
+    options = merge_options(ScoreOptions, query, body_options)
+    model = registry.resolve(options.model, NAME)
+    assert model.manifest is not None
+    return await _score(model, options, images, settings.max_image_pixels)
+
+
+async def _score(model: ServedModel, options: ScoreOptions, images: list[bytes], max_pixels: int) -> ScoreResponse:
+    manifest = model.manifest
+    assert manifest is not None
+    cfg = GenerationConfig.model_validate(manifest.config)
+    label = label_index(manifest, cfg, options.label)
+    decoded, _ = await run_in_threadpool(preprocess_batch, images, manifest.preprocessing, max_pixels)
+    pixels = np.stack([image_to_levels(image, manifest.preprocessing, cfg.levels).ravel() for image in decoded])
+    labels = np.full(len(decoded), label, dtype=np.int64)
+    _, log_likelihood = await model.run({"pixels": pixels, "labels": labels})
+    results = [
+        Score(bits_per_dim=float(-ll / (cfg.length * math.log(2))), log_likelihood=float(ll)) for ll in log_likelihood
+    ]
+    return ScoreResponse(model=model.name, results=results)
+
+
+TASK = Task(name=NAME, router=router, check_manifest=check_manifest)
