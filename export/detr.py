@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
@@ -21,15 +20,14 @@ from export.matcher import HungarianMatcher
 from export.onnx_export import (
     OPSET,
     PARITY_BATCH,
-    TRACED_BATCH,
     ExportError,
     check_parity,
+    export_image_graph,
     library_versions,
     publish,
     require_parity,
-    run_batched,
     staging,
-    to_onnx,
+    torch_outputs,
 )
 from export.scenes import write_scenes
 from models.detr import DETR, DETRConfig
@@ -113,8 +111,8 @@ def evaluate(data: CocoData, logits: np.ndarray, boxes: np.ndarray, spec: Prepro
     """COCO mAP of the service's own post-processing (every query, no threshold) on `data`."""
     found = []
     for i, image in enumerate(data.images):
-        xyxy, scores, labels = detections(logits[i], boxes[i], image.size, spec, threshold=0.0, limit=1000)
-        found += coco_detections(data, i, xyxy, scores, labels)
+        kept = detections(logits[i], boxes[i], image.size, spec, threshold=0.0, limit=1000)
+        found += coco_detections(data, i, kept.boxes, kept.scores, kept.labels)
     return coco_map(data.annotations, found)
 
 
@@ -198,15 +196,40 @@ def _fit(
 
 
 class DETRForOnnx(torch.nn.Module):
-    """The served graph: pixel_values -> (logits, boxes); no auxiliary heads, no attention."""
+    """The served graphs: pixel_values -> (logits, boxes), and with `attention` also the encoder
+    self-attention and the decoder cross-attention. No auxiliary heads."""
 
-    def __init__(self, model: DETR) -> None:
+    def __init__(self, model: DETR, attention: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.attention = attention
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(pixel_values)
-        return out["logits"], out["boxes"]  # type: ignore[return-value]
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values, return_attention=self.attention)
+        names = ["logits", "boxes", *(["encoder_attention", "decoder_attention"] if self.attention else [])]
+        return tuple(out[n] for n in names)  # type: ignore[misc]
+
+
+def detr_graphs(cfg: DETRConfig, spec: Preprocessing) -> dict[str, GraphSpec]:
+    image = TensorSpec(name="pixel_values", dtype="float32", shape=["batch", spec.channels, *spec.size])
+    outputs = [
+        TensorSpec(name="logits", dtype="float32", shape=["batch", cfg.num_queries, cfg.num_classes + 1]),
+        TensorSpec(name="boxes", dtype="float32", shape=["batch", cfg.num_queries, 4]),
+    ]
+    cells, queries = cfg.grid**2, cfg.num_queries
+    attention = [
+        TensorSpec(
+            name="encoder_attention", dtype="float32", shape=["batch", cfg.encoder_layers, cfg.heads, cells, cells]
+        ),
+        TensorSpec(
+            name="decoder_attention", dtype="float32", shape=["batch", cfg.decoder_layers, cfg.heads, queries, cells]
+        ),
+    ]
+    return {
+        "main": GraphSpec(file="model.onnx", inputs=[image], outputs=outputs),
+        # served only on request, so detection never computes or copies attention
+        "attention": GraphSpec(file="attention.onnx", inputs=[image], outputs=outputs + attention),
+    }
 
 
 def export(checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1) -> Manifest:
@@ -217,22 +240,16 @@ def export(checkpoint_path: Path, repository: Path, name: str = "detr", version:
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     _, held_out = load_data(checkpoint["source"])
     inputs = inputs_for(held_out, spec)
-    ref_logits, ref_boxes = forward_all(model, inputs)
-    num_queries, classes = ref_logits.shape[1:]
-    graph = GraphSpec(
-        file="model.onnx",
-        inputs=[TensorSpec(name="pixel_values", dtype="float32", shape=["batch", spec.channels, *spec.size])],
-        outputs=[
-            TensorSpec(name="logits", dtype="float32", shape=["batch", num_queries, classes]),
-            TensorSpec(name="boxes", dtype="float32", shape=["batch", num_queries, 4]),
-        ],
-    )
+    graphs = detr_graphs(model.config, spec)
     with staging(name, version) as staged:
-        to_onnx(DETRForOnnx(model), (torch.from_numpy(inputs[:TRACED_BATCH]),), staged / graph.file,
-                ["pixel_values"], ["logits", "boxes"])  # fmt: skip
-        session = ort.InferenceSession(str(staged / graph.file), providers=["CPUExecutionProvider"])
-        onnx_logits, onnx_boxes = run_batched(session, "pixel_values", inputs, PARITY_BATCH)
-        parity = check_parity(ref_logits, onnx_logits, PARITY_BATCH, extra=[(ref_boxes, onnx_boxes)])
+        onnx_logits, onnx_boxes = export_image_graph(DETRForOnnx(model), inputs, staged, graphs["main"])
+        # the attention graph, checked on a subset: its maps are large
+        subset = inputs[: 2 * PARITY_BATCH]
+        onnx_attention = export_image_graph(DETRForOnnx(model, attention=True), subset, staged, graphs["attention"])
+        ref_logits, ref_boxes = torch_outputs(DETRForOnnx(model), inputs)
+        ref_attention = torch_outputs(DETRForOnnx(model, attention=True), subset)
+        pairs = [(ref_boxes, onnx_boxes), *zip(ref_attention, onnx_attention, strict=True)]
+        parity = check_parity(ref_logits, onnx_logits, PARITY_BATCH, extra=pairs)
         require_parity(parity)
         require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
         manifest = Manifest(
@@ -240,7 +257,7 @@ def export(checkpoint_path: Path, repository: Path, name: str = "detr", version:
             version=version,
             task=DETECTION,
             architecture="detr",
-            graphs={"main": graph},
+            graphs=graphs,
             preprocessing=spec,
             labels=checkpoint["labels"],
             data={**checkpoint["data"], "source": checkpoint["source"]},
@@ -268,7 +285,11 @@ def require_same_detections(
     for i, image in enumerate(data.images):
         a = detections(reference[0][i], reference[1][i], image.size, spec, 0.5, 100)
         b = detections(candidate[0][i], candidate[1][i], image.size, spec, 0.5, 100)
-        if len(a[0]) != len(b[0]) or not (a[2] == b[2]).all() or (len(a[0]) and min_iou(a[0], b[0]) < 0.99):
+        if (
+            len(a.boxes) != len(b.boxes)
+            or not (a.labels == b.labels).all()
+            or (len(a.boxes) and min_iou(a.boxes, b.boxes) < 0.99)
+        ):
             raise ExportError(f"held-out image {i}: ONNX detections differ from PyTorch's; nothing was written")
 
 

@@ -40,7 +40,7 @@ PARITY_BATCH = 5
 
 @dataclass
 class TrainConfig:
-    epochs: int = 150
+    epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -175,6 +175,18 @@ class ScoreGraph(torch.nn.Module):
         return logits, log_likelihood
 
 
+class AttentionGraph(torch.nn.Module):
+    """pixels, labels -> logits and attention `[batch, layers, heads, length, length]` (served on request only)."""
+
+    def __init__(self, model: ImageTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, attention = self.model(pixels, labels, return_attention=True)
+        return logits, attention
+
+
 class StepGraph(torch.nn.Module):
     """One decoding step with the cache flattened into named inputs and outputs."""
 
@@ -201,6 +213,16 @@ def graphs(cfg: GenerationConfig) -> dict[str, GraphSpec]:
                 TensorSpec(name="log_likelihood", dtype="float32", shape=["batch"]),
             ],
         ),
+        "attention": GraphSpec(
+            file="attention.onnx",
+            inputs=[TensorSpec(name="pixels", dtype="int64", shape=["batch", cfg.length]), batch_ints("labels")],
+            outputs=[
+                TensorSpec(name="logits", dtype="float32", shape=["batch", cfg.length, cfg.levels]),
+                TensorSpec(
+                    name="attention", dtype="float32", shape=["batch", cfg.layers, cfg.heads, cfg.length, cfg.length]
+                ),
+            ],
+        ),
         "step": GraphSpec(
             file="step.onnx",
             inputs=[
@@ -222,6 +244,8 @@ def export_graphs(model: ImageTransformer, cfg: GenerationConfig, folder: Path, 
     pixels = torch.zeros(TRACED_BATCH, cfg.length, dtype=torch.int64)
     labels = torch.zeros(TRACED_BATCH, dtype=torch.int64)
     _export(ScoreGraph(model), (pixels, labels), folder / specs["main"].file, specs["main"],
+            {"pixels": {0: batch}, "labels": {0: batch}})  # fmt: skip
+    _export(AttentionGraph(model), (pixels, labels), folder / specs["attention"].file, specs["attention"],
             {"pixels": {0: batch}, "labels": {0: batch}})  # fmt: skip
     cache = tuple(model.empty_cache(TRACED_BATCH))
     step_inputs = (labels.clone(), torch.tensor(3), labels, *cache)
@@ -309,18 +333,19 @@ def export(
     specs = graphs(cfg)
     with staging(name, version) as staged:
         export_graphs(model, cfg, staged, specs)
-        score, step = (
+        score, attention, step = (
             ort.InferenceSession(str(staged / specs[g].file), providers=["CPUExecutionProvider"])
-            for g in ("main", "step")
+            for g in ("main", "attention", "step")
         )
         pixels, labels = test_x[:PARITY_BATCH], test_y[:PARITY_BATCH]
         with torch.no_grad():
-            reference = model(pixels, labels)
-        assert isinstance(reference, torch.Tensor)
-        onnx_logits, _ = score.run(None, {"pixels": pixels.numpy(), "labels": labels.numpy()})
+            reference, ref_attention = (t.numpy() for t in AttentionGraph(model)(pixels, labels))
+        feeds = {"pixels": pixels.numpy(), "labels": labels.numpy()}
+        onnx_logits, _ = score.run(None, feeds)
         stepped = cached_logits(step, cfg, pixels.numpy(), labels.numpy())
-        # the scoring graph against PyTorch, and the cached steps against the full sequence
-        parity = check_parity(reference.numpy(), onnx_logits, PARITY_BATCH, extra=[(reference.numpy(), stepped)])
+        # the scoring graph against PyTorch, the cached steps against the full sequence, the attention graph
+        pairs = [(reference, stepped), *zip((reference, ref_attention), attention.run(None, feeds), strict=True)]
+        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs)
         require_parity(parity)
         (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
         onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))
@@ -334,7 +359,7 @@ def export(
             architecture="image_transformer",
             graphs=specs,
             preprocessing=Preprocessing(
-                color_mode="L", size=(cfg.height, cfg.width), resample="lanczos", mean=[0.0], std=[1.0]
+                color_mode="L", size=(cfg.height, cfg.width), resample="box", mean=[0.0], std=[1.0]
             ),
             labels=checkpoint["labels"],
             data={**checkpoint["data"], "source": checkpoint["source"]},

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.manifest import Manifest, Parity, write_manifest
+from service.manifest import GraphSpec, Manifest, Parity, write_manifest
 from service.repository import load_model
 from service.settings import Settings
 from service.tasks import TASKS
@@ -55,6 +55,28 @@ def to_onnx(
 def run_batched(session: ort.InferenceSession, name: str, inputs: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Every output of `session` over `inputs`, run in chunks of `batch_size`."""
     chunks = [session.run(None, {name: inputs[i : i + batch_size]}) for i in range(0, len(inputs), batch_size)]
+    return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
+
+
+def export_image_graph(module: torch.nn.Module, inputs: np.ndarray, folder: Path, spec: GraphSpec) -> list[np.ndarray]:
+    """Trace `module` (one image batch in, `spec.outputs` out) to `folder/spec.file`, and run the
+    ONNX graph over `inputs` in chunks of PARITY_BATCH (not the traced size)."""
+    names = [t.name for t in spec.inputs]
+    to_onnx(
+        module, (torch.from_numpy(inputs[:TRACED_BATCH]),), folder / spec.file, names, [t.name for t in spec.outputs]
+    )
+    session = ort.InferenceSession(str(folder / spec.file), providers=["CPUExecutionProvider"])
+    return run_batched(session, names[0], inputs, PARITY_BATCH)
+
+
+@torch.no_grad()
+def torch_outputs(module: torch.nn.Module, inputs: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+    """The PyTorch reference: every output of `module` over `inputs`."""
+    module.eval()
+    chunks = []
+    for i in range(0, len(inputs), batch_size):
+        out = module(torch.from_numpy(inputs[i : i + batch_size]))
+        chunks.append([t.numpy() for t in (out if isinstance(out, tuple) else (out,))])
     return [np.concatenate(outputs) for outputs in zip(*chunks, strict=True)]
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,14 +18,13 @@ from export.data import LabelledData, Split, load_digits_data, load_image_folder
 from export.onnx_export import (
     OPSET,
     PARITY_BATCH,
-    TRACED_BATCH,
     check_parity,
+    export_image_graph,
     library_versions,
     publish,
     require_parity,
-    run_batched,
     staging,
-    to_onnx,
+    torch_outputs,
 )
 from models.vit import ViT, ViTConfig
 from service.imaging import normalize, preprocess, to_unit_array
@@ -189,6 +187,18 @@ def _fit(
         progress.set_postfix(loss=f"{np.mean(losses):.3f}", train_acc=f"{correct / n:.3f}")
 
 
+class WithAttention(torch.nn.Module):
+    """pixel_values -> (logits, attention `[batch, depth, heads, tokens, tokens]`)."""
+
+    def __init__(self, model: ViT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, attention = self.model(pixel_values, return_attention=True)
+        return logits, attention
+
+
 def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: int = 1) -> Manifest:
     """Export a checkpoint to `repository/name/version/`, only if it passes parity on held-out images."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -199,25 +209,40 @@ def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: 
     held_out = load_data(checkpoint["source"]).held_out
     # the service's exact path: decoded image -> preprocess
     inputs = np.stack([preprocess(img, spec) for img in held_out.images])
-    reference = predict(model, torch.from_numpy(inputs))
     image_shape: list[int | str] = ["batch", spec.channels, *spec.size]
-    graph = GraphSpec(
-        file="model.onnx",
-        inputs=[TensorSpec(name="pixel_values", dtype="float32", shape=image_shape)],
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=["batch", len(checkpoint["labels"])])],
-    )
+    image = TensorSpec(name="pixel_values", dtype="float32", shape=image_shape)
+    logits = TensorSpec(name="logits", dtype="float32", shape=["batch", len(checkpoint["labels"])])
+    tokens = model.config.grid**2 + 1
+    graphs = {
+        "main": GraphSpec(file="model.onnx", inputs=[image], outputs=[logits]),
+        # served only on request, so classification never computes or copies attention
+        "attention": GraphSpec(
+            file="attention.onnx",
+            inputs=[image],
+            outputs=[
+                logits,
+                TensorSpec(
+                    name="attention",
+                    dtype="float32",
+                    shape=["batch", model.config.depth, model.config.heads, tokens, tokens],
+                ),
+            ],
+        ),  # fmt: skip
+    }
+    with_attention = WithAttention(model)
     with staging(name, version) as staged:
-        to_onnx(model, (torch.from_numpy(inputs[:TRACED_BATCH]),), staged / graph.file, ["pixel_values"], ["logits"])
-        session = ort.InferenceSession(str(staged / graph.file), providers=["CPUExecutionProvider"])
-        (onnx_logits,) = run_batched(session, "pixel_values", inputs, PARITY_BATCH)
-        parity = check_parity(reference, onnx_logits, PARITY_BATCH)
+        (onnx_logits,) = export_image_graph(model, inputs, staged, graphs["main"])
+        onnx_attention = export_image_graph(with_attention, inputs, staged, graphs["attention"])
+        reference, *_ = ref_attention = torch_outputs(with_attention, inputs)
+        pairs = list(zip(ref_attention, onnx_attention, strict=True))
+        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs)
         require_parity(parity)
         manifest = Manifest(
             name=name,
             version=version,
             task=CLASSIFICATION,
             architecture="vit",
-            graphs={"main": graph},
+            graphs=graphs,
             preprocessing=spec,
             labels=checkpoint["labels"],
             data={**checkpoint["data"], "source": checkpoint["source"]},

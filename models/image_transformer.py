@@ -26,11 +26,11 @@ class ImageTransformerConfig:
     width: int = 8
     levels: int = 17  # intensity levels; the start token is index `levels`
     num_classes: int = 10  # index `num_classes` means "no label" (unconditional)
-    dim: int = 128
+    dim: int = 64
     heads: int = 4
     layers: int = 4
-    mlp_dim: int = 256
-    memory: int = 24  # positions each pixel attends to, itself included
+    mlp_dim: int = 128
+    memory: int = 24  # positions each pixel attends to, itself included: three rows back
     dropout: float = 0.1
 
     @property

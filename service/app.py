@@ -13,7 +13,7 @@ from service import __version__
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.repository import ModelRegistry
-from service.routes import health, models
+from service.routes import attention, health, models
 from service.settings import Settings, get_settings
 from service.tasks import TASKS
 
@@ -48,4 +48,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     for task in TASKS.values():
         app.include_router(task.router)
+    app.include_router(attention.router)
     return app

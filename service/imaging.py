@@ -13,6 +13,7 @@ from service.manifest import Preprocessing
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,  # area averaging: exact for enlarged pixel art such as our own PNGs
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,

@@ -43,7 +43,7 @@ class Preprocessing(_Strict):
     # placed at the top left and padded with `fill` on the right or bottom
     resize: Literal["stretch", "letterbox"] = "stretch"
     fill: int = Field(0, ge=0, le=255, description="padding value (letterbox)")
-    resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    resample: Literal["nearest", "box", "bilinear", "bicubic", "lanczos"] = "bilinear"
     # after scaling pixels to [0, 1]: (x - mean) / std, per channel
     mean: list[float]
     std: list[float]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
@@ -56,11 +56,20 @@ class DetectResponse(BaseModel):
     results: list[list[Detection]] = Field(description="one list per image, in request order, best first")
 
 
+class Found(NamedTuple):
+    """One image's detections, best first."""
+
+    boxes: np.ndarray  # [n, 4] x0 y0 x1 y1 in original pixels
+    scores: np.ndarray  # [n]
+    labels: np.ndarray  # [n] class indices
+    queries: np.ndarray  # [n] the object queries they came from
+
+
 def detections(
     logits: np.ndarray, boxes: np.ndarray, original: tuple[int, int], spec: Preprocessing, threshold: float, limit: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Found:
     """One image: logits `[queries, classes + 1]` (last = no object), boxes `[queries, 4]` (cx, cy, w, h
-    relative to the input) -> (boxes `[n, 4]` x0 y0 x1 y1 in original pixels, scores `[n]`, labels `[n]`)."""
+    relative to the input) -> the detections scoring at least `threshold`, at most `limit`."""
     probs = softmax(logits.astype(np.float64))[:, :-1]
     labels, scores = probs.argmax(-1), probs.max(-1)
     keep = np.flatnonzero(scores >= threshold)
@@ -69,16 +78,22 @@ def detections(
     height, width = spec.size
     xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1) * [width, height, width, height]
     # input pixels -> original pixels, through the letterbox's per-axis scale
+    scale_x, scale_y = input_scale(original, spec)
+    xyxy = np.clip(xyxy / np.array([scale_x, scale_y] * 2), 0, [original[0], original[1]] * 2)
+    return Found(xyxy, scores[keep], labels[keep], keep)
+
+
+def input_scale(original: tuple[int, int], spec: Preprocessing) -> tuple[float, float]:
+    """Model-input pixels per original pixel, along x and y."""
+    height, width = spec.size
     inner_w, inner_h = letterbox_size(*original, spec) if spec.resize == "letterbox" else (width, height)
-    scale = np.array([inner_w / original[0], inner_h / original[1]] * 2)
-    xyxy = np.clip(xyxy / scale, 0, [original[0], original[1]] * 2)
-    return xyxy, scores[keep], labels[keep]
+    return inner_w / original[0], inner_h / original[1]
 
 
-def as_response(xyxy: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: list[str]) -> list[Detection]:
+def as_response(found: Found, names: list[str]) -> list[Detection]:
     return [
         Detection(label=names[int(label)], score=float(score), box=Box(xmin=b[0], ymin=b[1], xmax=b[2], ymax=b[3]))
-        for b, score, label in zip(xyxy.tolist(), scores, labels, strict=True)
+        for b, score, label in zip(found.boxes.tolist(), found.scores, found.labels, strict=True)
     ]
 
 
@@ -149,7 +164,7 @@ async def detect(
     logits, boxes = await model.run({manifest.main.inputs[0].name: batch})
     results = [
         as_response(
-            *detections(
+            detections(
                 logits[i], boxes[i], image.size, manifest.preprocessing, options.threshold, options.max_detections
             ),
             manifest.labels,

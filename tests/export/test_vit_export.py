@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import vit
+from export import onnx_export, vit
 from export.onnx_export import PARITY_BATCH, TRACED_BATCH, ExportError
 from models.vit import ViT, ViTConfig
 from service.imaging import preprocess
@@ -46,14 +46,14 @@ def test_onnx_matches_pytorch_at_untraced_batch_sizes(tiny_repository: Path, tmp
 
 
 def test_export_refuses_an_artifact_that_fails_parity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = vit.run_batched
+    real = onnx_export.run_batched
 
     def drifting(*args: object, **kwargs: object) -> list[np.ndarray]:
         outputs = real(*args, **kwargs)  # type: ignore[arg-type]
         outputs[0][PARITY_BATCH + 1, 0] += 1e-3  # one logit of one image in the second chunk drifts
         return outputs
 
-    monkeypatch.setattr(vit, "run_batched", drifting)
+    monkeypatch.setattr(onnx_export, "run_batched", drifting)
     with pytest.raises(ExportError, match="parity failed"):
         vit.export(tiny_checkpoint(tmp_path / "t.pt"), tmp_path / "repo", name="bad")
     assert not (tmp_path / "repo" / "bad").exists()

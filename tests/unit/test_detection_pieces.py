@@ -71,7 +71,7 @@ def test_numpy_postprocess_matches_the_torch_reference() -> None:
     logits, boxes = torch.randn(10, 11, generator=gen) * 3, torch.rand(10, 4, generator=gen) * 0.3 + 0.2
     spec = Preprocessing(color_mode="L", size=(96, 96), resize="letterbox", mean=[0], std=[1])
     original = (200, 100)  # letterboxed into 96 x 48
-    xyxy, scores, labels = detections(logits.numpy(), boxes.numpy(), original, spec, threshold=0.0, limit=100)
+    xyxy, scores, labels, _ = detections(logits.numpy(), boxes.numpy(), original, spec, threshold=0.0, limit=100)
     ref_xyxy, ref_scores, ref_labels = reference_postprocess(logits, boxes, original, (96, 48), 96)
     order = torch.argsort(ref_scores, descending=True)
     np.testing.assert_allclose(scores, ref_scores[order].numpy(), rtol=1e-5)
@@ -85,6 +85,6 @@ def test_threshold_and_limit() -> None:
     logits[np.arange(6), np.arange(6) % 2] = np.linspace(0, 10, 6)  # rising confidence
     boxes = np.tile([0.5, 0.5, 0.2, 0.2], (6, 1))
     spec = Preprocessing(color_mode="L", size=(10, 10), resize="letterbox", mean=[0], std=[1])
-    _, scores, _ = detections(logits, boxes, (10, 10), spec, threshold=0.9, limit=100)
+    scores = detections(logits, boxes, (10, 10), spec, threshold=0.9, limit=100).scores
     assert (scores >= 0.9).all() and list(scores) == sorted(scores, reverse=True)
-    assert len(detections(logits, boxes, (10, 10), spec, threshold=0.0, limit=2)[1]) == 2
+    assert len(detections(logits, boxes, (10, 10), spec, threshold=0.0, limit=2).scores) == 2

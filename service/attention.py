@@ -1,0 +1,62 @@
+"""Attention maps: ViT attention rollout (Abnar & Zuidema 2020), and heatmap overlays as PNG."""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from cmap import Colormap
+from PIL import Image
+
+HeadFusion = Literal["mean", "max", "min"]
+_VIRIDIS = (Colormap("viridis").lut(256)[:, :3] * 255).round().astype(np.uint8)  # perceptually uniform
+
+
+def fuse_heads(attention: np.ndarray, fusion: HeadFusion) -> np.ndarray:
+    """`[..., heads, n, n]` -> `[..., n, n]`."""
+    fused: np.ndarray = getattr(attention, fusion)(axis=-3)
+    return fused
+
+
+def rollout(attention: np.ndarray, fusion: HeadFusion = "mean", discard_ratio: float = 0.0) -> np.ndarray:
+    """Attention rollout over `[layers, heads, n, n]` (row = query, each row sums to 1) -> `[n, n]`:
+    per layer, fuse the heads, zero the lowest `discard_ratio` of the weights (never a token's
+    attention to itself), add the identity (the residual path), renormalise each row, then multiply
+    the layers from the first to the last. Row 0 is what the CLS token draws from each input token."""
+    n = attention.shape[-1]
+    result = np.eye(n)
+    for layer in attention.astype(np.float64):
+        fused = fuse_heads(layer, fusion)
+        if discard_ratio > 0:
+            off_diagonal = ~np.eye(n, dtype=bool)
+            cutoff = np.quantile(fused[off_diagonal], discard_ratio)
+            fused = np.where(off_diagonal & (fused < cutoff), 0.0, fused)
+        mixed = fused + np.eye(n)
+        mixed /= mixed.sum(axis=-1, keepdims=True)
+        result = mixed @ result
+    return result
+
+
+def to_unit(values: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] for display (constant maps become 0)."""
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
+
+
+def heatmap(values: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """A `[h, w]` map -> an RGB viridis image of `size` (width, height), smoothly upsampled."""
+    grey = Image.fromarray((to_unit(values) * 255).round().astype(np.uint8), mode="L")
+    upsampled = np.asarray(grey.resize(size, Image.Resampling.BILINEAR))
+    return Image.fromarray(_VIRIDIS[upsampled], mode="RGB")
+
+
+def overlay(image: Image.Image, values: np.ndarray, alpha: float = 0.55) -> Image.Image:
+    """The map as a heatmap blended over `image`, at the image's size."""
+    return Image.blend(image.convert("RGB"), heatmap(values, image.size), alpha)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
