@@ -37,6 +37,7 @@ check: lint test
 models: $(VENV)/.dev
 	$(BIN)/python -m export vit
 	$(BIN)/python -m export detr
+	$(BIN)/python -m export imagetransformer  # after the ViT, which judges its digits
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -24,6 +24,7 @@ from export.onnx_export import (
     TRACED_BATCH,
     ExportError,
     check_parity,
+    float32_error,
     library_versions,
     publish,
     require_parity,
@@ -345,7 +346,8 @@ def export(
         stepped = cached_logits(step, cfg, pixels.numpy(), labels.numpy())
         # the scoring graph against PyTorch, the cached steps against the full sequence, the attention graph
         pairs = [(reference, stepped), *zip((reference, ref_attention), attention.run(None, feeds), strict=True)]
-        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs)
+        error = float32_error(model, pixels, labels)
+        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
         require_parity(parity)
         (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
         onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -85,18 +86,33 @@ def check_parity(
     candidate: np.ndarray,
     batch_size: int,
     extra: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+    float32_error: float = 0.0,
 ) -> Parity:
     """ONNX Runtime against PyTorch: the max abs difference over the logits (and any `extra` output
-    pairs), and whether the logits' argmax is identical everywhere."""
+    pairs), and whether the logits' argmax is identical everywhere. The tolerance is 1e-4, or twice
+    PyTorch's own float32 error where that is larger (a deep post-norm model's logits can carry
+    more float32 noise than 1e-4; ONNX Runtime cannot be held closer to PyTorch than that)."""
     pairs = [(reference, candidate), *extra]
     diff = max(float(np.abs(ref.astype(np.float64) - cand).max()) for ref, cand in pairs)
     return Parity(
         max_abs_diff=diff,
-        tolerance=PARITY_TOLERANCE,
+        tolerance=max(PARITY_TOLERANCE, 2 * float32_error),
+        float32_error=float32_error,
         batch_size=batch_size,
         traced_batch_size=TRACED_BATCH,
         argmax_equal=bool((reference.argmax(-1) == candidate.argmax(-1)).all()),
     )
+
+
+@torch.no_grad()
+def float32_error(module: torch.nn.Module, *inputs: torch.Tensor) -> float:
+    """Max abs difference of the first output between float32 and float64 PyTorch on the same inputs."""
+    module.eval()
+    exact = copy.deepcopy(module).double()
+    widen = [t.double() if t.is_floating_point() else t for t in inputs]
+    single, double = module(*inputs), exact(*widen)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    return float((first(single).double() - first(double)).abs().max())
 
 
 def require_parity(parity: Parity) -> None:

@@ -20,6 +20,7 @@ from export.onnx_export import (
     PARITY_BATCH,
     check_parity,
     export_image_graph,
+    float32_error,
     library_versions,
     publish,
     require_parity,
@@ -235,7 +236,8 @@ def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: 
         onnx_attention = export_image_graph(with_attention, inputs, staged, graphs["attention"])
         reference, *_ = ref_attention = torch_outputs(with_attention, inputs)
         pairs = list(zip(ref_attention, onnx_attention, strict=True))
-        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs)
+        error = float32_error(model, torch.from_numpy(inputs))
+        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
         require_parity(parity)
         manifest = Manifest(
             name=name,

@@ -21,16 +21,26 @@ def test_health(client: TestClient) -> None:
     assert client.get("/health/live").json() == {"status": "live"}
     ready = client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "models": {"vit": {"state": "ready", "reason": None}}}
+    models = {name: {"state": "ready", "reason": None} for name in ("detr", "imagetransformer", "vit")}
+    assert ready.json() == {"ready": True, "models": models}
 
 
 def test_models_lists_providers_and_quality(client: TestClient) -> None:
-    (vit,) = client.get("/v1/models").json()["models"]
-    assert vit["name"] == "vit" and vit["task"] == "classification" and vit["state"] == "ready"
-    assert vit["providers"] == ["CPUExecutionProvider"]
-    assert vit["labels"] == [str(d) for d in range(10)]
-    assert vit["input_size"] == [32, 32]
-    assert vit["quality"]["top1"] >= 0.97
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert {name: m["task"] for name, m in models.items()} == {
+        "detr": "detection",
+        "imagetransformer": "generation",
+        "vit": "classification",
+    }
+    for model in models.values():
+        assert model["state"] == "ready" and model["providers"] == ["CPUExecutionProvider"]
+        assert model["labels"] == [str(d) for d in range(10)]
+    assert models["vit"]["input_size"] == [32, 32] and models["detr"]["input_size"] == [96, 96]
+    assert models["vit"]["quality"]["top1"] >= 0.97
+    assert models["detr"]["quality"]["map50_onnx"] >= 0.95 and models["detr"]["quality"]["map_onnx"] >= 0.70
+    quality = models["imagetransformer"]["quality"]
+    assert quality["bits_per_dim_onnx"] <= 0.8 * quality["baseline_bits_per_dim"]
+    assert quality["vit_recognition_rate"] >= 0.8
 
 
 def test_openapi_documents_every_input_form(client: TestClient) -> None:
