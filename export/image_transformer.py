@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from export.data import DIGITS_HELD_OUT
 from export.onnx_export import (
+    BATCH,
     OPSET,
     TRACED_BATCH,
     ExportError,
@@ -29,6 +30,7 @@ from export.onnx_export import (
     publish,
     require_parity,
     staging,
+    to_onnx,
 )
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
 from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
@@ -241,43 +243,23 @@ def graphs(cfg: GenerationConfig) -> dict[str, GraphSpec]:
 
 
 def export_graphs(model: ImageTransformer, cfg: GenerationConfig, folder: Path, specs: dict[str, GraphSpec]) -> None:
-    batch = torch.export.Dim("batch", min=1, max=4096)
     pixels = torch.zeros(TRACED_BATCH, cfg.length, dtype=torch.int64)
     labels = torch.zeros(TRACED_BATCH, dtype=torch.int64)
-    _export(ScoreGraph(model), (pixels, labels), folder / specs["main"].file, specs["main"],
-            {"pixels": {0: batch}, "labels": {0: batch}})  # fmt: skip
-    _export(AttentionGraph(model), (pixels, labels), folder / specs["attention"].file, specs["attention"],
-            {"pixels": {0: batch}, "labels": {0: batch}})  # fmt: skip
-    cache = tuple(model.empty_cache(TRACED_BATCH))
-    step_inputs = (labels.clone(), torch.tensor(3), labels, *cache)
-    dynamic: dict[str, Any] = {"previous": {0: batch}, "position": None, "labels": {0: batch},
-                               "cache": tuple({0: batch} for _ in cache)}  # fmt: skip
-    _export(StepGraph(model), step_inputs, folder / specs["step"].file, specs["step"], dynamic)
-
-
-def _export(
-    module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, spec: GraphSpec, dynamic: dict[str, Any]
-) -> None:
-    import logging
-    import warnings
-
-    import onnx
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        torch.onnx.export(
-            module.eval(),
-            example,
-            str(path),
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic,
-            opset_version=OPSET,
-            external_data=False,
-            verbose=False,
+    for name, module in (("main", ScoreGraph(model)), ("attention", AttentionGraph(model))):
+        spec = specs[name]
+        to_onnx(
+            module, (pixels, labels), folder / spec.file, [t.name for t in spec.inputs], [t.name for t in spec.outputs]
         )
-    onnx.checker.check_model(str(path), full_check=True)
+    cache = tuple(model.empty_cache(TRACED_BATCH))
+    step = specs["step"]
+    dynamic = {
+        "previous": {0: BATCH},
+        "position": None,
+        "labels": {0: BATCH},
+        "cache": tuple({0: BATCH} for _ in cache),
+    }
+    to_onnx(StepGraph(model), (labels.clone(), torch.tensor(3), labels, *cache), folder / step.file,
+            [t.name for t in step.inputs], [t.name for t in step.outputs], dynamic)  # fmt: skip
 
 
 def cached_logits(

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,15 +28,24 @@ PARITY_BATCH = 37
 PARITY_TOLERANCE = 1e-4
 
 
+BATCH = torch.export.Dim("batch", min=1, max=4096)
+
+
 class ExportError(RuntimeError):
     """The artifact failed a check and was not written."""
 
 
 def to_onnx(
-    module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic_shapes: dict[str, Any] | None = None,
 ) -> None:
-    """Export with the batch (axis 0 of every input) dynamic; everything else fixed."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    """Export with `dynamic_shapes` (default: axis 0 of every input is the dynamic batch)."""
+    if dynamic_shapes is None:
+        dynamic_shapes = {name: {0: BATCH} for name in inputs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch").setLevel(logging.ERROR)
@@ -45,7 +55,7 @@ def to_onnx(
             str(path),
             input_names=inputs,
             output_names=outputs,
-            dynamic_shapes={name: {0: batch} for name in inputs},
+            dynamic_shapes=dynamic_shapes,
             opset_version=OPSET,
             external_data=False,
             verbose=False,
