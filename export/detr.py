@@ -18,13 +18,12 @@ from export.coco import CocoData, coco_detections, coco_map, load_coco
 from export.criterion import SetCriterion
 from export.matcher import HungarianMatcher
 from export.onnx_export import (
-    OPSET,
     PARITY_BATCH,
     ExportError,
     check_parity,
     export_image_graph,
     float32_error,
-    library_versions,
+    manifest_for,
     publish,
     require_parity,
     staging,
@@ -254,25 +253,11 @@ def export(checkpoint_path: Path, repository: Path, name: str = "detr", version:
         parity = check_parity(ref_logits, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
         require_parity(parity)
         require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
-        manifest = Manifest(
-            name=name,
-            version=version,
-            task=DETECTION,
-            architecture="detr",
-            graphs=graphs,
-            preprocessing=spec,
-            labels=checkpoint["labels"],
-            data={**checkpoint["data"], "source": checkpoint["source"]},
-            quality={
-                **checkpoint["quality"],
-                **{f"{k}_onnx": v for k, v in evaluate(held_out, onnx_logits, onnx_boxes, spec).items()},
-            },
-            parity=parity,
-            opset=OPSET,
-            versions=library_versions(),
-            training={**checkpoint["training"], **checkpoint["train_config"]},
-            config=checkpoint["config"],
-        )
+        onnx_quality = evaluate(held_out, onnx_logits, onnx_boxes, spec)
+        manifest = manifest_for(
+            checkpoint, name=name, version=version, task=DETECTION, architecture="detr", graphs=graphs,
+            preprocessing=spec, quality={f"{k}_onnx": v for k, v in onnx_quality.items()}, parity=parity,
+        )  # fmt: skip
         publish(manifest, staged, repository)
     return manifest
 

@@ -21,12 +21,11 @@ from tqdm import tqdm
 from export.data import DIGITS_HELD_OUT
 from export.onnx_export import (
     BATCH,
-    OPSET,
     TRACED_BATCH,
     ExportError,
     check_parity,
     float32_error,
-    library_versions,
+    manifest_for,
     publish,
     require_parity,
     staging,
@@ -336,23 +335,13 @@ def export(
         rate = recognition_rate(step, cfg, classifier)
         if rate is None:
             raise ExportError(f"no ready ViT at {classifier} to judge the generated digits: export the ViT first")
-        manifest = Manifest(
-            name=name,
-            version=version,
-            task=GENERATION,
-            architecture="image_transformer",
-            graphs=specs,
-            preprocessing=Preprocessing(
-                color_mode="L", size=(cfg.height, cfg.width), resample="box", mean=[0.0], std=[1.0]
-            ),
-            labels=checkpoint["labels"],
-            data={**checkpoint["data"], "source": checkpoint["source"]},
-            quality={**checkpoint["quality"], "bits_per_dim_onnx": onnx_bits, "vit_recognition_rate": rate},
-            parity=parity,
-            opset=OPSET,
-            versions=library_versions(),
-            training={**checkpoint["training"], **checkpoint["train_config"]},
-            config=checkpoint["config"],
+        preprocessing = Preprocessing(
+            color_mode="L", size=(cfg.height, cfg.width), resample="box", mean=[0.0], std=[1.0]
         )
+        manifest = manifest_for(
+            checkpoint, name=name, version=version, task=GENERATION, architecture="image_transformer",
+            graphs=specs, preprocessing=preprocessing, parity=parity,
+            quality={"bits_per_dim_onnx": onnx_bits, "vit_recognition_rate": rate},
+        )  # fmt: skip
         publish(manifest, staged, repository)
     return manifest

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.manifest import GraphSpec, Manifest, Parity, write_manifest
+from service.manifest import GraphSpec, Manifest, Parity, Preprocessing, write_manifest
 from service.repository import load_model
 from service.settings import Settings
 from service.tasks import TASKS
@@ -131,6 +131,37 @@ def require_parity(parity: Parity) -> None:
             f"ONNX parity failed at batch {parity.batch_size}: max abs diff {parity.max_abs_diff:.3g} "
             f"(tolerance {parity.tolerance}), argmax equal: {parity.argmax_equal}; nothing was written"
         )
+
+
+def manifest_for(
+    checkpoint: dict[str, Any],
+    *,
+    name: str,
+    version: int,
+    task: str,
+    architecture: str,
+    graphs: dict[str, GraphSpec],
+    preprocessing: Preprocessing,
+    quality: dict[str, float],
+    parity: Parity,
+) -> Manifest:
+    """The manifest of an exported checkpoint: what it is, what it learned from, how good it is."""
+    return Manifest(
+        name=name,
+        version=version,
+        task=task,
+        architecture=architecture,
+        graphs=graphs,
+        preprocessing=preprocessing,
+        labels=checkpoint["labels"],
+        data={**checkpoint["data"], "source": checkpoint["source"]},
+        quality={**checkpoint["quality"], **quality},
+        parity=parity,
+        opset=OPSET,
+        versions=library_versions(),
+        training={**checkpoint["training"], **checkpoint["train_config"]},
+        config=checkpoint["config"],
+    )
 
 
 def library_versions() -> dict[str, str]:

@@ -16,12 +16,11 @@ from tqdm import tqdm
 
 from export.data import LabelledData, Split, load_digits_data, load_image_folder
 from export.onnx_export import (
-    OPSET,
     PARITY_BATCH,
     check_parity,
     export_image_graph,
     float32_error,
-    library_versions,
+    manifest_for,
     publish,
     require_parity,
     staging,
@@ -239,21 +238,9 @@ def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: 
         error = float32_error(model, torch.from_numpy(inputs))
         parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
         require_parity(parity)
-        manifest = Manifest(
-            name=name,
-            version=version,
-            task=CLASSIFICATION,
-            architecture="vit",
-            graphs=graphs,
-            preprocessing=spec,
-            labels=checkpoint["labels"],
-            data={**checkpoint["data"], "source": checkpoint["source"]},
-            quality={**checkpoint["quality"], "top1_onnx": top1(onnx_logits, held_out.labels)},
-            parity=parity,
-            opset=OPSET,
-            versions=library_versions(),
-            training={**checkpoint["training"], **checkpoint["train_config"]},
-            config=checkpoint["config"],
-        )
+        manifest = manifest_for(
+            checkpoint, name=name, version=version, task=CLASSIFICATION, architecture="vit", graphs=graphs,
+            preprocessing=spec, quality={"top1_onnx": top1(onnx_logits, held_out.labels)}, parity=parity,
+        )  # fmt: skip
         publish(manifest, staged, repository)
     return manifest

@@ -106,18 +106,19 @@ def _from_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise ServiceError(422, "invalid_request", 'the JSON body must be an object with a list "images"')
     encoded = payload.pop("images")
-    return [_b64decode(item, i) for i, item in enumerate(encoded)], payload
+    return [decode_base64(item, f"images[{i}]") for i, item in enumerate(encoded)], payload
 
 
-def _b64decode(item: object, index: int) -> bytes:
+def decode_base64(item: object, what: str) -> bytes:
+    """A base64 string (a `data:` URL prefix allowed) -> bytes; 422 naming `what` otherwise."""
     if not isinstance(item, str):
-        raise ServiceError(422, "invalid_base64", f"images[{index}] must be a base64 string")
+        raise ServiceError(422, "invalid_base64", f"{what} must be a base64 string")
     if item.startswith("data:"):
         item = item.partition(",")[2]
     try:
         return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ServiceError(422, "invalid_base64", f"images[{index}] is not valid base64: {exc}") from exc
+        raise ServiceError(422, "invalid_base64", f"{what} is not valid base64: {exc}") from exc
 
 
 def merge_options(cls: type[Options], query: Options, body: dict[str, Any]) -> Options:

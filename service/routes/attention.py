@@ -7,8 +7,6 @@ input (`render=true` or `Accept: image/png`, one image), in a perceptually unifo
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from typing import Annotated, Literal
 
@@ -22,7 +20,7 @@ from service.attention import HeadFusion, fuse_heads, overlay, png, rollout
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
 from service.imaging import decode_image, letterbox_size, preprocess_batch
-from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
+from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
 from service.manifest import Preprocessing
 from service.repository import ServedModel
 from service.sampling import GenerationConfig
@@ -307,12 +305,7 @@ async def generate_attention(
     cfg = GenerationConfig.model_validate(manifest.config)
     if body.row >= cfg.height or body.col >= cfg.width:
         raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
-    try:
-        data = base64.b64decode(
-            body.image.partition(",")[2] if body.image.startswith("data:") else body.image, validate=True
-        )
-    except (binascii.Error, ValueError) as exc:
-        raise ServiceError(422, "invalid_base64", f"image is not valid base64: {exc}") from exc
+    data = decode_base64(body.image, "image")
     image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
     levels = generate.image_to_levels(image, manifest.preprocessing, cfg.levels)
     label = generate.label_index(manifest, cfg, body.label)

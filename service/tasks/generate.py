@@ -5,7 +5,6 @@ bits per dimension of uploaded images under the model."""
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 import json
 import math
@@ -23,7 +22,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
 from service.imaging import decode_image, preprocess_batch, to_unit_array
-from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
+from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
 from service.manifest import Manifest, Preprocessing
 from service.repository import ServedModel
 from service.sampling import GenerationConfig, sample_rows
@@ -126,12 +125,7 @@ def _prime(request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, 
     rows = cfg.height // 2 if request.prime_rows is None else request.prime_rows
     if rows > cfg.height:
         raise ServiceError(422, "invalid_request", f"prime_rows is at most {cfg.height}")
-    try:
-        data = base64.b64decode(
-            request.prime.partition(",")[2] if request.prime.startswith("data:") else request.prime, validate=True
-        )
-    except (binascii.Error, ValueError) as exc:
-        raise ServiceError(422, "invalid_base64", f"prime is not valid base64: {exc}") from exc
+    data = decode_base64(request.prime, "prime")
     levels = image_to_levels(decode_image(data, max_pixels), manifest.preprocessing, cfg.levels)
     return np.broadcast_to(levels[:rows], (request.num_images, rows, cfg.width)).copy()
 
