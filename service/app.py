@@ -16,6 +16,7 @@ from service.repository import ModelRegistry
 from service.routes import attention, health, models
 from service.settings import Settings, get_settings
 from service.tasks import TASKS
+from service.timing import ServerTimingMiddleware
 
 log = logging.getLogger("service")
 
@@ -38,12 +39,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not app.state.registry.ready:
             log.warning("not every model is ready: see GET /health/ready")
         yield
+        await app.state.registry.close()
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = ModelRegistry([])
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ServerTimingMiddleware)
     app.include_router(health.router)
     app.include_router(models.router)
     for task in TASKS.values():

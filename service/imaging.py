@@ -10,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ServiceError
 from service.manifest import Preprocessing
+from service.timing import timed
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -109,11 +110,13 @@ def preprocess_batch(images: list[bytes], spec: Preprocessing, max_pixels: int) 
     """Encoded images -> the decoded images and one input batch `[N, channels, height, width]`.
     An error names the bad image when there are several."""
     decoded = []
-    for index, data in enumerate(images):
-        try:
-            decoded.append(decode_image(data, max_pixels))
-        except ServiceError as exc:
-            if len(images) > 1:
-                exc.message = f"image {index}: {exc.message}"
-            raise
-    return decoded, np.stack([preprocess(image, spec) for image in decoded])
+    with timed("decode"):
+        for index, data in enumerate(images):
+            try:
+                decoded.append(decode_image(data, max_pixels))
+            except ServiceError as exc:
+                if len(images) > 1:
+                    exc.message = f"image {index}: {exc.message}"
+                raise
+    with timed("preprocess"):
+        return decoded, np.stack([preprocess(image, spec) for image in decoded])

@@ -75,6 +75,14 @@ class Parity(_Strict):
     argmax_equal: bool
 
 
+class BatchPolicy(_Strict):
+    """Dynamic batching defaults for a model; settings can override them per model."""
+
+    max_batch_size: int = Field(32, ge=1, description="most images in one run")
+    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait for more requests to join a batch")
+    max_queue_size: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = 1
     name: str
@@ -91,6 +99,7 @@ class Manifest(_Strict):
     versions: dict[str, str] = Field(description="library versions at export")
     training: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict, description="the model's config dataclass")
+    serving: BatchPolicy = Field(default_factory=BatchPolicy)
 
     @model_validator(mode="after")
     def _has_main_graph(self) -> Manifest:

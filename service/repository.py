@@ -17,8 +17,10 @@ import numpy as np
 import onnxruntime as ort
 from starlette.concurrency import run_in_threadpool
 
+from service import timing
+from service.batching import Batcher
 from service.errors import ServiceError
-from service.manifest import GraphSpec, Manifest, read_manifest
+from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
 from service.runtime import create_session
 from service.settings import Settings
 
@@ -47,6 +49,7 @@ class ServedModel:
     reason: str | None = None
     manifest: Manifest | None = None
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    batchers: dict[str, Batcher] = field(default_factory=dict)
     load_seconds: float = 0.0
 
     @property
@@ -55,8 +58,12 @@ class ServedModel:
         return main.get_providers() if main else []
 
     async def run(self, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
-        """Run a graph in a worker thread, so the event loop keeps serving meanwhile."""
-        outputs = await run_in_threadpool(self.sessions[graph].run, None, feeds)
+        """Run a graph in a worker thread, so the event loop keeps serving meanwhile: through its
+        batcher where it has one, else alone."""
+        if graph in self.batchers:
+            return await self.batchers[graph].run(feeds)
+        with timing.timed("inference"):
+            outputs = await run_in_threadpool(self.sessions[graph].run, None, feeds)
         return list(outputs)
 
 
@@ -78,10 +85,29 @@ def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
                 raise ValueError(f"{spec.file}: {kind} {a.name} has shape {a.shape}, the manifest says {p.shape}")
 
 
-def warm_up(session: ort.InferenceSession, spec: GraphSpec) -> None:
-    """One run on zeros (dynamic axes = 1) so the first request pays no lazy initialisation."""
-    feeds = {t.name: np.zeros([d if isinstance(d, int) else 1 for d in t.shape], dtype=t.dtype) for t in spec.inputs}
-    session.run(None, feeds)
+def batchable(spec: GraphSpec) -> bool:
+    """Requests can share a run when every input has the batch as its first axis."""
+    return all(t.shape and t.shape[0] == "batch" for t in spec.inputs)
+
+
+def warm_up(session: ort.InferenceSession, spec: GraphSpec, batch_sizes: list[int]) -> None:
+    """Runs on zeros at each batch size the batcher forms, so no request pays for a first run."""
+    for batch in batch_sizes:
+        feeds = {
+            t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in spec.inputs
+        }
+        session.run(None, feeds)
+
+
+def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
+    """The manifest's batching defaults, overridden per model by settings."""
+    return BatchPolicy.model_validate({**manifest.serving.model_dump(), **settings.batch_policy.get(manifest.name, {})})
+
+
+def warm_sizes(policy: BatchPolicy) -> list[int]:
+    """1, 2, 4, ... up to max_batch_size, and max_batch_size itself."""
+    sizes = [2**i for i in range(policy.max_batch_size.bit_length()) if 2**i <= policy.max_batch_size]
+    return sorted({*sizes, policy.max_batch_size})
 
 
 def latest_version(model_dir: Path) -> Path:
@@ -106,15 +132,20 @@ def load_model(model_dir: Path, settings: Settings, tasks: Mapping[str, Task]) -
             raise ValueError(f"task {manifest.task!r} is not one this service serves ({sorted(tasks)})")
         tasks[manifest.task].check_manifest(manifest)
         model.manifest = manifest
+        policy = batch_policy(manifest, settings)
         for graph, spec in manifest.graphs.items():
             session = create_session(version_dir / spec.file, settings)
             check_graph(session, spec)
+            batched = settings.batching and batchable(spec)
             if settings.warmup:
-                warm_up(session, spec)
+                warm_up(session, spec, warm_sizes(policy) if batched else [1])
             model.sessions[graph] = session
+            if batched:
+                model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy)
     except Exception as exc:  # any failure takes down this model only
         model.reason = _reason(exc)
         model.sessions.clear()
+        model.batchers.clear()
         log.error("model %s failed to load: %s", model.name, model.reason)
     else:
         model.state = "ready"
@@ -142,6 +173,11 @@ class ModelRegistry:
             return cls([])
         dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
         return cls([load_model(d, settings, tasks) for d in dirs])
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            for batcher in model.batchers.values():
+                await batcher.close()
 
     @property
     def ready(self) -> bool:

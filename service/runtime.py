@@ -11,6 +11,13 @@ from service.settings import Settings
 
 log = logging.getLogger("service")
 
+OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+EXECUTION_MODE = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -30,8 +37,11 @@ def requested_providers(device: str) -> list[str]:
 
 def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
     options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.execution_mode = EXECUTION_MODE[settings.execution_mode]
+    options.enable_cpu_mem_arena = settings.cpu_mem_arena
     providers = requested_providers(settings.device)
     session = ort.InferenceSession(str(path), options, providers=providers)
     if session.get_providers()[0] != providers[0]:

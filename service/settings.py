@@ -23,6 +23,20 @@ class Settings(BaseSettings):
         description="auto: CUDA if onnxruntime offers it, else CPU; cuda: ask for CUDA (logged if it falls back)",
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0: one per core)")
+    inter_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads across operators (parallel mode; 0: default)"
+    )
+    execution_mode: Literal["sequential", "parallel"] = Field("sequential", description="ONNX Runtime execution mode")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level"
+    )
+    cpu_mem_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: less memory held, slower)")
+    batching: bool = Field(True, description="dynamic batching; off: each request runs alone")
+    batch_policy: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='per-model overrides of the manifest\'s batching, JSON: {"vit": {"max_batch_size": 64, '
+        '"max_queue_delay_ms": 5, "max_queue_size": 512}}',
+    )
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")

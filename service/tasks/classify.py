@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -14,6 +14,7 @@ from service.imaging import preprocess_batch
 from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
 from service.manifest import Manifest
 from service.tasks.base import Task
+from service.timing import json_response, timed
 
 NAME = "classification"
 
@@ -70,12 +71,13 @@ router = APIRouter(tags=["classification"])
 
 @router.post(
     "/v1/classify",
+    response_model=ClassifyResponse,
     openapi_extra=IMAGE_REQUEST_BODY,
     responses={413: {"description": "body, image or image count over a limit"}, 415: {"description": "not an image"}},
 )
 async def classify(
     request: Request, query: Annotated[ClassifyOptions, Query()], registry: RegistryDep, settings: SettingsDep
-) -> ClassifyResponse:
+) -> Response:
     """Classify one or more images. Options go in the query string, or as form fields / JSON keys."""
     images, body_options = await read_images(request, settings.max_images_per_request)
     options = merge_options(ClassifyOptions, query, body_options)
@@ -84,7 +86,9 @@ async def classify(
     manifest = model.manifest
     _, batch = await run_in_threadpool(preprocess_batch, images, manifest.preprocessing, settings.max_image_pixels)
     (logits,) = await model.run({manifest.main.inputs[0].name: batch})
-    return ClassifyResponse(model=model.name, results=top_k(logits, manifest.labels, options.top_k))
+    with timed("postprocess"):
+        results = top_k(logits, manifest.labels, options.top_k)
+    return json_response(ClassifyResponse(model=model.name, results=results))
 
 
 TASK = Task(name=NAME, router=router, check_manifest=check_manifest)

@@ -25,6 +25,7 @@ from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
 from service.manifest import Manifest, Preprocessing
 from service.tasks.base import Task
 from service.tasks.classify import softmax
+from service.timing import json_response, timed
 
 NAME = "detection"
 
@@ -147,7 +148,7 @@ router = APIRouter(tags=["detection"])
 )
 async def detect(
     request: Request, query: Annotated[DetectOptions, Query()], registry: RegistryDep, settings: SettingsDep
-) -> DetectResponse | Response:
+) -> Response:
     """Detect objects in one or more images. With `render` or `Accept: image/png`, one image comes
     back with its boxes drawn."""
     images, body_options = await read_images(request, settings.max_images_per_request)
@@ -162,18 +163,19 @@ async def detect(
         preprocess_batch, images, manifest.preprocessing, settings.max_image_pixels
     )
     logits, boxes = await model.run({manifest.main.inputs[0].name: batch})
-    results = [
-        as_response(
-            detections(
-                logits[i], boxes[i], image.size, manifest.preprocessing, options.threshold, options.max_detections
-            ),
-            manifest.labels,
-        )
-        for i, image in enumerate(decoded)
-    ]
+    with timed("postprocess"):
+        results = [
+            as_response(
+                detections(
+                    logits[i], boxes[i], image.size, manifest.preprocessing, options.threshold, options.max_detections
+                ),
+                manifest.labels,
+            )
+            for i, image in enumerate(decoded)
+        ]
     if want_png:
         return Response(await run_in_threadpool(render, decoded[0], results[0]), media_type="image/png")
-    return DetectResponse(model=model.name, results=results)
+    return json_response(DetectResponse(model=model.name, results=results))
 
 
 TASK = Task(name=NAME, router=router, check_manifest=check_manifest)

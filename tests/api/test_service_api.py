@@ -111,3 +111,11 @@ def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
         assert response.status_code == 200
         response = client.post("/v1/classify?model=corrupt", content=DIGIT, headers={"content-type": "image/png"})
         assert response.status_code == 503 and "not ready" in response.json()["error"]["message"]
+
+
+def test_server_timing_names_every_stage(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=DIGIT, headers={"content-type": "image/png"})
+    stages = dict(part.split(";dur=") for part in response.headers["server-timing"].split(", "))
+    assert set(stages) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode", "total"}
+    assert all(float(ms) >= 0 for ms in stages.values())
+    assert float(stages["total"]) >= float(stages["inference"])

@@ -1,0 +1,114 @@
+"""Dynamic batching: requests for one graph queue together and run as one batch, up to
+`max_batch_size` images, waiting at most `max_queue_delay_ms` for company. A full queue answers 503
+with Retry-After at once instead of piling up. One batch runs at a time per graph, in a worker
+thread, so the event loop never blocks and the cores are not oversubscribed by parallel runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+from starlette.concurrency import run_in_threadpool
+
+from service import timing
+from service.errors import ServiceError
+from service.manifest import BatchPolicy
+
+log = logging.getLogger("service")
+
+
+class Overloaded(ServiceError):
+    def __init__(self, model: str, limit: int) -> None:
+        super().__init__(
+            503, "overloaded", f"model {model!r} has {limit} images queued; retry shortly", {"Retry-After": "1"}
+        )
+
+
+@dataclass
+class _Request:
+    feeds: dict[str, np.ndarray]
+    size: int
+    future: asyncio.Future[list[np.ndarray]]
+    timings: timing.Timings | None
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, name: str, session: ort.InferenceSession, policy: BatchPolicy) -> None:
+        self.name = name
+        self.session = session
+        self.policy = policy
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.queued_images = 0
+        self.held: _Request | None = None  # a request that did not fit the last batch: it leads the next
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
+        size = len(next(iter(feeds.values())))
+        if self.queued_images + size > self.policy.max_queue_size:
+            raise Overloaded(self.name, self.policy.max_queue_size)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher {self.name}")
+        request = _Request(feeds, size, asyncio.get_running_loop().create_future(), timing.current())
+        self.queued_images += size
+        self.queue.put_nowait(request)
+        return await request.future
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self._collect()
+            self.queued_images -= sum(r.size for r in batch)
+            await self._run(batch)
+
+    async def _collect(self) -> list[_Request]:
+        """The next batch: the first waiting request, then whoever arrives before the delay runs out."""
+        first, self.held = self.held or await self.queue.get(), None
+        batch, size = [first], first.size
+        deadline = time.perf_counter() + self.policy.max_queue_delay_ms / 1000
+        while size < self.policy.max_batch_size:
+            try:
+                request = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    request = await asyncio.wait_for(self.queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if size + request.size > self.policy.max_batch_size:
+                self.held = request
+                break
+            batch.append(request)
+            size += request.size
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
+        for request in batch:
+            timing.record("queue", started - request.queued_at, request.timings)
+        try:
+            feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
+            outputs = await run_in_threadpool(self.session.run, None, feeds)
+        except Exception as exc:  # one failed run fails its requests, not the batcher
+            log.exception("model %s: a batch of %d requests failed", self.name, len(batch))
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        offsets = np.cumsum([r.size for r in batch])[:-1]
+        parts = [np.split(output, offsets) for output in outputs]
+        for i, request in enumerate(batch):
+            timing.record("inference", elapsed, request.timings)
+            if not request.future.done():  # a client that went away leaves a cancelled future
+                request.future.set_result([part[i] for part in parts])
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()

@@ -1,0 +1,78 @@
+"""The dynamic batcher: merges concurrent requests, splits answers back, refuses when full."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, Overloaded
+from service.manifest import BatchPolicy
+
+
+class DoublingSession:
+    """Stands in for an ONNX Runtime session: doubles its input, records every batch it ran."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.delay, self.fail = delay, fail
+        self.lock = threading.Lock()
+
+    def run(self, _: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            self.batches.append(len(feeds["x"]))
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("broken graph")
+        return [feeds["x"] * 2, feeds["x"].sum(axis=1)]
+
+
+def run(coroutine: object) -> object:
+    return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answers() -> None:
+    session = DoublingSession(delay=0.01)
+    batcher = Batcher("m", session, BatchPolicy(max_batch_size=8, max_queue_delay_ms=20))  # type: ignore[arg-type]
+
+    async def scenario() -> list[list[np.ndarray]]:
+        inputs = [np.full((1 + i % 3, 2), float(i)) for i in range(12)]
+        return await asyncio.gather(*(batcher.run({"x": x}) for x in inputs))
+
+    results = run(scenario())
+    for i, (doubled, summed) in enumerate(results):  # type: ignore[attr-defined]
+        assert doubled.shape == (1 + i % 3, 2) and (doubled == 2 * i).all()
+        assert (summed == 2 * i).all()
+    assert sum(session.batches) == sum(1 + i % 3 for i in range(12))
+    assert len(session.batches) < 12  # merged
+    assert max(session.batches) <= 8  # never over the limit
+
+
+def test_a_full_queue_answers_503_with_retry_after() -> None:
+    session = DoublingSession(delay=0.05)
+    batcher = Batcher("m", session, BatchPolicy(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=3))  # type: ignore[arg-type]
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(*(batcher.run({"x": np.ones((1, 2))}) for _ in range(6)), return_exceptions=True)
+
+    outcomes = run(scenario())
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]  # type: ignore[attr-defined]
+    assert refused and refused[0].status == 503 and refused[0].headers == {"Retry-After": "1"}
+    assert sum(not isinstance(o, Exception) for o in outcomes) >= 3  # type: ignore[attr-defined]
+
+
+def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    session = DoublingSession(fail=True)
+    batcher = Batcher("m", session, BatchPolicy())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="broken graph"):
+            await batcher.run({"x": np.ones((1, 2))})
+        session.fail = False
+        (doubled, _) = await batcher.run({"x": np.ones((1, 2))})
+        assert (doubled == 2).all()
+
+    run(scenario())
