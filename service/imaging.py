@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from service.errors import ServiceError
 from service.manifest import Preprocessing
@@ -120,3 +121,16 @@ def preprocess_batch(images: list[bytes], spec: Preprocessing, max_pixels: int) 
                 raise
     with timed("preprocess"):
         return decoded, np.stack([preprocess(image, spec) for image in decoded])
+
+
+INLINE_BYTES = 64 * 1024  # smaller bodies decode faster than a hop to a worker thread costs
+
+
+async def preprocess_request(
+    images: list[bytes], spec: Preprocessing, max_pixels: int
+) -> tuple[list[Image.Image], np.ndarray]:
+    """preprocess_batch, on the event loop for small images (thumbnails, digits) and in a worker
+    thread for larger ones, so big decodes never block the loop and small ones skip the hop."""
+    if sum(len(data) for data in images) <= INLINE_BYTES:
+        return preprocess_batch(images, spec, max_pixels)
+    return await run_in_threadpool(preprocess_batch, images, spec, max_pixels)

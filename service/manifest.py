@@ -79,7 +79,8 @@ class BatchPolicy(_Strict):
     """Dynamic batching defaults for a model; settings can override them per model."""
 
     max_batch_size: int = Field(32, ge=1, description="most images in one run")
-    max_queue_delay_ms: float = Field(2.0, ge=0, description="longest wait for more requests to join a batch")
+    # 0: never wait; batches form from the requests that queue while the previous batch runs
+    max_queue_delay_ms: float = Field(0.0, ge=0, description="longest wait for more requests to join a batch")
     max_queue_size: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
 
 

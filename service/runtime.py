@@ -42,6 +42,9 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options.inter_op_num_threads = settings.inter_op_threads
     options.execution_mode = EXECUTION_MODE[settings.execution_mode]
     options.enable_cpu_mem_arena = settings.cpu_mem_arena
+    spin = "1" if settings.spin_wait else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = requested_providers(settings.device)
     session = ort.InferenceSession(str(path), options, providers=providers)
     if session.get_providers()[0] != providers[0]:

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         "all", description="ONNX Runtime graph optimisation level"
     )
     cpu_mem_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: less memory held, slower)")
+    spin_wait: bool = Field(
+        False,
+        description="ONNX Runtime threads spin between operators (on: lower latency on an idle host; "
+        "off: the cores go to HTTP and decoding)",
+    )
     batching: bool = Field(True, description="dynamic batching; off: each request runs alone")
     batch_policy: dict[str, dict[str, float]] = Field(
         default_factory=dict,

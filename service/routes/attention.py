@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from service.attention import HeadFusion, fuse_heads, overlay, png, rollout
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, letterbox_size, preprocess_batch
+from service.imaging import decode_image, letterbox_size, preprocess_request
 from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
 from service.manifest import Preprocessing
 from service.repository import ServedModel
@@ -119,9 +119,7 @@ async def classify_attention(
     want_png = _wants_png(request, options.render, len(images))
     model = _attention_model(registry, options.model, classify.NAME)
     assert model.manifest is not None
-    decoded, batch = await run_in_threadpool(
-        preprocess_batch, images, model.manifest.preprocessing, settings.max_image_pixels
-    )
+    decoded, batch = await preprocess_request(images, model.manifest.preprocessing, settings.max_image_pixels)
     logits, attention = await model.run({model.manifest.main.inputs[0].name: batch}, graph="attention")
     maps = [cls_map(a, options) for a in attention]
     if want_png:
@@ -224,7 +222,7 @@ async def detect_attention(
     manifest = model.manifest
     assert manifest is not None
     spec = manifest.preprocessing
-    decoded, batch = await run_in_threadpool(preprocess_batch, images, spec, settings.max_image_pixels)
+    decoded, batch = await preprocess_request(images, spec, settings.max_image_pixels)
     logits, boxes, encoder, decoder = await model.run({manifest.main.inputs[0].name: batch}, graph="attention")
     results, panels = [], []
     for i, image in enumerate(decoded):

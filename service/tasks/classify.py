@@ -7,10 +7,9 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
-from service.imaging import preprocess_batch
+from service.imaging import preprocess_request
 from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
 from service.manifest import Manifest
 from service.tasks.base import Task
@@ -84,7 +83,7 @@ async def classify(
     model = registry.resolve(options.model, NAME)
     assert model.manifest is not None
     manifest = model.manifest
-    _, batch = await run_in_threadpool(preprocess_batch, images, manifest.preprocessing, settings.max_image_pixels)
+    _, batch = await preprocess_request(images, manifest.preprocessing, settings.max_image_pixels)
     (logits,) = await model.run({manifest.main.inputs[0].name: batch})
     with timed("postprocess"):
         results = top_k(logits, manifest.labels, options.top_k)

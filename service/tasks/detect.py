@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import letterbox_size, preprocess_batch
+from service.imaging import letterbox_size, preprocess_request
 from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
 from service.manifest import Manifest, Preprocessing
 from service.tasks.base import Task
@@ -159,9 +159,7 @@ async def detect(
     model = registry.resolve(options.model, NAME)
     assert model.manifest is not None
     manifest = model.manifest
-    decoded, batch = await run_in_threadpool(
-        preprocess_batch, images, manifest.preprocessing, settings.max_image_pixels
-    )
+    decoded, batch = await preprocess_request(images, manifest.preprocessing, settings.max_image_pixels)
     logits, boxes = await model.run({manifest.main.inputs[0].name: batch})
     with timed("postprocess"):
         results = [

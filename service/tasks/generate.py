@@ -21,7 +21,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, preprocess_batch, to_unit_array
+from service.imaging import decode_image, preprocess_request, to_unit_array
 from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
 from service.manifest import Manifest, Preprocessing
 from service.repository import ServedModel
@@ -209,7 +209,7 @@ async def _score(model: ServedModel, options: ScoreOptions, images: list[bytes],
     assert manifest is not None
     cfg = GenerationConfig.model_validate(manifest.config)
     label = label_index(manifest, cfg, options.label)
-    decoded, _ = await run_in_threadpool(preprocess_batch, images, manifest.preprocessing, max_pixels)
+    decoded, _ = await preprocess_request(images, manifest.preprocessing, max_pixels)
     pixels = np.stack([image_to_levels(image, manifest.preprocessing, cfg.levels).ravel() for image in decoded])
     labels = np.full(len(decoded), label, dtype=np.int64)
     _, log_likelihood = await model.run({"pixels": pixels, "labels": labels})

@@ -1,0 +1,23 @@
+"""The service's floor: the same HTTP, input parsing, decoding and preprocessing as `/v1/classify`,
+then a fixed answer instead of a model. `uvicorn bench.floor:app`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request, Response
+
+from service.imaging import preprocess_request
+from service.inputs import read_images
+from service.manifest import read_manifest
+from service.settings import PROJECT_ROOT
+
+SPEC = read_manifest(PROJECT_ROOT / "model_repository" / "vit" / "1").preprocessing
+ANSWER = b'{"model":"floor","results":[[{"label":"0","score":1.0}]]}'
+
+app = FastAPI()
+
+
+@app.post("/v1/classify")
+async def classify(request: Request) -> Response:
+    images, _ = await read_images(request, 64)
+    await preprocess_request(images, SPEC, 40_000_000)
+    return Response(ANSWER, media_type="application/json")

@@ -1,0 +1,138 @@
+"""`python -m bench.service [--seconds S] [--repeats N] [--json PATH]`: the real service under load.
+
+Real uvicorn processes, one at a time, and an asyncio client holding C requests in flight, sending
+held-out digits as PNGs to /v1/classify, at concurrency 1, 8, 32 and 64: requests/s and p50/p99
+latency of
+- the service with batching on, and with it off;
+- its floor: the same HTTP + parsing + decoding + preprocessing with no model (bench/floor.py);
+- a naive FastAPI + PyTorch endpoint with the same weights (bench/naive.py; needs `make models`).
+Servers take turns in every repeat; figures are medians over repeats. Client and server share
+this machine's cores, equally for every server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+import numpy as np
+
+from bench.common import report
+from export.data import load_digits_data
+from service.settings import PROJECT_ROOT
+from tests.helpers import png_bytes
+
+SERVERS = {
+    "batching on": (["-m", "service"], {"VITSERVE_BATCHING": "true"}),
+    "batching off": (["-m", "service"], {"VITSERVE_BATCHING": "false"}),
+    "floor (no model)": (["-m", "uvicorn", "bench.floor:app", "--log-level", "warning"], {}),
+    "naive FastAPI + PyTorch": (["-m", "uvicorn", "bench.naive:app", "--log-level", "warning"], {}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def server(args: list[str], env: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    command = [sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)]
+    environment = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **env}
+    process = subprocess.Popen(
+        command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx2.post(f"{url}/v1/classify", content=DIGITS[0], headers=HEADERS, timeout=5).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{args} did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+DIGITS = [png_bytes(image) for image in load_digits_data(seed=0).held_out.images]
+HEADERS = {"content-type": "image/png"}
+
+
+async def load(url: str, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
+    """(requests/s, p50 ms, p99 ms, non-200 answers) with `concurrency` requests always in flight."""
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.perf_counter() + seconds
+    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def worker(offset: int) -> None:
+            nonlocal failures
+            i = offset
+            while time.perf_counter() < deadline:
+                started = time.perf_counter()
+                response = await client.post("/v1/classify", content=DIGITS[i % len(DIGITS)], headers=HEADERS)
+                latencies.append(time.perf_counter() - started)
+                failures += response.status_code != 200
+                i += concurrency
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return len(latencies) / elapsed, float(np.median(ms)), float(np.quantile(ms, 0.99)), failures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
+    parser.add_argument("--json", type=Path, default=Path("bench/results/service.json"))
+    args = parser.parse_args(argv)
+    servers = {name: SERVERS[name] for name in args.servers}
+    if not (PROJECT_ROOT / "runs" / "vit" / "checkpoint.pt").exists():
+        print("no runs/vit/checkpoint.pt (make models): the naive PyTorch endpoint is left out")
+        servers.pop("naive FastAPI + PyTorch", None)
+    samples: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {}
+    for _ in range(args.repeats):
+        for name, (command, env) in servers.items():  # servers take turns in every repeat
+            with server(command, env) as url:
+                for concurrency in args.concurrency:
+                    asyncio.run(load(url, concurrency, 0.5))  # warm the connections
+                    samples.setdefault((name, concurrency), []).append(
+                        asyncio.run(load(url, concurrency, args.seconds))
+                    )
+    rows = []
+    for (name, concurrency), runs in samples.items():
+        rows.append({
+            "server": name,
+            "concurrency": concurrency,
+            "requests/s": statistics.median(r[0] for r in runs),
+            "p50 ms": statistics.median(r[1] for r in runs),
+            "p99 ms": statistics.median(r[2] for r in runs),
+            "errors": sum(r[3] for r in runs),
+        })  # fmt: skip
+    rows.sort(key=lambda row: (row["concurrency"], row["server"]))
+    report("service", rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
