@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: serve test lint check models clean
+.PHONY: serve test lint check models bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ models: $(VENV)/.dev
 	$(BIN)/python -m export vit
 	$(BIN)/python -m export detr
 	$(BIN)/python -m export imagetransformer  # after the ViT, which judges its digits
+
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.models
+	$(BIN)/python -m bench.service
+	$(BIN)/python -m bench.generation
+	$(BIN)/python -m bench.fast_path
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
