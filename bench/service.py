@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +27,10 @@ from pathlib import Path
 import httpx2
 import numpy as np
 
-from bench.common import report
+from bench.common import interleaved, report
 from export.data import load_digits_data
-from service.settings import PROJECT_ROOT
+from service.runtime import create_session
+from service.settings import PROJECT_ROOT, Settings
 from tests.helpers import png_bytes
 
 SERVERS = {
@@ -99,6 +101,23 @@ async def load(url: str, concurrency: int, seconds: float) -> tuple[float, float
     return len(latencies) / elapsed, float(np.median(ms)), float(np.quantile(ms, 0.99)), failures
 
 
+def formed_batches(url: str) -> Counter[int]:
+    """How many runs of each batch size the ViT's batcher has made so far (from /v1/models)."""
+    models = httpx2.get(f"{url}/v1/models", timeout=10).json()["models"]
+    sizes = next(m for m in models if m["name"] == "vit")["batch_sizes"].get("main", {})
+    return Counter({int(size): runs for size, runs in sizes.items()})
+
+
+def raw_rate(mix: Counter[int]) -> float:
+    """Images/s of ONNX Runtime alone (the service's session settings) running that mix of batch sizes."""
+    session = create_session(PROJECT_ROOT / "model_repository" / "vit" / "1" / "model.onnx", Settings())
+    seconds = 0.0
+    for size, runs in mix.items():
+        feeds = {"pixel_values": np.random.rand(size, 1, 32, 32).astype(np.float32)}
+        seconds += interleaved({"run": lambda f=feeds: session.run(None, f)}, 5)["run"] * runs
+    return sum(size * runs for size, runs in mix.items()) / seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each timed run")
@@ -112,14 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         print("no runs/vit/checkpoint.pt (make models): the naive PyTorch endpoint is left out")
         servers.pop("naive FastAPI + PyTorch", None)
     samples: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {}
+    mixes: dict[int, Counter[int]] = {}  # concurrency -> batch sizes formed with batching on
     for _ in range(args.repeats):
         for name, (command, env) in servers.items():  # servers take turns in every repeat
             with server(command, env) as url:
                 for concurrency in args.concurrency:
                     asyncio.run(load(url, concurrency, 0.5))  # warm the connections
-                    samples.setdefault((name, concurrency), []).append(
-                        asyncio.run(load(url, concurrency, args.seconds))
-                    )
+                    before = formed_batches(url) if name == "batching on" else Counter()
+                    run = asyncio.run(load(url, concurrency, args.seconds))
+                    samples.setdefault((name, concurrency), []).append(run)
+                    if name == "batching on":
+                        mixes.setdefault(concurrency, Counter()).update(formed_batches(url) - before)
     rows = []
     for (name, concurrency), runs in samples.items():
         rows.append({
@@ -129,9 +151,15 @@ def main(argv: list[str] | None = None) -> None:
             "p50 ms": statistics.median(r[1] for r in runs),
             "p99 ms": statistics.median(r[2] for r in runs),
             "errors": sum(r[3] for r in runs),
+            "mean batch": _mean_batch(mixes[concurrency]) if name == "batching on" else "",
+            "raw ORT images/s at those batches": raw_rate(mixes[concurrency]) if name == "batching on" else "",
         })  # fmt: skip
     rows.sort(key=lambda row: (row["concurrency"], row["server"]))
     report("service", rows, args.json)
+
+
+def _mean_batch(mix: Counter[int]) -> float:
+    return sum(size * runs for size, runs in mix.items()) / max(sum(mix.values()), 1)
 
 
 if __name__ == "__main__":

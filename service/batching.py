@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ class Batcher:
         self.queued_images = 0
         self.held: _Request | None = None  # a request that did not fit the last batch: it leads the next
         self.task: asyncio.Task[None] | None = None
+        self.batch_sizes: Counter[int] = Counter()  # images per run -> runs
 
     async def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
@@ -102,6 +104,7 @@ class Batcher:
                     request.future.set_exception(exc)
             return
         elapsed = time.perf_counter() - started
+        self.batch_sizes[sum(r.size for r in batch)] += 1
         offsets = np.cumsum([r.size for r in batch])[:-1]
         parts = [np.split(output, offsets) for output in outputs]
         for i, request in enumerate(batch):

@@ -26,6 +26,9 @@ class ModelInfo(BaseModel):
     quality: dict[str, float] = {}
     data: dict[str, Any] = {}
     load_seconds: float
+    batch_sizes: dict[str, dict[int, int]] = Field(
+        {}, description="per batched graph: images per run -> runs so far (what the dynamic batcher formed)"
+    )
 
 
 class ModelList(BaseModel):
@@ -39,6 +42,7 @@ def describe(model: ServedModel) -> ModelInfo:
         reason=model.reason,
         providers=model.providers,
         load_seconds=round(model.load_seconds, 3),
+        batch_sizes={graph: dict(sorted(b.batch_sizes.items())) for graph, b in model.batchers.items()},
     )
     if m := model.manifest:
         info = info.model_copy(
