@@ -1,18 +1,25 @@
 """`python -m bench.generation [--repeats N] [--json PATH]`: sampling with the key/value cache (one
 step-graph run per pixel) against full recomputation (the whole prefix through the scoring graph
-for every pixel), images per second at num_images 1 and 16, same sampler, same model."""
+for every pixel), images per second at num_images 1 and 16, same sampler, same model; then the
+real service answering 8 concurrent single-image requests, with their decoding steps batched
+together and without."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import statistics
+import time
 from pathlib import Path
 
+import httpx2
 import numpy as np
 import onnxruntime as ort
 
 from bench.common import interleaved, report
+from bench.service import server
 from service.manifest import read_manifest
-from service.sampling import GenerationConfig, choose, sample_rows
+from service.sampling import GenerationConfig, choose, sample
 from service.settings import PROJECT_ROOT
 
 MODEL = PROJECT_ROOT / "model_repository" / "imagetransformer" / "1"
@@ -29,13 +36,44 @@ def full_recomputation(score: ort.InferenceSession, cfg: GenerationConfig, label
 
 
 def cached(step: ort.InferenceSession, cfg: GenerationConfig, labels: np.ndarray, seed: int) -> np.ndarray:
-    *_, (_, images) = sample_rows(step, cfg, labels, np.random.default_rng(seed))
-    return images.reshape(len(labels), -1)
+    return sample(step, cfg, labels, seed).reshape(len(labels), -1)
+
+
+async def concurrent_generation(url: str, concurrency: int, seconds: float) -> float:
+    """Images/s of the service answering `concurrency` single-image /v1/generate requests at once."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+    async with httpx2.AsyncClient(base_url=url, timeout=60) as client:
+
+        async def worker(offset: int) -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                body = {"label": str(offset % 10), "seed": done, "scale": 1}
+                assert (await client.post("/v1/generate", json=body)).status_code == 200
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        return done / (time.perf_counter() - started)
+
+
+def service_rows(concurrency: int, seconds: float, repeats: int) -> list[dict[str, object]]:
+    """Concurrent requests share decoding steps through the batcher, or (batching off) each runs alone."""
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(repeats):
+        for mode in rates:
+            with server(["-m", "service"], {"VITSERVE_BATCHING": "true" if mode == "on" else "false"}) as url:
+                asyncio.run(concurrent_generation(url, concurrency, 0.5))
+                rates[mode].append(asyncio.run(concurrent_generation(url, concurrency, seconds)))
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    return [{"service, concurrent requests": concurrency, "step batching on images/s": on,
+             "step batching off images/s": off, "ratio": on / off}]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each timed service run")
     parser.add_argument("--json", type=Path, default=Path("bench/results/generation.json"))
     args = parser.parse_args(argv)
     manifest = read_manifest(MODEL)
@@ -61,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             "speed-up": seconds["full"] / seconds["cached"],
         })  # fmt: skip
     report("generation", rows, args.json)
+    print()
+    report("generation_service", service_rows(8, args.seconds, 3), args.json.with_name("generation_service.json"))
 
 
 if __name__ == "__main__":

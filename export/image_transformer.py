@@ -33,7 +33,7 @@ from export.onnx_export import (
 )
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
 from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
-from service.sampling import GenerationConfig, cache_names, sample_rows
+from service.sampling import GenerationConfig, cache_names, sample
 from service.tasks.generate import NAME as GENERATION
 from service.tasks.generate import levels_to_image
 
@@ -229,7 +229,7 @@ def graphs(cfg: GenerationConfig) -> dict[str, GraphSpec]:
             file="step.onnx",
             inputs=[
                 batch_ints("previous"),
-                TensorSpec(name="position", dtype="int64", shape=[]),
+                batch_ints("position"),
                 batch_ints("labels"),
                 *(TensorSpec(name=n, dtype="float32", shape=cache_shape) for n in cache_names(cfg, "past_key_values")),
             ],
@@ -253,11 +253,11 @@ def export_graphs(model: ImageTransformer, cfg: GenerationConfig, folder: Path, 
     step = specs["step"]
     dynamic = {
         "previous": {0: BATCH},
-        "position": None,
+        "position": {0: BATCH},
         "labels": {0: BATCH},
         "cache": tuple({0: BATCH} for _ in cache),
     }
-    to_onnx(StepGraph(model), (labels.clone(), torch.tensor(3), labels, *cache), folder / step.file,
+    to_onnx(StepGraph(model), (labels.clone(), torch.full_like(labels, 3), labels, *cache), folder / step.file,
             [t.name for t in step.inputs], [t.name for t in step.outputs], dynamic)  # fmt: skip
 
 
@@ -271,7 +271,8 @@ def cached_logits(
     previous = np.full(len(labels), cfg.levels, dtype=np.int64)
     steps = []
     for t in range(cfg.length):
-        logits, *present = session.run(None, {"previous": previous, "position": np.array(t), "labels": labels, **cache})
+        position = np.full(len(labels), t, dtype=np.int64)
+        logits, *present = session.run(None, {"previous": previous, "position": position, "labels": labels, **cache})
         cache = dict(zip(cache, present, strict=True))
         steps.append(logits)
         previous = pixels[:, t]
@@ -292,7 +293,7 @@ def recognition_rate(
     if vit.state != "ready" or vit.manifest is None:
         return None
     labels = np.repeat(np.arange(cfg.num_classes, dtype=np.int64), per_label)
-    *_, (_, images) = sample_rows(step, cfg, labels, np.random.default_rng(seed))
+    images = sample(step, cfg, labels, seed)
     batch = np.stack([preprocess(levels_to_image(img, cfg.levels), vit.manifest.preprocessing) for img in images])
     (logits,) = vit.sessions["main"].run(None, {vit.manifest.main.inputs[0].name: batch})
     return float((logits.argmax(-1) == labels).mean())

@@ -68,17 +68,18 @@ class LocalSelfAttention(nn.Module):
     def step(
         self,
         x: torch.Tensor,
-        slot: torch.Tensor,
+        write: torch.Tensor,
         hidden: torch.Tensor,
         past_key: torch.Tensor,
         past_value: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x `[batch, 1, dim]`; writes this position's key and value into ring slot `slot` of the cache
-        (`[batch, heads, memory, head_dim]`) and attends over the slots not `hidden` (`[memory]`)."""
+        """x `[batch, 1, dim]`; writes this position's key and value into the ring slot marked in
+        `write` (`[batch, memory]`) of the cache (`[batch, heads, memory, head_dim]`) and attends over
+        the slots not `hidden` (`[batch, memory]`)."""
         q, k, v = self._project(x)
-        write = (torch.arange(past_key.shape[2]) == slot)[None, None, :, None]
-        key, value = torch.where(write, k, past_key), torch.where(write, v, past_value)
-        out, probs = self._attend(q, key, value, hidden[None, None, None, :])
+        slot = write[:, None, :, None]
+        key, value = torch.where(slot, k, past_key), torch.where(slot, v, past_value)
+        out, probs = self._attend(q, key, value, hidden[:, None, None, :])
         return out, probs, key, value
 
 
@@ -109,8 +110,8 @@ class ImageTransformer(nn.Module):
         self.register_buffer("local_mask", (offset < 0) | (offset >= c.memory), persistent=False)
 
     def embed(self, previous: torch.Tensor, position: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """previous `[batch, n]` (pixel before each position, or the start token), position `[n]`,
-        labels `[batch]` -> `[batch, n, dim]`."""
+        """previous `[batch, n]` (pixel before each position, or the start token), position `[n]` or
+        `[batch, n]`, labels `[batch]` -> `[batch, n, dim]`."""
         pos = self.row_embed(self.rows[position]) + self.col_embed(self.cols[position])
         return self.pixel_embed(previous) + pos + self.class_embed(labels)[:, None, :]
 
@@ -134,16 +135,17 @@ class ImageTransformer(nn.Module):
     def step(
         self, previous: torch.Tensor, position: torch.Tensor, labels: torch.Tensor, cache: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One position for every image: previous `[batch]` (pixel t-1 or the start token), position `[]`
-        (t, int64), labels `[batch]`, cache `[key_0, value_0, key_1, ...]` each
-        `[batch, heads, memory, head_dim]` -> logits `[batch, levels]` and the updated cache."""
-        memory = self.config.memory
-        x = self.embed(previous[:, None], position[None], labels)
-        slot = position % memory
-        hidden = torch.arange(memory) > position  # slots not written yet (only while t < memory)
+        """One position per image (images may be at different positions, so requests can share a
+        step): previous `[batch]` (pixel t-1 or the start token), position `[batch]` (t), labels
+        `[batch]`, cache `[key_0, value_0, key_1, ...]` each `[batch, heads, memory, head_dim]` ->
+        logits `[batch, levels]` and the updated cache."""
+        slots = torch.arange(self.config.memory)[None, :]
+        write = slots == (position % self.config.memory)[:, None]
+        hidden = slots > position[:, None]  # slots not written yet (only while t < memory)
+        x = self.embed(previous[:, None], position[:, None], labels)
         present = []
         for i, block in enumerate(self.blocks):
-            attended, _, key, value = block.attn.step(block.norm1(x), slot, hidden, cache[2 * i], cache[2 * i + 1])
+            attended, _, key, value = block.attn.step(block.norm1(x), write, hidden, cache[2 * i], cache[2 * i + 1])
             x = x + attended
             x = x + block.mlp(block.norm2(x))
             present += [key, value]

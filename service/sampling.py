@@ -8,7 +8,8 @@ before this position, or the start token), `position` `[]`, `labels` `[batch]` a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -57,18 +58,22 @@ def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float, top
     return chosen
 
 
-def sample_rows(
-    session: ort.InferenceSession,
+StepRunner = Callable[[dict[str, np.ndarray]], Awaitable[list[np.ndarray]]]
+
+
+async def sample_rows(
+    run: StepRunner,
     cfg: GenerationConfig,
     labels: np.ndarray,
     rng: np.random.Generator,
     temperature: float = 1.0,
     top_k: int | None = None,
     prime: np.ndarray | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Decode `len(labels)` images together, one step per pixel. `prime` `[batch, known, width]`
-    fixes the first `known` rows (image completion). Yields (row, images so far `[batch, height,
-    width]`) after each row; the last yield holds the finished images."""
+) -> AsyncIterator[tuple[int, np.ndarray]]:
+    """Decode `len(labels)` images together, one step-graph run per pixel (`run` is the service's
+    batcher, so concurrent requests share steps). `prime` `[batch, known, width]` fixes the first
+    `known` rows (image completion). Yields (row, images so far `[batch, height, width]`) after
+    each row; the last yield holds the finished images."""
     batch = len(labels)
     images = np.zeros((batch, cfg.height, cfg.width), dtype=np.int64)
     known = 0 if prime is None else prime.shape[1] * cfg.width
@@ -79,13 +84,29 @@ def sample_rows(
         name: np.zeros((batch, *cfg.cache_shape), dtype=np.float32) for name in cache_names(cfg, "past_key_values")
     }
     previous = np.full(batch, cfg.levels, dtype=np.int64)
-    output_names = ["logits", *cache_names(cfg, "present")]
     for t in range(cfg.length):
-        feeds = {"previous": previous, "position": np.array(t, dtype=np.int64), "labels": labels, **cache}
-        logits, *present = session.run(output_names, feeds)
+        position = np.full(batch, t, dtype=np.int64)
+        logits, *present = await run({"previous": previous, "position": position, "labels": labels, **cache})
         cache = dict(zip(cache, present, strict=True))
         if t >= known:
             flat[:, t] = choose(logits, rng, temperature, top_k)
         previous = flat[:, t].copy()
         if (t + 1) % cfg.width == 0:
             yield t // cfg.width, images
+
+
+def sample(session: ort.InferenceSession, cfg: GenerationConfig, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Finished images `[batch, height, width]` straight from a session (export checks, benchmarks)."""
+
+    async def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(session.run(None, feeds))
+
+    return asyncio.run(finished(sample_rows(run, cfg, labels, np.random.default_rng(seed))))
+
+
+async def finished(rows: AsyncIterator[tuple[int, np.ndarray]]) -> np.ndarray:
+    """The images of the last row yielded: the finished batch."""
+    result = np.zeros(0, dtype=np.int64)
+    async for _, images in rows:
+        result = images
+    return result

@@ -9,7 +9,7 @@ import io
 import json
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated
 
 import numpy as np
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
@@ -25,8 +25,9 @@ from service.imaging import decode_image, preprocess_request, to_unit_array
 from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
 from service.manifest import Manifest, Preprocessing
 from service.repository import ServedModel
-from service.sampling import GenerationConfig, sample_rows
+from service.sampling import GenerationConfig, finished, sample_rows
 from service.tasks.base import Task
+from service.timing import json_response
 
 NAME = "generation"
 
@@ -162,8 +163,9 @@ async def generate(
     prime = await run_in_threadpool(_prime, body, model.manifest, cfg, settings.max_image_pixels)
     seed = secrets.randbits(63) if body.seed is None else body.seed
     rows = sample_rows(
-        model.sessions["step"], cfg, labels, np.random.default_rng(seed), body.temperature, body.top_k, prime
-    )
+        lambda feeds: model.run(feeds, graph="step"), cfg, labels, np.random.default_rng(seed),
+        body.temperature, body.top_k, prime,
+    )  # fmt: skip
 
     def finish(images: np.ndarray) -> GenerateResponse:
         pngs = [png_base64(levels_to_image(img, cfg.levels, body.scale)) for img in images]
@@ -172,23 +174,22 @@ async def generate(
 
     if body.stream or "text/event-stream" in accept:
         return StreamingResponse(_events(rows, cfg, finish), media_type="text/event-stream")
-    images = await run_in_threadpool(lambda: list(rows)[-1][1])
+    images = await finished(rows)
     if want_png:
         return Response(base64.b64decode(finish(images).images[0]), media_type="image/png")
-    return await run_in_threadpool(finish, images)
+    return json_response(finish(images))
 
 
 async def _events(
-    rows: Iterator[tuple[int, np.ndarray]], cfg: GenerationConfig, finish: Callable[[np.ndarray], GenerateResponse]
+    rows: AsyncIterator[tuple[int, np.ndarray]], cfg: GenerationConfig, finish: Callable[[np.ndarray], GenerateResponse]
 ) -> AsyncIterator[str]:
     """`event: row` with the grey values (0-255) of that row of every image, then `event: done`."""
     images: np.ndarray | None = None
-    async for row, images in iterate_in_threadpool(rows):
+    async for row, images in rows:
         grey = np.round(images[:, row] * (255 / (cfg.levels - 1))).astype(int).tolist()
         yield f"event: row\ndata: {json.dumps({'row': row, 'pixels': grey})}\n\n"
     assert images is not None
-    done = await run_in_threadpool(finish, images)
-    yield f"event: done\ndata: {done.model_dump_json()}\n\n"
+    yield f"event: done\ndata: {finish(images).model_dump_json()}\n\n"
 
 
 @router.post("/v1/score", openapi_extra=IMAGE_REQUEST_BODY)

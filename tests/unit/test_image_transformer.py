@@ -60,7 +60,7 @@ def test_cached_steps_give_the_full_sequence_logits(model: ImageTransformer) -> 
     cache, previous, steps = model.empty_cache(3), torch.full((3,), CFG.levels), []
     with torch.no_grad():
         for t in range(CFG.length):
-            logits, cache = model.step(previous, torch.tensor(t), labels, cache)
+            logits, cache = model.step(previous, torch.full((3,), t), labels, cache)
             steps.append(logits)
             previous = pixels[:, t]
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
@@ -87,3 +87,29 @@ def test_choose_respects_top_k_temperature_and_seed() -> None:
     a, b = (choose(logits, np.random.default_rng(7), 1.0, None) for _ in range(2))
     np.testing.assert_array_equal(a, b)
     assert len(set(choose(logits, np.random.default_rng(7), 3.0, None).tolist())) == 4
+
+
+def test_images_at_different_positions_share_a_step(model: ImageTransformer) -> None:
+    """Two images, one a few pixels ahead of the other, stepped together give each its own logits."""
+    pixels = torch.randint(0, CFG.levels, (2, CFG.length))
+    labels = torch.tensor([2, 5])
+    full = logits_of(model, pixels, labels)
+    lead = 5
+    cache, steps = model.empty_cache(2), {0: [], 1: []}
+    with torch.no_grad():
+        for t in range(CFG.length - lead):
+            position = torch.tensor([t + lead, t]) if t else torch.tensor([0, 0])
+            if t == 0:  # bring image 0 forward alone first
+                single = [c[:1] for c in cache]
+                for u in range(lead):
+                    prev = torch.tensor([CFG.levels]) if u == 0 else pixels[:1, u - 1]
+                    logits, single = model.step(prev, torch.tensor([u]), labels[:1], single)
+                    steps[0].append(logits[0])
+                cache = [torch.cat([a, b[1:]]) for a, b in zip(single, cache, strict=True)]
+                position = torch.tensor([lead, 0])
+            previous = torch.stack([pixels[0, position[0] - 1], pixels[1, t - 1] if t else torch.tensor(CFG.levels)])
+            logits, cache = model.step(previous, position, labels, cache)
+            steps[0].append(logits[0])
+            steps[1].append(logits[1])
+    torch.testing.assert_close(torch.stack(steps[0]), full[0, : CFG.length], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(steps[1]), full[1, : CFG.length - lead], atol=1e-5, rtol=0)
