@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service import timing
 from service.errors import ServiceError
 from service.manifest import BatchPolicy
+from service.runtime import on_cuda, run
 
 log = logging.getLogger("service")
 
@@ -42,6 +43,7 @@ class Batcher:
     def __init__(self, name: str, session: ort.InferenceSession, policy: BatchPolicy) -> None:
         self.name = name
         self.session = session
+        self.io_binding = on_cuda(session)
         self.policy = policy
         self.queue: asyncio.Queue[_Request] = asyncio.Queue()
         self.queued_images = 0
@@ -96,7 +98,7 @@ class Batcher:
             timing.record("queue", started - request.queued_at, request.timings)
         try:
             feeds = {name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds}
-            outputs = await run_in_threadpool(self.session.run, None, feeds)
+            outputs = await run_in_threadpool(run, self.session, feeds, self.io_binding)
         except Exception as exc:  # one failed run fails its requests, not the batcher
             log.exception("model %s: a batch of %d requests failed", self.name, len(batch))
             for request in batch:

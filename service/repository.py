@@ -21,7 +21,7 @@ from service import timing
 from service.batching import Batcher
 from service.errors import ServiceError
 from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
-from service.runtime import create_session
+from service.runtime import create_session, on_cuda, run
 from service.settings import Settings
 
 if TYPE_CHECKING:  # service.tasks imports this module's users
@@ -62,9 +62,9 @@ class ServedModel:
         batcher where it has one, else alone."""
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds)
+        session = self.sessions[graph]
         with timing.timed("inference"):
-            outputs = await run_in_threadpool(self.sessions[graph].run, None, feeds)
-        return list(outputs)
+            return await run_in_threadpool(run, session, feeds, on_cuda(session))
 
 
 def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
@@ -137,8 +137,8 @@ def load_model(model_dir: Path, settings: Settings, tasks: Mapping[str, Task]) -
             session = create_session(version_dir / spec.file, settings)
             check_graph(session, spec)
             batched = settings.batching and batchable(spec)
-            if settings.warmup:
-                warm_up(session, spec, warm_sizes(policy) if batched else [1])
+            if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
+                warm_up(session, spec, warm_sizes(policy) if batched and graph != "attention" else [1])
             model.sessions[graph] = session
             if batched:
                 model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy)

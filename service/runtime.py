@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from service.settings import Settings
@@ -46,7 +47,26 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = requested_providers(settings.device)
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    provider_options = [settings.cuda_options if p == CUDA else {} for p in providers]
+    session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
     if session.get_providers()[0] != providers[0]:
         log.warning("%s: asked for %s but the session runs on %s", path, providers[0], session.get_providers())
     return session
+
+
+def on_cuda(session: ort.InferenceSession) -> bool:
+    return bool(session.get_providers()[0] == CUDA)
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding: bool) -> list[np.ndarray]:
+    """session.run, or with I/O binding (used on CUDA): inputs are bound from host memory once and
+    outputs land in host memory directly, without ONNX Runtime's extra staging copies."""
+    if not io_binding:
+        return list(session.run(None, feeds))
+    binding = session.io_binding()
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(array))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cpu")
+    session.run_with_iobinding(binding)
+    return list(binding.copy_outputs_to_cpu())

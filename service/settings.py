@@ -22,6 +22,11 @@ class Settings(BaseSettings):
         "auto",
         description="auto: CUDA if onnxruntime offers it, else CPU; cuda: ask for CUDA (logged if it falls back)",
     )
+    cuda_options: dict[str, str] = Field(
+        default_factory=lambda: {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC",
+                                 "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"},
+        description="CUDA execution provider options, JSON (used when the session runs on CUDA)",
+    )  # fmt: skip
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0: one per core)")
     inter_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads across operators (parallel mode; 0: default)"

@@ -21,6 +21,9 @@ class DoublingSession:
         self.delay, self.fail = delay, fail
         self.lock = threading.Lock()
 
+    def get_providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]
+
     def run(self, _: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self.lock:
             self.batches.append(len(feeds["x"]))
