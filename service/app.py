@@ -13,7 +13,7 @@ from service import __version__
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.repository import ModelRegistry
-from service.routes import attention, health, models
+from service.routes import attention, health, models, v2
 from service.settings import Settings, get_settings
 from service.tasks import TASKS
 from service.timing import ServerTimingMiddleware
@@ -52,4 +52,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for task in TASKS.values():
         app.include_router(task.router)
     app.include_router(attention.router)
+    app.include_router(v2.router)
     return app
