@@ -168,9 +168,9 @@ async def infer(
     view = find_view(registry, name, version)
     header, inputs = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
     if view.image:
-        outputs = await IMAGE_TASKS[view.manifest.task](
-            view, inputs, header.get("parameters", {}), settings.max_image_pixels
-        )
+        images = _images(inputs, settings.max_images_per_request)
+        parameters = header.get("parameters") or {}
+        outputs = await IMAGE_TASKS[view.manifest.task](view, images, parameters, settings.max_image_pixels)
     else:
         feeds = {
             spec.name: checked(_input(inputs, spec.name), spec.shape).astype(spec.dtype)
@@ -286,18 +286,20 @@ def encode_response(view: View, header: dict[str, Any], outputs: dict[str, np.nd
 # image views ----------------------------------------------------------------------------------------
 
 
-def _images(inputs: dict[str, np.ndarray]) -> list[bytes]:
+def _images(inputs: dict[str, np.ndarray], max_images: int) -> list[bytes]:
     images = _input(inputs, "image")
     if images.dtype != object:
         raise ServiceError(400, "invalid_request", "input 'image' must be BYTES (encoded images)")
+    if images.size > max_images:
+        raise ServiceError(400, "too_many_images", f"{images.size} images in one request; the limit is {max_images}")
     return [bytes(item) for item in images.ravel()]
 
 
 async def classify_view(
-    view: View, inputs: dict[str, np.ndarray], parameters: dict[str, Any], max_pixels: int
+    view: View, images: list[bytes], parameters: dict[str, Any], max_pixels: int
 ) -> dict[str, np.ndarray]:
     """BYTES images -> `label` `[n, k]` and `score` `[n, k]`, as /v1/classify (k: parameter top_k, default 5)."""
-    _, batch = await preprocess_request(_images(inputs), view.manifest.preprocessing, max_pixels)
+    _, batch = await preprocess_request(images, view.manifest.preprocessing, max_pixels)
     (logits,) = await view.model.run({view.manifest.main.inputs[0].name: batch})
     ranked = classify.top_k(logits, view.manifest.labels, int(parameters.get("top_k", 5)))
     labels = np.array([[p.label.encode() for p in row] for row in ranked], dtype=object)
@@ -306,10 +308,10 @@ async def classify_view(
 
 
 async def detect_view(
-    view: View, inputs: dict[str, np.ndarray], parameters: dict[str, Any], max_pixels: int
+    view: View, images: list[bytes], parameters: dict[str, Any], max_pixels: int
 ) -> dict[str, np.ndarray]:
     """BYTES images -> `detections` `[n]`: per image the JSON list /v1/detect returns."""
-    decoded, batch = await preprocess_request(_images(inputs), view.manifest.preprocessing, max_pixels)
+    decoded, batch = await preprocess_request(images, view.manifest.preprocessing, max_pixels)
     logits, boxes = await view.model.run({view.manifest.main.inputs[0].name: batch})
     threshold, limit = float(parameters.get("threshold", 0.5)), int(parameters.get("max_detections", 100))
     spec, labels = view.manifest.preprocessing, view.manifest.labels
