@@ -12,11 +12,12 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
+from service.metrics import Metrics
 from service.repository import ModelRegistry
 from service.routes import attention, health, models, v2
 from service.settings import Settings, get_settings
 from service.tasks import TASKS
-from service.timing import ServerTimingMiddleware
+from service.timing import ObservingMiddleware
 
 log = logging.getLogger("service")
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # loading blocks startup: the server accepts no request before every model is loaded and warm
         app.state.registry = await run_in_threadpool(ModelRegistry.load, settings, TASKS)
+        metrics.watch(app.state.registry)
         if not app.state.registry.ready:
             log.warning("not every model is ready: see GET /health/ready")
         yield
@@ -43,10 +45,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
-    install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ServerTimingMiddleware)
+    install_error_handlers(app, metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(ObservingMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(models.router)
     for task in TASKS.values():

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +51,7 @@ class Batcher:
         self.held: _Request | None = None  # a request that did not fit the last batch: it leads the next
         self.task: asyncio.Task[None] | None = None
         self.batch_sizes: Counter[int] = Counter()  # images per run -> runs
+        self.on_run: Callable[[int], None] | None = None  # told the size of every batch run (metrics)
 
     async def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
@@ -106,7 +108,10 @@ class Batcher:
                     request.future.set_exception(exc)
             return
         elapsed = time.perf_counter() - started
-        self.batch_sizes[sum(r.size for r in batch)] += 1
+        size = sum(r.size for r in batch)
+        self.batch_sizes[size] += 1
+        if self.on_run is not None:
+            self.on_run(size)
         offsets = np.cumsum([r.size for r in batch])[:-1]
         parts = [np.split(output, offsets) for output in outputs]
         for i, request in enumerate(batch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ServiceError, error_response
+from service.metrics import Metrics
 
 
 class BodyTooLarge(ServiceError):
@@ -16,9 +17,10 @@ class BodyLimitMiddleware:
     """Refuses a declared Content-Length over the limit at once, and stops a chunked or lying
     body as soon as it passes the limit."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -31,6 +33,7 @@ class BodyLimitMiddleware:
                 return
             if int(declared) > self.max_bytes:
                 exc = BodyTooLarge(self.max_bytes)
+                self.metrics.rejected.labels(exc.code).inc()
                 await error_response(exc.status, exc.code, exc.message)(scope, receive, send)
                 return
 

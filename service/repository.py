@@ -161,6 +161,12 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {' '.join(text)[:500]}"
 
 
+def served(model: ServedModel) -> ServedModel:
+    """Marks the current request as served by `model` (for its metrics), and returns it."""
+    timing.served_by(model.name, model.providers[0] if model.providers else "")
+    return model
+
+
 class ModelRegistry:
     def __init__(self, models: list[ServedModel]) -> None:
         self.models = {m.name: m for m in sorted(models, key=lambda m: m.name)}
@@ -189,7 +195,7 @@ class ModelRegistry:
             candidates = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
             ready = [m for m in candidates if m.state == "ready"]
             if ready:
-                return ready[0]
+                return served(ready[0])
             failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]
             if failed:
                 raise ServiceError(503, "model_not_ready", f"no {task} model is ready ({'; '.join(failed)})")
@@ -201,4 +207,4 @@ class ModelRegistry:
             raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
         if model.manifest.task != task:
             raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
-        return model
+        return served(model)

@@ -8,21 +8,43 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.metrics import Metrics
+
 Timings = dict[str, float]  # stage -> seconds, summed when a stage repeats
-_current: ContextVar[Timings | None] = ContextVar("timings", default=None)
+
+
+@dataclass
+class Observation:
+    """What one request did: its stage timings and the model that served it."""
+
+    timings: Timings = field(default_factory=dict)
+    model: str = ""
+    provider: str = ""
+
+
+_current: ContextVar[Observation | None] = ContextVar("observation", default=None)
 
 
 def current() -> Timings | None:
-    return _current.get()
+    observation = _current.get()
+    return observation.timings if observation else None
+
+
+def served_by(model: str, provider: str) -> None:
+    """Labels this request's metrics with the model (and its execution provider) that answered it."""
+    observation = _current.get()
+    if observation is not None:
+        observation.model, observation.provider = model, provider
 
 
 def record(stage: str, seconds: float, timings: Timings | None = None) -> None:
-    timings = timings if timings is not None else _current.get()
+    timings = timings if timings is not None else current()
     if timings is not None:
         timings[stage] = timings.get(stage, 0.0) + seconds
 
@@ -41,32 +63,42 @@ def header(timings: Timings, total: float) -> bytes:
     return ", ".join([*parts, f"total;dur={total * 1000:.2f}"]).encode()
 
 
-class ServerTimingMiddleware:
-    """Starts each request's timings and adds them as `Server-Timing` when the response starts."""
+class ObservingMiddleware:
+    """Starts each request's observation; when the response starts, adds its `Server-Timing`
+    header and records the request and its stages in the metrics."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        timings: Timings = {}
-        token = _current.set(timings)
+        observation = Observation()
+        token = _current.set(observation)
         started = time.perf_counter()
 
-        async def send_with_timing(message: Message) -> None:
+        async def send_observed(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"server-timing", header(timings, time.perf_counter() - started)),
-                ]
+                total = time.perf_counter() - started
+                value = header(observation.timings, total)
+                message["headers"] = [*message.get("headers", []), (b"server-timing", value)]
+                self._record(scope, message["status"], observation, total)
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_timing)
+            await self.app(scope, receive, send_observed)
         finally:
             _current.reset(token)
+
+    def _record(self, scope: Scope, status: int, observation: Observation, total: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        self.metrics.requests.labels(path, observation.model, str(status)).inc()
+        if observation.model:
+            for stage, seconds in [*observation.timings.items(), ("total", total)]:
+                self.metrics.stage_seconds.labels(stage, observation.model, observation.provider).observe(seconds)
 
 
 def json_response(body: BaseModel) -> Response:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service.deps import RegistryDep
@@ -20,6 +21,13 @@ class ModelStatus(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     models: dict[str, ModelStatus]
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests by route, model and status; stage latencies by model and provider;
+    batch sizes; queue depth; model load time and readiness; rejections by reason."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health/live")

@@ -23,7 +23,7 @@ from service import __version__
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
 from service.imaging import preprocess_request
-from service.repository import ModelRegistry, ServedModel
+from service.repository import ModelRegistry, ServedModel, served
 from service.tasks import classify, detect
 
 DATATYPES = {
@@ -109,7 +109,7 @@ def find_view(registry: ModelRegistry, name: str, version: str | None = None) ->
         raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
     if version is not None and version != str(model.manifest.version):
         raise ServiceError(404, "unknown_version", f"model {name!r} has no version {version!r}")
-    return View(model, image)
+    return View(served(model), image)
 
 
 def views(registry: ModelRegistry) -> list[View]:

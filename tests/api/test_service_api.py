@@ -119,3 +119,15 @@ def test_server_timing_names_every_stage(client: TestClient) -> None:
     assert set(stages) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode", "total"}
     assert all(float(ms) >= 0 for ms in stages.values())
     assert float(stages["total"]) >= float(stages["inference"])
+
+
+def test_metrics_count_requests_stages_batches_and_rejections(client: TestClient) -> None:
+    client.post("/v1/classify", content=DIGIT, headers={"content-type": "image/png"})
+    client.post("/v1/classify", content=b"junk", headers={"content-type": "image/png"})
+    text = client.get("/metrics").text
+    assert 'vitserve_requests_total{model="vit",route="/v1/classify",status="200"}' in text
+    assert 'vitserve_rejected_total{reason="unsupported_image"}' in text
+    assert 'vitserve_stage_seconds_count{model="vit",provider="CPUExecutionProvider",stage="inference"}' in text
+    assert 'vitserve_batch_size_count{graph="main",model="vit"}' in text
+    assert 'vitserve_queue_images{graph="main",model="vit"} 0.0' in text
+    assert 'vitserve_model_ready{model="detr"} 1.0' in text and "vitserve_model_load_seconds" in text
