@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import uvicorn
 
+from service import logs
 from service.app import create_app
 from service.settings import Settings
 
@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings.model_copy(
         update={"host": args.host, "port": args.port, "model_repository": args.model_repository}
     )
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    logs.configure(settings.log_level, settings.log_json)
+    # the service logs one line per request itself (with its request id), so uvicorn's access log is off
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, log_config=None)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.timing import request_id
+
 log = logging.getLogger("service")
 
 
@@ -25,7 +27,11 @@ class ServiceError(Exception):
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+    """The one error shape; it carries the request id the response's X-Request-ID also has."""
+    body = {"code": code, "message": message, **extra}
+    if rid := request_id():
+        body["request_id"] = rid
+    return JSONResponse({"error": body}, status_code=status)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -53,7 +59,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id(), exc_info=exc)
     return error_response(500, "internal_error", "the server failed to answer this request; see its log")
 
 

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
+    log_json: bool = Field(False, description="log lines as JSON objects (one per request, with its request id)")
 
 
 @lru_cache

@@ -4,7 +4,10 @@ batcher record into the request that asked, without being passed around."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,6 +29,7 @@ class Observation:
     timings: Timings = field(default_factory=dict)
     model: str = ""
     provider: str = ""
+    request_id: str = ""
 
 
 _current: ContextVar[Observation | None] = ContextVar("observation", default=None)
@@ -34,6 +38,11 @@ _current: ContextVar[Observation | None] = ContextVar("observation", default=Non
 def current() -> Timings | None:
     observation = _current.get()
     return observation.timings if observation else None
+
+
+def request_id() -> str | None:
+    observation = _current.get()
+    return observation.request_id if observation else None
 
 
 def served_by(model: str, provider: str) -> None:
@@ -63,6 +72,20 @@ def header(timings: Timings, total: float) -> bytes:
     return ", ".join([*parts, f"total;dur={total * 1000:.2f}"]).encode()
 
 
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(r"[\w.:-]{1,128}")
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a sane token, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+    return uuid.uuid4().hex
+
+
 class ObservingMiddleware:
     """Starts each request's observation; when the response starts, adds its `Server-Timing`
     header and records the request and its stages in the metrics."""
@@ -75,15 +98,16 @@ class ObservingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        observation = Observation()
+        observation = Observation(request_id=_request_id(scope))
         token = _current.set(observation)
         started = time.perf_counter()
 
         async def send_observed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 total = time.perf_counter() - started
-                value = header(observation.timings, total)
-                message["headers"] = [*message.get("headers", []), (b"server-timing", value)]
+                extra = [(b"server-timing", header(observation.timings, total)),
+                         (b"x-request-id", observation.request_id.encode())]  # fmt: skip
+                message["headers"] = [*message.get("headers", []), *extra]
                 self._record(scope, message["status"], observation, total)
             await send(message)
 
@@ -95,6 +119,11 @@ class ObservingMiddleware:
     def _record(self, scope: Scope, status: int, observation: Observation, total: float) -> None:
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
+        access_log.info(
+            "%s %s %d %.1fms %s", scope["method"], scope["path"], status, total * 1000, observation.model or "-",
+            extra={"request_id": observation.request_id, "method": scope["method"], "path": scope["path"],
+                   "status": status, "ms": round(total * 1000, 2), "model": observation.model},
+        )  # fmt: skip
         self.metrics.requests.labels(path, observation.model, str(status)).inc()
         if observation.model:
             for stage, seconds in [*observation.timings.items(), ("total", total)]:

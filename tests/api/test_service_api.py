@@ -131,3 +131,27 @@ def test_metrics_count_requests_stages_batches_and_rejections(client: TestClient
     assert 'vitserve_batch_size_count{graph="main",model="vit"}' in text
     assert 'vitserve_queue_images{graph="main",model="vit"} 0.0' in text
     assert 'vitserve_model_ready{model="detr"} 1.0' in text and "vitserve_model_load_seconds" in text
+
+
+def test_request_ids_are_kept_or_made_and_reach_errors(client: TestClient) -> None:
+    given = client.post(
+        "/v1/classify", content=b"junk", headers={"content-type": "image/png", "x-request-id": "abc-123"}
+    )
+    assert given.headers["x-request-id"] == "abc-123"
+    assert given.json()["error"]["request_id"] == "abc-123"
+    made = client.get("/health/live", headers={"x-request-id": "bad id with spaces"})
+    assert made.headers["x-request-id"] != "bad id with spaces" and len(made.headers["x-request-id"]) == 32
+
+
+def test_one_json_log_line_per_request(caplog: pytest.LogCaptureFixture, client: TestClient) -> None:
+    import json
+    import logging
+
+    from service.logs import JsonFormatter
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        client.post("/v1/classify", content=DIGIT, headers={"content-type": "image/png", "x-request-id": "r-42"})
+    (record,) = [r for r in caplog.records if r.name == "service.access"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "r-42" and line["status"] == 200 and line["model"] == "vit"
+    assert line["path"] == "/v1/classify" and line["ms"] > 0
