@@ -10,8 +10,9 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service import __version__
+from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
-from service.limits import BodyLimitMiddleware
+from service.limits import BodyLimitMiddleware, TimeoutMiddleware
 from service.metrics import Metrics
 from service.repository import ModelRegistry
 from service.routes import attention, health, models, v2
@@ -48,7 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
     install_error_handlers(app, metrics)
+    app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    if settings.api_key is not None:
+        key = settings.api_key.get_secret_value()
+        app.add_middleware(ApiKeyMiddleware, key=key, protect_health=settings.auth_health, metrics=metrics)
     app.add_middleware(ObservingMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(models.router)

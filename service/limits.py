@@ -1,6 +1,9 @@
-"""Request body size limit, enforced while the body streams in (413 before it is read whole)."""
+"""Request limits: body size, enforced while the body streams in (413 before it is read whole), and
+time to answer (504)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,3 +52,36 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class TimeoutMiddleware:
+    """Answers 504 when no response has started within the limit. Once a response starts (a stream
+    of generated rows, say) it is left to finish."""
+
+    def __init__(self, app: ASGIApp, seconds: float, metrics: Metrics) -> None:
+        self.app = app
+        self.seconds = seconds
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+        try:
+            async with asyncio.timeout(self.seconds) as deadline:
+
+                async def send_started(message: Message) -> None:
+                    nonlocal started
+                    if message["type"] == "http.response.start":
+                        started = True
+                        deadline.reschedule(None)
+                    await send(message)
+
+                await self.app(scope, receive, send_started)
+        except TimeoutError:
+            if started:
+                raise
+            self.metrics.rejected.labels("timeout").inc()
+            message = f"no answer within {self.seconds:g} s; the request was abandoned"
+            await error_response(504, "timeout", message)(scope, receive, send)

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
+    request_timeout_s: float = Field(60.0, gt=0, description="longest wait for an answer to start; then 504")
+    api_key: SecretStr | None = Field(None, description="if set, every route but health, metrics and docs needs it")
+    auth_health: bool = Field(False, description="with an API key, health and metrics need it too")
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     log_json: bool = Field(False, description="log lines as JSON objects (one per request, with its request id)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 from service.manifest import MANIFEST_FILE
 from service.settings import Settings
@@ -155,3 +156,42 @@ def test_one_json_log_line_per_request(caplog: pytest.LogCaptureFixture, client:
     line = json.loads(JsonFormatter().format(record))
     assert line["request_id"] == "r-42" and line["status"] == 200 and line["model"] == "vit"
     assert line["path"] == "/v1/classify" and line["ms"] > 0
+
+
+@pytest.fixture()
+def keyed_client() -> Iterator[TestClient]:
+    yield from client_for(
+        Settings(model_repository=Path("model_repository"), device="cpu", warmup=False, api_key="s3cret")
+    )
+
+
+def test_api_key_guards_inference_not_health(keyed_client: TestClient) -> None:
+    headers = {"content-type": "image/png"}
+    refused = keyed_client.post("/v1/classify", content=DIGIT, headers=headers)
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert refused.json()["error"]["code"] == "unauthorized" and "s3cret" not in refused.text
+    wrong = keyed_client.post("/v1/classify", content=DIGIT, headers={**headers, "authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    for auth in ({"authorization": "Bearer s3cret"}, {"x-api-key": "s3cret"}):
+        assert keyed_client.post("/v1/classify", content=DIGIT, headers={**headers, **auth}).status_code == 200
+    assert keyed_client.get("/v2/models/vit").status_code == 401
+    for open_route in ("/health/live", "/health/ready", "/metrics", "/docs", "/v2/health/ready"):
+        assert keyed_client.get(open_route).status_code == 200, open_route
+
+
+def test_health_can_be_guarded_too() -> None:
+    settings = Settings(model_repository=Path("model_repository"), warmup=False, api_key="k", auth_health=True)
+    for client in client_for(settings):
+        assert client.get("/health/ready").status_code == 401
+        assert client.get("/metrics", headers={"x-api-key": "k"}).status_code == 200
+
+
+def test_slow_answers_get_504_with_their_request_id() -> None:
+    settings = Settings(model_repository=Path("model_repository"), warmup=False, request_timeout_s=0.000001)
+    for client in client_for(settings):
+        headers = {"content-type": "image/png", "x-request-id": "slow-1"}
+        response = client.post("/v1/classify", content=DIGIT, headers=headers)
+        assert response.status_code == 504
+        assert response.json()["error"] | {"message": ""} == {"code": "timeout", "message": "", "request_id": "slow-1"}
+        metrics = generate_latest(client.app.state.metrics.registry).decode()  # type: ignore[attr-defined]
+        assert 'vitserve_rejected_total{reason="timeout"} 1.0' in metrics
