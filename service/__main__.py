@@ -9,6 +9,7 @@ import uvicorn
 
 from service import logs
 from service.app import create_app
+from service.server import GracefulServer
 from service.settings import Settings
 
 
@@ -23,9 +24,18 @@ def main(argv: list[str] | None = None) -> None:
         update={"host": args.host, "port": args.port, "model_repository": args.model_repository}
     )
     logs.configure(settings.log_level, settings.log_json)
+    app = create_app(settings)
     # the service logs one line per request itself (with its request id), so uvicorn's access log is off
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, log_config=None)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    GracefulServer(config, app, settings.shutdown_drain_s).run()
 
 
 if __name__ == "__main__":

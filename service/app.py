@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
     install_error_handlers(app, metrics)

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
+    shutdown_drain_s: float = Field(
+        2.0, ge=0, description="on SIGTERM, seconds readiness reports 503 while requests are still served"
+    )
+    shutdown_grace_s: int = Field(30, gt=0, description="then, longest wait for accepted requests to finish")
     request_timeout_s: float = Field(60.0, gt=0, description="longest wait for an answer to start; then 504")
     api_key: SecretStr | None = Field(None, description="if set, every route but health, metrics and docs needs it")
     auth_health: bool = Field(False, description="with an API key, health and metrics need it too")

@@ -20,6 +20,7 @@ class ModelStatus(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    draining: bool = False
     models: dict[str, ModelStatus]
 
 
@@ -37,9 +38,12 @@ async def live() -> dict[str, str]:
 
 
 @router.get("/health/ready", responses={503: {"model": Readiness, "description": "some model is not ready"}})
-async def ready(registry: RegistryDep, response: Response) -> Readiness:
-    """200 when every model in the repository is loaded and warmed up; else 503 with each model's state."""
+async def ready(request: Request, registry: RegistryDep, response: Response) -> Readiness:
+    """200 when every model in the repository is loaded and warmed up; else 503 with each model's
+    state. 503 too from the moment a SIGTERM asks the server to drain."""
     models = {m.name: ModelStatus(state=m.state, reason=m.reason) for m in registry.models.values()}
-    if not registry.ready:
+    draining = bool(request.app.state.draining)
+    ready = registry.ready and not draining
+    if not ready:
         response.status_code = 503
-    return Readiness(ready=registry.ready, models=models)
+    return Readiness(ready=ready, draining=draining, models=models)

@@ -138,8 +138,8 @@ async def live() -> Response:
 
 
 @router.get("/health/ready")
-async def ready(registry: RegistryDep) -> Response:
-    return Response(status_code=200 if registry.ready else 503)
+async def ready(request: Request, registry: RegistryDep) -> Response:
+    return Response(status_code=200 if registry.ready and not request.app.state.draining else 503)
 
 
 @router.get("/models/{name}")

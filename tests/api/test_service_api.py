@@ -23,7 +23,7 @@ def test_health(client: TestClient) -> None:
     ready = client.get("/health/ready")
     assert ready.status_code == 200
     models = {name: {"state": "ready", "reason": None} for name in ("detr", "imagetransformer", "vit")}
-    assert ready.json() == {"ready": True, "models": models}
+    assert ready.json() == {"ready": True, "draining": False, "models": models}
 
 
 def test_models_lists_providers_and_quality(client: TestClient) -> None:

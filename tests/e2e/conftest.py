@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -23,32 +26,47 @@ def free_port() -> int:
         return port
 
 
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@contextmanager
+def running_server(folder: Path, **env: str) -> Iterator[Server]:
+    """`python -m service` on a free port, ready; SIGTERM at the end must give a clean exit 0."""
+    port = free_port()
+    log_path = folder / "server.log"
+    with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the server
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "VITSERVE_DEVICE": "cpu", "VITSERVE_SHUTDOWN_DRAIN_S": "0.2", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        server = Server(f"http://127.0.0.1:{port}", process, log_path)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(f"{server.url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the service did not become ready:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        try:
+            yield server
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, log_path.read_text()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    log = log_path.open("w")  # a file, not a pipe: a full pipe would stall the server
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "VITSERVE_DEVICE": "cpu"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx2.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx2.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the service did not become ready:\n{log_path.read_text()}")
-        time.sleep(0.2)
-    yield url
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
-    assert "Application shutdown complete" in log_path.read_text()
+    with running_server(tmp_path_factory.mktemp("server")) as running:
+        yield running.url
