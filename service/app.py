@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
-    install_error_handlers(app, metrics)
+    install_error_handlers(app)
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     if settings.api_key is not None:

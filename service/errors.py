@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.timing import request_id
 
@@ -58,13 +59,35 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request", message, details=details)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id(), exc_info=exc)
-    return error_response(500, "internal_error", "the server failed to answer this request; see its log")
+class UnexpectedErrorMiddleware:
+    """Any other failure (an inference error, a bug) fails its own request alone: a 500 carrying the
+    request id, the details in the log, never a stack trace in the response; the server goes on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id())
+            if not started:
+                message = "the server failed to answer this request; its log has the details"
+                await error_response(500, "internal_error", message)(scope, receive, send)
 
 
-def install_error_handlers(app: FastAPI, metrics: object) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(UnexpectedErrorMiddleware)
