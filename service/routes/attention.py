@@ -24,6 +24,7 @@ from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, rea
 from service.manifest import Preprocessing
 from service.repository import ServedModel
 from service.sampling import GenerationConfig
+from service.schemas import FloatPair, Pair
 from service.tasks import classify, detect, generate
 
 router = APIRouter(tags=["attention"])
@@ -86,7 +87,7 @@ class ClassAttention(BaseModel):
 class ClassifyAttentionResponse(BaseModel):
     model: str
     method: str
-    grid: tuple[int, int] = Field(description="patches per column and per row; each covers an equal part of the image")
+    grid: Pair = Field(description="patches per column and per row; each covers an equal part of the image")
     results: list[ClassAttention]
 
 
@@ -153,8 +154,8 @@ class DetectionAttention(detect.Detection):
 
 
 class EncoderAttention(BaseModel):
-    point: tuple[float, float]
-    cell: tuple[int, int] = Field(description="(row, col) of the feature cell holding the point")
+    point: FloatPair
+    cell: Pair = Field(description="(row, col) of the feature cell holding the point")
     map: list[list[float]]
 
 
@@ -165,8 +166,8 @@ class ImageAttention(BaseModel):
 
 class DetectAttentionResponse(BaseModel):
     model: str
-    grid: tuple[int, int] = Field(description="feature cells (rows, cols) covering each image")
-    cell: tuple[float, float] = Field(description="a cell's (width, height) in pixels of the first image")
+    grid: Pair = Field(description="feature cells (rows, cols) covering each image")
+    cell: FloatPair = Field(description="a cell's (width, height) in pixels of the first image")
     results: list[ImageAttention]
 
 
@@ -283,7 +284,7 @@ class GenerateAttentionRequest(BaseModel):
 
 class GenerateAttentionResponse(BaseModel):
     model: str
-    pixel: tuple[int, int]
+    pixel: Pair
     start: float = Field(description="attention on the start token (the position before the first pixel)")
     map: list[list[float]] = Field(description="[rows][cols]: attention on each earlier pixel; 0 outside the context")
     context: int = Field(description="how many earlier pixels the model could see (its local memory)")

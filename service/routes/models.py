@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from service.deps import RegistryDep
 from service.repository import ServedModel
+from service.schemas import Pair
 
 router = APIRouter(tags=["models"])
 
@@ -22,7 +23,7 @@ class ModelInfo(BaseModel):
     architecture: str | None = None
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use, best first")
     labels: list[str] = []
-    input_size: tuple[int, int] | None = Field(None, description="(height, width) images are resized to")
+    input_size: Pair | None = Field(None, description="(height, width) images are resized to")
     quality: dict[str, float] = {}
     data: dict[str, Any] = {}
     load_seconds: float
@@ -51,7 +52,7 @@ def describe(model: ServedModel) -> ModelInfo:
                 "task": m.task,
                 "architecture": m.architecture,
                 "labels": m.labels,
-                "input_size": m.preprocessing.size,
+                "input_size": list(m.preprocessing.size),
                 "quality": m.quality,
                 "data": m.data,
             }

@@ -40,6 +40,10 @@ FROM_MANIFEST = {
     "bool": "BOOL",
 }
 IMAGE_SUFFIX = "_image"
+EMPTY_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "unknown model"},
+    503: {"description": "not ready"},
+}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -132,12 +136,12 @@ async def server_metadata(registry: RegistryDep) -> dict[str, Any]:
     }
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_class=Response)
 async def live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready")
+@router.get("/health/ready", response_class=Response, responses={503: {"description": "not ready"}})
 async def ready(request: Request, registry: RegistryDep) -> Response:
     return Response(status_code=200 if registry.ready and not request.app.state.draining else 503)
 
@@ -148,8 +152,8 @@ async def model_metadata(registry: RegistryDep, name: str, version: str | None =
     return find_view(registry, name, version).metadata()
 
 
-@router.get("/models/{name}/ready")
-@router.get("/models/{name}/versions/{version}/ready")
+@router.get("/models/{name}/ready", response_class=Response, responses=EMPTY_ERRORS)
+@router.get("/models/{name}/versions/{version}/ready", response_class=Response, responses=EMPTY_ERRORS)
 async def model_ready(registry: RegistryDep, name: str, version: str | None = None) -> Response:
     find_view(registry, name, version)
     return Response(status_code=200)

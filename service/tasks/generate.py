@@ -26,6 +26,7 @@ from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, rea
 from service.manifest import Manifest, Preprocessing
 from service.repository import ServedModel
 from service.sampling import GenerationConfig, finished, sample_rows
+from service.schemas import Pair
 from service.tasks.base import Task
 from service.timing import json_response
 
@@ -60,7 +61,7 @@ class GenerateResponse(BaseModel):
     model: str
     label: str | None
     seed: int
-    size: tuple[int, int] = Field(description="(height, width) of the PNGs")
+    size: Pair = Field(description="(height, width) of the PNGs")
     images: list[str] = Field(description="base64 PNGs")
 
 
