@@ -30,6 +30,9 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy service
+	$(BIN)/hadolint Dockerfile
+	@if docker compose version >/dev/null 2>&1; then docker compose config -q; else docker-compose config -q; fi
+	@echo "Dockerfile and docker-compose.yml check out"
 
 check: lint test
 
