@@ -15,7 +15,7 @@ from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware, TimeoutMiddleware
 from service.metrics import Metrics
 from service.repository import ModelRegistry
-from service.routes import attention, health, models, v2
+from service.routes import attention, health, models, page, v2
 from service.settings import Settings, get_settings
 from service.tasks import TASKS
 from service.timing import ObservingMiddleware
@@ -62,4 +62,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(task.router)
     app.include_router(attention.router)
     app.include_router(v2.router)
+    app.include_router(page.router)
     return app

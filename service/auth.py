@@ -23,7 +23,8 @@ class ApiKeyMiddleware:
         self.metrics = metrics
 
     def _open(self, path: str) -> bool:
-        return path.startswith(DOCS) or (not self.protect_health and path.startswith(HEALTH))
+        """The page and the docs are open (the page asks for the key); health too unless guarded."""
+        return path == "/" or path.startswith(DOCS) or (not self.protect_health and path.startswith(HEALTH))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._open(scope["path"]) or hmac.compare_digest(presented(scope), self.key):
