@@ -23,8 +23,8 @@ from service.timing import ObservingMiddleware
 log = logging.getLogger("service")
 
 DESCRIPTION = """
-Vision transformers served over ONNX Runtime: classification (ViT) and detection (DETR), with
-the attention maps and generation to follow.
+Vision transformers served over ONNX Runtime: classification (ViT), detection (DETR), generation
+(Image Transformer), and the attention maps of all three; the Open Inference Protocol under `/v2`.
 
 Images go in as multipart `file` fields (repeatable), as a raw `image/*` body, or as JSON
 `{"images": ["<base64>", ...]}`. Errors are JSON: `{"error": {"code", "message"}}`.
