@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import Literal
 
 import numpy as np
@@ -54,9 +53,3 @@ def heatmap(values: np.ndarray, size: tuple[int, int]) -> Image.Image:
 def overlay(image: Image.Image, values: np.ndarray, alpha: float = 0.55) -> Image.Image:
     """The map as a heatmap blended over `image`, at the image's size."""
     return Image.blend(image.convert("RGB"), heatmap(values, image.size), alpha)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -71,6 +71,12 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def letterbox_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
     """The (width, height) an image of this size takes inside the letterboxed input."""
     scale = min(spec.size[1] / width, spec.size[0] / height)

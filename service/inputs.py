@@ -121,6 +121,14 @@ def decode_base64(item: object, what: str) -> bytes:
         raise ServiceError(422, "invalid_base64", f"{what} is not valid base64: {exc}") from exc
 
 
+def wants_png(request: Request, render: bool, count: int) -> bool:
+    """Whether to answer with one PNG (`render`, or `Accept: image/png`); that takes exactly one image."""
+    wanted = render or "image/png" in request.headers.get("accept", "")
+    if wanted and count != 1:
+        raise ServiceError(422, "render_needs_one_image", "a PNG answer takes exactly one image")
+    return wanted
+
+
 def merge_options(cls: type[Options], query: Options, body: dict[str, Any]) -> Options:
     """Query-string options overlaid by the body's (a form field or JSON key wins), validated together."""
     merged = {**query.model_dump(exclude_unset=True), **body}

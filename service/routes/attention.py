@@ -16,11 +16,11 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from service.attention import HeadFusion, fuse_heads, overlay, png, rollout
+from service.attention import HeadFusion, fuse_heads, overlay, rollout
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, letterbox_size, preprocess_request
-from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
+from service.imaging import decode_image, encode_png, letterbox_size, preprocess_request
+from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images, wants_png
 from service.manifest import Preprocessing
 from service.repository import ServedModel
 from service.sampling import GenerationConfig
@@ -53,13 +53,6 @@ def _heads(attention: np.ndarray, head: int | None, fusion: HeadFusion = "mean")
 
 def _enlarged(image: Image.Image, scale: int) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image
-
-
-def _wants_png(request: Request, render: bool, count: int) -> bool:
-    wanted = render or "image/png" in request.headers.get("accept", "")
-    if wanted and count != 1:
-        raise ServiceError(422, "render_needs_one_image", "a rendered answer takes exactly one image")
-    return wanted
 
 
 # ViT ----------------------------------------------------------------------------------------------
@@ -117,14 +110,14 @@ async def classify_attention(
     from the CLS token to every patch."""
     images, body_options = await read_images(request, settings.max_images_per_request)
     options = merge_options(ClassifyAttentionOptions, query, body_options)
-    want_png = _wants_png(request, options.render, len(images))
+    want_png = wants_png(request, options.render, len(images))
     model = _attention_model(registry, options.model, classify.NAME)
     assert model.manifest is not None
     decoded, batch = await preprocess_request(images, model.manifest.preprocessing, settings.max_image_pixels)
     logits, attention = await model.run({model.manifest.main.inputs[0].name: batch}, graph="attention")
     maps = [cls_map(a, options) for a in attention]
     if want_png:
-        return Response(png(overlay(_enlarged(decoded[0], options.scale), maps[0])), media_type="image/png")
+        return Response(encode_png(overlay(_enlarged(decoded[0], options.scale), maps[0])), media_type="image/png")
     best = [top[0] for top in classify.top_k(logits, model.manifest.labels, 1)]
     results = [ClassAttention(label=b.label, score=b.score, map=m.tolist()) for b, m in zip(best, maps, strict=True)]
     return ClassifyAttentionResponse(model=model.name, method=options.method, grid=maps[0].shape, results=results)
@@ -218,7 +211,7 @@ async def detect_attention(
     paper's figures); with `point`, the encoder self-attention of the feature cell at that point."""
     images, body_options = await read_images(request, settings.max_images_per_request)
     options = merge_options(DetectAttentionOptions, query, body_options)
-    want_png = _wants_png(request, options.render, len(images))
+    want_png = wants_png(request, options.render, len(images))
     model = _attention_model(registry, options.model, detect.NAME)
     manifest = model.manifest
     assert manifest is not None
@@ -258,7 +251,7 @@ async def detect_attention(
         results.append(ImageAttention(detections=items, encoder=encoder_attention))
     if want_png:
         picture = _side_by_side(panels) if panels else _enlarged(decoded[0].convert("RGB"), options.scale)
-        return Response(png(picture), media_type="image/png")
+        return Response(encode_png(picture), media_type="image/png")
     first = _cells(spec, decoder.shape[-1], decoded[0].size)
     return DetectAttentionResponse(
         model=model.name, grid=(first[1], first[2]), cell=(first[3], first[4]), results=results
@@ -316,12 +309,12 @@ async def generate_attention(
     flat = np.zeros(cfg.length)
     flat[: cfg.length - 1] = weights[1:]
     pixel_map = flat.reshape(cfg.height, cfg.width)
-    if _wants_png(request, body.render, 1):
+    if wants_png(request, body.render, 1):
         picture = overlay(_enlarged(generate.levels_to_image(levels, cfg.levels), body.scale), pixel_map, alpha=0.6)
         s = body.scale
         ImageDraw.Draw(picture).rectangle((body.col * s, body.row * s, (body.col + 1) * s - 1, (body.row + 1) * s - 1),
                                           outline=(255, 64, 64), width=max(1, s // 8))  # fmt: skip
-        return Response(png(picture), media_type="image/png")
+        return Response(encode_png(picture), media_type="image/png")
     return GenerateAttentionResponse(
         model=model.name, pixel=(body.row, body.col), start=float(weights[0]), map=pixel_map.tolist(),
         context=min(t, cfg.memory),

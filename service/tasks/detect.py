@@ -8,7 +8,6 @@ Thresholding and top-k happen here, outside the graph.
 
 from __future__ import annotations
 
-import io
 import zlib
 from typing import Annotated, NamedTuple
 
@@ -19,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
-from service.errors import ServiceError
-from service.imaging import letterbox_size, preprocess_request
-from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
+from service.imaging import encode_png, letterbox_size, preprocess_request
+from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images, wants_png
 from service.manifest import Manifest, Preprocessing
 from service.tasks.base import Task
 from service.tasks.classify import softmax
@@ -117,9 +115,7 @@ def render(image: Image.Image, found: list[Detection]) -> bytes:
         left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
         draw.rectangle((left, top - (bottom - top), right + 2, top), fill=colour)
         draw.text((x0 + 1, y0 - (bottom - top)), text, fill=(0, 0, 0), font=font)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(canvas)
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -153,9 +149,7 @@ async def detect(
     back with its boxes drawn."""
     images, body_options = await read_images(request, settings.max_images_per_request)
     options = merge_options(DetectOptions, query, body_options)
-    want_png = options.render or "image/png" in request.headers.get("accept", "")
-    if want_png and len(images) != 1:
-        raise ServiceError(422, "render_needs_one_image", "a rendered answer takes exactly one image")
+    want_png = wants_png(request, options.render, len(images))
     model = registry.resolve(options.model, NAME)
     assert model.manifest is not None
     manifest = model.manifest

@@ -5,7 +5,6 @@ bits per dimension of uploaded images under the model."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import secrets
@@ -21,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, preprocess_request, to_unit_array
-from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images
+from service.imaging import decode_image, encode_png, preprocess_request, to_unit_array
+from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images, wants_png
 from service.manifest import Manifest, Preprocessing
 from service.repository import ServedModel
 from service.sampling import GenerationConfig, finished, sample_rows
@@ -97,9 +96,7 @@ def image_to_levels(image: Image.Image, spec: Preprocessing, count: int) -> np.n
 
 
 def png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(encode_png(image)).decode()
 
 
 def label_index(manifest: Manifest, cfg: GenerationConfig, label: str | None) -> int:
@@ -153,10 +150,7 @@ async def generate(
     `Accept: text/event-stream`) for each row as it is decoded."""
     if body.num_images > settings.max_images_per_request:
         raise ServiceError(413, "too_many_images", f"num_images is at most {settings.max_images_per_request}")
-    accept = request.headers.get("accept", "")
-    want_png = "image/png" in accept
-    if want_png and body.num_images != 1:
-        raise ServiceError(422, "png_needs_one_image", "Accept: image/png returns one image: ask for num_images 1")
+    want_png = wants_png(request, False, body.num_images)
     model = registry.resolve(body.model, NAME)
     assert model.manifest is not None
     cfg = GenerationConfig.model_validate(model.manifest.config)
@@ -173,11 +167,11 @@ async def generate(
         size = (cfg.height * body.scale, cfg.width * body.scale)
         return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
 
-    if body.stream or "text/event-stream" in accept:
+    if body.stream or "text/event-stream" in request.headers.get("accept", ""):
         return StreamingResponse(_events(rows, cfg, finish), media_type="text/event-stream")
     images = await finished(rows)
     if want_png:
-        return Response(base64.b64decode(finish(images).images[0]), media_type="image/png")
+        return Response(encode_png(levels_to_image(images[0], cfg.levels, body.scale)), media_type="image/png")
     return json_response(finish(images))
 
 

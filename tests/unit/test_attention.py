@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.attention import overlay, png, rollout
+from service.attention import overlay, rollout
+from service.imaging import encode_png
 
 
 def random_attention(rng: np.random.Generator, layers: int, heads: int, n: int) -> np.ndarray:
@@ -60,7 +61,7 @@ def test_single_layer_uniform_attention() -> None:
 
 def test_overlay_png_decodes_at_the_input_size() -> None:
     image = Image.new("L", (40, 24), 128)
-    out = Image.open(io.BytesIO(png(overlay(image, np.arange(16.0).reshape(4, 4)))))
+    out = Image.open(io.BytesIO(encode_png(overlay(image, np.arange(16.0).reshape(4, 4)))))
     assert out.size == (40, 24) and out.mode == "RGB"
     pixels = np.asarray(out)
     assert not np.array_equal(pixels[0, 0], pixels[-1, -1])  # low and high ends look different
