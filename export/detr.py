@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from export.boxes import xyxy_to_cxcywh
+from export.checkpoint import load_checkpoint, save_checkpoint
 from export.coco import CocoData, coco_detections, coco_map, load_coco
 from export.criterion import SetCriterion
 from export.matcher import HungarianMatcher
@@ -136,25 +137,23 @@ def train(
     _fit(model, x, targets, cfg, gen)
     seconds = time.perf_counter() - started
     quality = evaluate(held_out, *forward_all(model, inputs_for(held_out, spec)), spec)
-    checkpoint = {
-        "model": model.state_dict(),
-        "config": asdict(model_cfg),
-        "train_config": asdict(cfg),
-        "preprocessing": spec.model_dump(),
-        "labels": train_data.classes,
-        "source": source,
-        "data": {
+    return save_checkpoint(
+        out,
+        model,
+        model_cfg,
+        cfg,
+        seconds,
+        preprocessing=spec.model_dump(),
+        labels=train_data.classes,
+        source=source,
+        data={
             "name": "digit scenes (export.scenes), COCO format" if source["kind"] == "scenes" else "COCO data set",
             "train_images": len(train_data.images),
             "held_out_images": len(held_out.images),
             "held_out_boxes": int(sum(len(b) for b in held_out.boxes)),
         },
-        "quality": quality,
-        "training": {"seconds": round(seconds, 1), "epochs": cfg.epochs, "threads": torch.get_num_threads()},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return checkpoint
+        quality=quality,
+    )
 
 
 def _fit(
@@ -233,10 +232,7 @@ def detr_graphs(cfg: DETRConfig, spec: Preprocessing) -> dict[str, GraphSpec]:
 
 
 def export(checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1) -> Manifest:
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    model = DETR(DETRConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model, checkpoint = load_checkpoint(checkpoint_path, DETR, DETRConfig)
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     _, held_out = load_data(checkpoint["source"])
     inputs = inputs_for(held_out, spec)

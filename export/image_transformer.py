@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
+from export.checkpoint import load_checkpoint, save_checkpoint
 from export.data import DIGITS_HELD_OUT
 from export.onnx_export import (
     BATCH,
@@ -115,24 +116,22 @@ def train(
         ),
     }
     quality["ratio_to_baseline"] = quality["bits_per_dim"] / quality["baseline_bits_per_dim"]
-    checkpoint = {
-        "model": model.state_dict(),
-        "config": asdict(model_cfg),
-        "train_config": asdict(cfg),
-        "labels": [str(d) for d in range(model_cfg.num_classes)],
-        "source": source,
-        "data": {
+    return save_checkpoint(
+        out,
+        model,
+        model_cfg,
+        cfg,
+        seconds,
+        labels=[str(d) for d in range(model_cfg.num_classes)],
+        source=source,
+        data={
             "name": "scikit-learn digits, 8x8, 17 grey levels (the data set's own)",
             "train": len(train_y),
             "held_out": len(test_y),
             "split": f"stratified, seed {source['seed']} (the ViT's split)",
         },
-        "quality": quality,
-        "training": {"seconds": round(seconds, 1), "epochs": cfg.epochs, "threads": torch.get_num_threads()},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return checkpoint
+        quality=quality,
+    )
 
 
 def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> None:
@@ -308,9 +307,7 @@ def export(
 ) -> Manifest:
     """Export both graphs; `classifier` (default: the repository's `vit`) judges the generated digits."""
     classifier = classifier or repository / "vit"
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    model = ImageTransformer(ImageTransformerConfig(**checkpoint["config"])).eval()
-    model.load_state_dict(checkpoint["model"])
+    model, checkpoint = load_checkpoint(checkpoint_path, ImageTransformer, ImageTransformerConfig)
     cfg = GenerationConfig.model_validate(checkpoint["config"])
     *_, test_x, test_y = load_split(checkpoint["source"]["seed"])
     specs = graphs(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from export.checkpoint import load_checkpoint, save_checkpoint
 from export.data import LabelledData, Split, load_digits_data, load_image_folder
 from export.onnx_export import (
     PARITY_BATCH,
@@ -134,20 +135,18 @@ def train(
         quality[name] = top1(predict(model, _normalize(units, spec)), data.held_out.labels)
         if cfg.invert_prob > 0:
             quality[f"{name}_inverted"] = top1(predict(model, _normalize(1 - units, spec)), data.held_out.labels)
-    checkpoint = {
-        "model": model.state_dict(),
-        "config": asdict(model_cfg),
-        "train_config": asdict(cfg),
-        "preprocessing": spec.model_dump(),
-        "labels": data.classes,
-        "source": source,
-        "data": data.description,
-        "quality": quality,
-        "training": {"seconds": round(seconds, 1), "epochs": cfg.epochs, "threads": torch.get_num_threads()},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return checkpoint
+    return save_checkpoint(
+        out,
+        model,
+        model_cfg,
+        cfg,
+        seconds,
+        preprocessing=spec.model_dump(),
+        labels=data.classes,
+        source=source,
+        data=data.description,
+        quality=quality,
+    )
 
 
 def _normalize(units: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
@@ -201,10 +200,7 @@ class WithAttention(torch.nn.Module):
 
 def export(checkpoint_path: Path, repository: Path, name: str = "vit", version: int = 1) -> Manifest:
     """Export a checkpoint to `repository/name/version/`, only if it passes parity on held-out images."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    model = ViT(ViTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model, checkpoint = load_checkpoint(checkpoint_path, ViT, ViTConfig)
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     held_out = load_data(checkpoint["source"]).held_out
     # the service's exact path: decoded image -> preprocess
