@@ -189,13 +189,19 @@ class ModelRegistry:
     def ready(self) -> bool:
         return bool(self.models) and all(m.state == "ready" for m in self.models.values())
 
-    def resolve(self, name: str | None, task: str) -> ServedModel:
-        """The model a request asked for, or the first ready model of its task."""
+    def resolve(self, name: str | None, task: str, graph: str = "main") -> ServedModel:
+        """The model a request asked for, or the first ready model of its task; it must have `graph`."""
+        model = self._pick(name, task)
+        if graph not in model.sessions:
+            raise ServiceError(422, f"no_{graph}_graph", f"model {model.name!r} was exported without a {graph!r} graph")
+        return served(model)
+
+    def _pick(self, name: str | None, task: str) -> ServedModel:
         if name is None:
             candidates = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
             ready = [m for m in candidates if m.state == "ready"]
             if ready:
-                return served(ready[0])
+                return ready[0]
             failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]
             if failed:
                 raise ServiceError(503, "model_not_ready", f"no {task} model is ready ({'; '.join(failed)})")
@@ -207,4 +213,4 @@ class ModelRegistry:
             raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
         if model.manifest.task != task:
             raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
-        return served(model)
+        return model

@@ -19,22 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from service.attention import HeadFusion, fuse_heads, overlay, rollout
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, encode_png, letterbox_size, preprocess_request
-from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images, wants_png
+from service.imaging import decode_image, encode_png, letterbox_size
+from service.inputs import IMAGE_REQUEST_BODY, decode_base64, wants_png
 from service.manifest import Preprocessing
-from service.repository import ServedModel
 from service.sampling import GenerationConfig
 from service.schemas import FloatPair, Pair
 from service.tasks import classify, detect, generate
+from service.tasks.images import ModelOptions, run_on_images
 
 router = APIRouter(tags=["attention"])
-
-
-def _attention_model(registry: RegistryDep, name: str | None, task: str) -> ServedModel:
-    model = registry.resolve(name, task)
-    if "attention" not in model.sessions:
-        raise ServiceError(422, "no_attention_graph", f"model {model.name!r} was exported without an attention graph")
-    return model
 
 
 def _pick(attention: np.ndarray, index: int | None, what: str) -> np.ndarray:
@@ -58,10 +51,7 @@ def _enlarged(image: Image.Image, scale: int) -> Image.Image:
 # ViT ----------------------------------------------------------------------------------------------
 
 
-class ClassifyAttentionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="classification model (default: the first ready one)")
+class ClassifyAttentionOptions(ModelOptions):
     method: Literal["rollout", "raw"] = Field("rollout", description="attention rollout, or one layer's raw attention")
     layer: int | None = Field(None, ge=0, description="raw: the layer (default: the last)")
     head: int | None = Field(None, ge=0, description="one head; default: heads fused by `fusion`")
@@ -108,17 +98,13 @@ async def classify_attention(
 ) -> ClassifyAttentionResponse | Response:
     """Where the ViT looked: attention rollout (Abnar & Zuidema 2020) or a layer's raw attention,
     from the CLS token to every patch."""
-    images, body_options = await read_images(request, settings.max_images_per_request)
-    options = merge_options(ClassifyAttentionOptions, query, body_options)
-    want_png = wants_png(request, options.render, len(images))
-    model = _attention_model(registry, options.model, classify.NAME)
-    assert model.manifest is not None
-    decoded, batch = await preprocess_request(images, model.manifest.preprocessing, settings.max_image_pixels)
-    logits, attention = await model.run({model.manifest.main.inputs[0].name: batch}, graph="attention")
+    run = await run_on_images(request, query, registry, settings, classify.NAME, graph="attention")
+    logits, attention = run.outputs
+    options, model = run.options, run.model
     maps = [cls_map(a, options) for a in attention]
-    if want_png:
-        return Response(encode_png(overlay(_enlarged(decoded[0], options.scale), maps[0])), media_type="image/png")
-    best = [top[0] for top in classify.top_k(logits, model.manifest.labels, 1)]
+    if run.png:
+        return Response(encode_png(overlay(_enlarged(run.decoded[0], options.scale), maps[0])), media_type="image/png")
+    best = [top[0] for top in classify.top_k(logits, run.manifest.labels, 1)]
     results = [ClassAttention(label=b.label, score=b.score, map=m.tolist()) for b, m in zip(best, maps, strict=True)]
     return ClassifyAttentionResponse(model=model.name, method=options.method, grid=maps[0].shape, results=results)
 
@@ -126,10 +112,7 @@ async def classify_attention(
 # DETR ---------------------------------------------------------------------------------------------
 
 
-class DetectAttentionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="detection model (default: the first ready one)")
+class DetectAttentionOptions(ModelOptions):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(100, ge=1, le=1000)
     layer: int | None = Field(None, ge=0, description="decoder layer (default: the last)")
@@ -209,15 +192,10 @@ async def detect_attention(
 ) -> DetectAttentionResponse | Response:
     """For every detection, where its object query looked (decoder cross-attention, as in the DETR
     paper's figures); with `point`, the encoder self-attention of the feature cell at that point."""
-    images, body_options = await read_images(request, settings.max_images_per_request)
-    options = merge_options(DetectAttentionOptions, query, body_options)
-    want_png = wants_png(request, options.render, len(images))
-    model = _attention_model(registry, options.model, detect.NAME)
-    manifest = model.manifest
-    assert manifest is not None
+    run = await run_on_images(request, query, registry, settings, detect.NAME, graph="attention")
+    logits, boxes, encoder, decoder = run.outputs
+    options, model, manifest, decoded, want_png = run.options, run.model, run.manifest, run.decoded, run.png
     spec = manifest.preprocessing
-    decoded, batch = await preprocess_request(images, spec, settings.max_image_pixels)
-    logits, boxes, encoder, decoder = await model.run({manifest.main.inputs[0].name: batch}, graph="attention")
     results, panels = [], []
     for i, image in enumerate(decoded):
         side, rows, cols, cell_w, cell_h = _cells(spec, decoder.shape[-1], image.size)
@@ -291,7 +269,7 @@ async def generate_attention(
 ) -> GenerateAttentionResponse | Response:
     """For one pixel of an image, the Image Transformer's attention over the context it could see
     when predicting that pixel."""
-    model = _attention_model(registry, body.model, generate.NAME)
+    model = registry.resolve(body.model, generate.NAME, graph="attention")
     manifest = model.manifest
     assert manifest is not None
     cfg = GenerationConfig.model_validate(manifest.config)

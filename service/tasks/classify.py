@@ -9,19 +9,16 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import RegistryDep, SettingsDep
-from service.imaging import preprocess_request
-from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images
+from service.inputs import IMAGE_REQUEST_BODY
 from service.manifest import Manifest
 from service.tasks.base import Task
+from service.tasks.images import ModelOptions, run_on_images
 from service.timing import json_response, timed
 
 NAME = "classification"
 
 
-class ClassifyOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="model name (default: the first ready classification model)")
+class ClassifyOptions(ModelOptions):
     top_k: int = Field(5, ge=1, le=1000, description="labels per image, best first (capped at the label count)")
 
 
@@ -78,16 +75,11 @@ async def classify(
     request: Request, query: Annotated[ClassifyOptions, Query()], registry: RegistryDep, settings: SettingsDep
 ) -> Response:
     """Classify one or more images. Options go in the query string, or as form fields / JSON keys."""
-    images, body_options = await read_images(request, settings.max_images_per_request)
-    options = merge_options(ClassifyOptions, query, body_options)
-    model = registry.resolve(options.model, NAME)
-    assert model.manifest is not None
-    manifest = model.manifest
-    _, batch = await preprocess_request(images, manifest.preprocessing, settings.max_image_pixels)
-    (logits,) = await model.run({manifest.main.inputs[0].name: batch})
+    run = await run_on_images(request, query, registry, settings, NAME)
+    (logits,) = run.outputs
     with timed("postprocess"):
-        results = top_k(logits, manifest.labels, options.top_k)
-    return json_response(ClassifyResponse(model=model.name, results=results))
+        results = top_k(logits, run.manifest.labels, run.options.top_k)
+    return json_response(ClassifyResponse(model=run.model.name, results=results))
 
 
 TASK = Task(name=NAME, router=router, check_manifest=check_manifest)

@@ -14,24 +14,22 @@ from typing import Annotated, NamedTuple
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import RegistryDep, SettingsDep
-from service.imaging import encode_png, letterbox_size, preprocess_request
-from service.inputs import IMAGE_REQUEST_BODY, merge_options, read_images, wants_png
+from service.imaging import encode_png, letterbox_size
+from service.inputs import IMAGE_REQUEST_BODY
 from service.manifest import Manifest, Preprocessing
 from service.tasks.base import Task
 from service.tasks.classify import softmax
+from service.tasks.images import ModelOptions, run_on_images
 from service.timing import json_response, timed
 
 NAME = "detection"
 
 
-class DetectOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="model name (default: the first ready detection model)")
+class DetectOptions(ModelOptions):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="lowest score returned")
     max_detections: int = Field(100, ge=1, le=1000, description="most boxes per image, best first")
     render: bool = Field(False, description="answer with the image and its boxes drawn (PNG); as Accept: image/png")
@@ -147,14 +145,9 @@ async def detect(
 ) -> Response:
     """Detect objects in one or more images. With `render` or `Accept: image/png`, one image comes
     back with its boxes drawn."""
-    images, body_options = await read_images(request, settings.max_images_per_request)
-    options = merge_options(DetectOptions, query, body_options)
-    want_png = wants_png(request, options.render, len(images))
-    model = registry.resolve(options.model, NAME)
-    assert model.manifest is not None
-    manifest = model.manifest
-    decoded, batch = await preprocess_request(images, manifest.preprocessing, settings.max_image_pixels)
-    logits, boxes = await model.run({manifest.main.inputs[0].name: batch})
+    run = await run_on_images(request, query, registry, settings, NAME)
+    logits, boxes = run.outputs
+    options, manifest, decoded = run.options, run.manifest, run.decoded
     with timed("postprocess"):
         results = [
             as_response(
@@ -165,9 +158,9 @@ async def detect(
             )
             for i, image in enumerate(decoded)
         ]
-    if want_png:
+    if run.png:
         return Response(await run_in_threadpool(render, decoded[0], results[0]), media_type="image/png")
-    return json_response(DetectResponse(model=model.name, results=results))
+    return json_response(DetectResponse(model=run.model.name, results=results))
 
 
 TASK = Task(name=NAME, router=router, check_manifest=check_manifest)
