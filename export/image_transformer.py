@@ -286,9 +286,9 @@ def recognition_rate(
     from service.imaging import preprocess
     from service.repository import load_model
     from service.settings import Settings
-    from service.tasks import TASKS
+    from service.tasks import TASKS, manifest_checks
 
-    vit = load_model(classifier, Settings(device="cpu", warmup=False), TASKS)
+    vit = load_model(classifier, Settings(device="cpu", warmup=False), manifest_checks(TASKS))
     if vit.state != "ready" or vit.manifest is None:
         return None
     labels = np.repeat(np.arange(cfg.num_classes, dtype=np.int64), per_label)

@@ -20,7 +20,7 @@ import torch
 from service.manifest import GraphSpec, Manifest, Parity, Preprocessing, write_manifest
 from service.repository import load_model
 from service.settings import Settings
-from service.tasks import TASKS
+from service.tasks import TASKS, manifest_checks
 
 OPSET = 18
 TRACED_BATCH = 2  # the batch size traced at export; parity runs at another one
@@ -188,7 +188,7 @@ def publish(manifest: Manifest, staged: Path, repository: Path) -> Path:
     """Write the manifest, prove the service itself loads and runs the artifact, then move it
     into the repository (replacing that version)."""
     write_manifest(manifest, staged)
-    served = load_model(staged.parent, Settings(device="cpu", warmup=True), TASKS)
+    served = load_model(staged.parent, Settings(device="cpu", warmup=True), manifest_checks(TASKS))
     if served.state != "ready":
         raise ExportError(f"the service cannot load the exported model: {served.reason}")
     target = repository / manifest.name / str(manifest.version)

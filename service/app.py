@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -14,11 +15,12 @@ from service.auth import ApiKeyMiddleware
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware, TimeoutMiddleware
 from service.metrics import Metrics
+from service.observe import ObservingMiddleware
 from service.repository import ModelRegistry
-from service.routes import attention, health, models, page, v2
+from service.routes import health, models, page, v2
 from service.settings import Settings, get_settings
-from service.tasks import TASKS
-from service.timing import ObservingMiddleware
+from service.tasks import TASKS, manifest_checks
+from service.tasks.base import Task
 
 log = logging.getLogger("service")
 
@@ -31,14 +33,16 @@ Images go in as multipart `file` fields (repeatable), as a raw `image/*` body, o
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None = None) -> FastAPI:
+    """The app serving `tasks` (default: every task in service.tasks.TASKS)."""
     settings = settings or get_settings()
+    tasks = TASKS if tasks is None else tasks
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # loading blocks startup: the server accepts no request before every model is loaded and warm
-        app.state.registry = await run_in_threadpool(ModelRegistry.load, settings, TASKS)
-        metrics.watch(app.state.registry)
+        app.state.registry = await run_in_threadpool(ModelRegistry.load, settings, manifest_checks(tasks))
+        watch(app.state.registry, metrics)
         if not app.state.registry.ready:
             log.warning("not every model is ready: see GET /health/ready")
         yield
@@ -46,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.tasks = tasks
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
@@ -58,9 +63,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ObservingMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(models.router)
-    for task in TASKS.values():
+    for task in tasks.values():
         app.include_router(task.router)
-    app.include_router(attention.router)
     app.include_router(v2.router)
     app.include_router(page.router)
     return app
+
+
+def watch(registry: ModelRegistry, metrics: Metrics) -> None:
+    """Wires the metrics to what was loaded: each model's load time and readiness, each batcher's
+    queue depth and batch sizes."""
+    for model in registry.models.values():
+        metrics.model_loaded(model.name, model.state == "ready", model.load_seconds)
+        for graph, batcher in model.batchers.items():
+            batcher.on_run = metrics.track_batcher(model.name, graph, partial(getattr, batcher, "queued_images"))

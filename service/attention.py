@@ -8,6 +8,8 @@ import numpy as np
 from cmap import Colormap
 from PIL import Image
 
+from service.errors import ServiceError
+
 HeadFusion = Literal["mean", "max", "min"]
 _VIRIDIS = (Colormap("viridis").lut(256)[:, :3] * 255).round().astype(np.uint8)  # perceptually uniform
 
@@ -53,3 +55,22 @@ def heatmap(values: np.ndarray, size: tuple[int, int]) -> Image.Image:
 def overlay(image: Image.Image, values: np.ndarray, alpha: float = 0.55) -> Image.Image:
     """The map as a heatmap blended over `image`, at the image's size."""
     return Image.blend(image.convert("RGB"), heatmap(values, image.size), alpha)
+
+
+def pick(attention: np.ndarray, index: int | None, what: str) -> np.ndarray:
+    """attention[index] along axis 0 (default: the last), with a clear 422 when out of range."""
+    count = attention.shape[0]
+    if index is not None and index >= count:
+        raise ServiceError(422, "invalid_request", f"{what} must be below {count}")
+    picked: np.ndarray = attention[count - 1 if index is None else index]
+    return picked
+
+
+def heads(attention: np.ndarray, head: int | None, fusion: HeadFusion = "mean") -> np.ndarray:
+    """`[heads, ...]` -> one head, or all heads fused."""
+    return fuse_heads(attention[None], fusion)[0] if head is None else pick(attention, head, "head")
+
+
+def enlarged(image: Image.Image, scale: int) -> Image.Image:
+    """Each pixel as a scale x scale block (maps over tiny inputs stay legible)."""
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image

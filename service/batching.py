@@ -1,7 +1,8 @@
 """Dynamic batching: requests for one graph queue together and run as one batch, up to
 `max_batch_size` images, waiting at most `max_queue_delay_ms` for company. A full queue answers 503
 with Retry-After at once instead of piling up. One batch runs at a time per graph, in a worker
-thread, so the event loop never blocks and the cores are not oversubscribed by parallel runs."""
+thread of the model's own, so the event loop never blocks, runs never wait behind image decoding,
+and the cores are not oversubscribed by parallel runs."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
-from starlette.concurrency import run_in_threadpool
 
-from service import timing
+from service import context
 from service.errors import ServiceError
 from service.manifest import BatchPolicy
 from service.runtime import on_cuda, run
@@ -36,14 +37,17 @@ class _Request:
     feeds: dict[str, np.ndarray]
     size: int
     future: asyncio.Future[list[np.ndarray]]
-    timings: timing.Timings | None
+    timings: context.Timings | None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
-    def __init__(self, name: str, session: ort.InferenceSession, policy: BatchPolicy) -> None:
+    def __init__(
+        self, name: str, session: ort.InferenceSession, policy: BatchPolicy, executor: Executor | None = None
+    ) -> None:
         self.name = name
         self.session = session
+        self.executor = executor  # where runs happen (None: asyncio's default executor)
         self.io_binding = on_cuda(session)
         self.policy = policy
         self.queue: asyncio.Queue[_Request] = asyncio.Queue()
@@ -60,7 +64,7 @@ class Batcher:
             raise Overloaded(self.name, self.policy.max_queue_size)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher {self.name}")
-        request = _Request(feeds, size, asyncio.get_running_loop().create_future(), timing.current())
+        request = _Request(feeds, size, asyncio.get_running_loop().create_future(), context.current())
         self.queued_images += size
         self.queue.put_nowait(request)
         return await request.future
@@ -97,7 +101,7 @@ class Batcher:
     async def _run(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
         for request in batch:
-            timing.record("queue", started - request.queued_at, request.timings)
+            context.record("queue", started - request.queued_at, request.timings)
         try:
             feeds = (
                 batch[0].feeds
@@ -106,7 +110,8 @@ class Batcher:
                     name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds
                 }
             )
-            outputs = await run_in_threadpool(run, self.session, feeds, self.io_binding)
+            loop = asyncio.get_running_loop()
+            outputs = await loop.run_in_executor(self.executor, run, self.session, feeds, self.io_binding)
         except Exception as exc:  # one failed run fails its requests, not the batcher
             log.exception("model %s: a batch of %d requests failed", self.name, len(batch))
             for request in batch:
@@ -121,7 +126,7 @@ class Batcher:
         offsets = np.cumsum([r.size for r in batch])[:-1]
         parts = [np.split(output, offsets) for output in outputs]
         for i, request in enumerate(batch):
-            timing.record("inference", elapsed, request.timings)
+            context.record("inference", elapsed, request.timings)
             if not request.future.done():  # a client that went away leaves a cancelled future
                 request.future.set_result([part[i] for part in parts])
 

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the app's settings and model registry, typed for handlers."""
+"""FastAPI dependencies: the app's settings and model registry, typed for handlers. Async, so that
+FastAPI calls them on the event loop instead of hopping to a worker thread for each."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ from service.repository import ModelRegistry
 from service.settings import Settings
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def _registry(request: Request) -> ModelRegistry:
+async def _registry(request: Request) -> ModelRegistry:
     registry: ModelRegistry = request.app.state.registry
     return registry
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-from starlette.concurrency import run_in_threadpool
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from service.context import timed
 from service.errors import ServiceError
 from service.manifest import Preprocessing
-from service.timing import timed
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -24,8 +25,23 @@ RESAMPLE = {
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Encoded bytes -> an upright 8-bit "L" or "RGB" image.
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An upright 8-bit "L" or "RGB" image, and the size of the client's image (upright), which
+    boxes and points refer to. The image itself may be smaller: see `decode`."""
+
+    image: Image.Image
+    size: tuple[int, int]  # (width, height)
+
+
+# A JPEG headed for a small model input is decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT (Pillow's
+# `draft`), keeping at least this many pixels per model pixel along each axis: Pillow's own default
+# for thumbnails, whose result it documents as indistinguishable from a full decode and resize.
+REDUCING_GAP = 2.0
+
+
+def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> Decoded:
+    """Encoded bytes -> an upright 8-bit image; with `spec`, decoded no larger than that input needs.
 
     Size is checked from the header before any pixel is decoded (no decompression bomb).
     Raises ServiceError: 415 not an image, 413 too many pixels, 422 truncated or corrupt.
@@ -46,11 +62,29 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            size = _reduce_on_decode(image, spec) if spec is not None and image.format == "JPEG" else None
             image.load()
             image = ImageOps.exif_transpose(image)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise ServiceError(422, "corrupt_image", f"the image could not be decoded: {exc}") from exc
-    return _to_8bit(image)
+    return Decoded(_to_8bit(image), size or image.size)
+
+
+def _reduce_on_decode(image: Image.Image, spec: Preprocessing) -> tuple[int, int]:
+    """Asks libjpeg for the smallest DCT scale that still leaves REDUCING_GAP pixels per model pixel;
+    returns the upright size of the full image."""
+    width, height = image.size
+    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # rotated by 90 degrees
+    upright = (height, width) if turned else (width, height)
+    target = letterbox_size(*upright, spec) if spec.resize == "letterbox" else spec.size[::-1]
+    width, height = (math.ceil(side * REDUCING_GAP) for side in target)
+    image.draft(spec.color_mode, (height, width) if turned else (width, height))
+    return upright
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """`decode` at full size: the image alone."""
+    return decode(data, max_pixels).image
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -113,30 +147,20 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     return normalize(to_unit_array(image, spec), spec)
 
 
-def preprocess_batch(images: list[bytes], spec: Preprocessing, max_pixels: int) -> tuple[list[Image.Image], np.ndarray]:
-    """Encoded images -> the decoded images and one input batch `[N, channels, height, width]`.
-    An error names the bad image when there are several."""
+def decode_all(images: list[bytes], max_pixels: int, spec: Preprocessing | None) -> list[Decoded]:
+    """Every image of a request, decoded (see `decode`); an error names the bad image when there are several."""
     decoded = []
     with timed("decode"):
         for index, data in enumerate(images):
             try:
-                decoded.append(decode_image(data, max_pixels))
+                decoded.append(decode(data, max_pixels, spec))
             except ServiceError as exc:
                 if len(images) > 1:
                     exc.message = f"image {index}: {exc.message}"
                 raise
-    with timed("preprocess"):
-        return decoded, np.stack([preprocess(image, spec) for image in decoded])
+    return decoded
 
 
-INLINE_BYTES = 64 * 1024  # smaller bodies decode faster than a hop to a worker thread costs
-
-
-async def preprocess_request(
-    images: list[bytes], spec: Preprocessing, max_pixels: int
-) -> tuple[list[Image.Image], np.ndarray]:
-    """preprocess_batch, on the event loop for small images (thumbnails, digits) and in a worker
-    thread for larger ones, so big decodes never block the loop and small ones skip the hop."""
-    if sum(len(data) for data in images) <= INLINE_BYTES:
-        return preprocess_batch(images, spec, max_pixels)
-    return await run_in_threadpool(preprocess_batch, images, spec, max_pixels)
+def preprocess_batch(images: list[Decoded], spec: Preprocessing) -> np.ndarray:
+    """Decoded images -> one input batch `[N, channels, height, width]`, normalised as one array."""
+    return normalize(np.stack([to_unit_array(d.image, spec) for d in images]), spec)

@@ -1,14 +1,12 @@
-"""Prometheus metrics (prometheus-client), one registry per app, served at /metrics."""
+"""Prometheus metrics (prometheus-client), one registry per app, served at /metrics. The app's
+lifespan wires them to the models and batchers it loaded; nothing here knows those types."""
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from functools import lru_cache
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-if TYPE_CHECKING:
-    from service.repository import ModelRegistry
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -35,12 +33,24 @@ class Metrics:
         self.rejected = Counter(
             "vitserve_rejected", "Requests refused, by reason (the error code)", ["reason"], registry=r
         )
+        # labelled children are looked up once per label set, not once per request
+        self._request_counter = lru_cache(maxsize=1024)(self.requests.labels)
+        self._stage_histogram = lru_cache(maxsize=1024)(self.stage_seconds.labels)
 
-    def watch(self, registry: ModelRegistry) -> None:
-        """Model load time and readiness; each batcher's queue depth and batch sizes."""
-        for model in registry.models.values():
-            self.load_seconds.labels(model.name).set(model.load_seconds)
-            self.model_ready.labels(model.name).set(1 if model.state == "ready" else 0)
-            for graph, batcher in model.batchers.items():
-                self.queue_images.labels(model.name, graph).set_function(partial(getattr, batcher, "queued_images"))
-                batcher.on_run = self.batch_size.labels(model.name, graph).observe
+    def model_loaded(self, model: str, ready: bool, seconds: float) -> None:
+        self.load_seconds.labels(model).set(seconds)
+        self.model_ready.labels(model).set(1 if ready else 0)
+
+    def track_batcher(self, model: str, graph: str, queued_images: Callable[[], float]) -> Callable[[int], None]:
+        """Reads the queue depth when scraped; returns what to call with each batch's size."""
+        self.queue_images.labels(model, graph).set_function(queued_images)
+        return self.batch_size.labels(model, graph).observe
+
+    def request_done(
+        self, route: str, status: int, model: str, provider: str, timings: dict[str, float], total: float
+    ) -> None:
+        self._request_counter(route, model, str(status)).inc()
+        if model:
+            for stage, seconds in timings.items():
+                self._stage_histogram(stage, model, provider).observe(seconds)
+            self._stage_histogram("total", model, provider).observe(total)

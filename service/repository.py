@@ -6,26 +6,27 @@ its reason and state "failed"; the other models serve.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
-from starlette.concurrency import run_in_threadpool
 
-from service import timing
+from service import context
 from service.batching import Batcher
 from service.errors import ServiceError
 from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
 from service.runtime import create_session, on_cuda, run
 from service.settings import Settings
 
-if TYPE_CHECKING:  # service.tasks imports this module's users
-    from service.tasks.base import Task
+# task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
+ManifestChecks = Mapping[str, Callable[[Manifest], None]]
 
 log = logging.getLogger("service")
 
@@ -50,6 +51,8 @@ class ServedModel:
     manifest: Manifest | None = None
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     batchers: dict[str, Batcher] = field(default_factory=dict)
+    # inference threads of this model's own, one per graph: runs never queue behind image decoding
+    executor: ThreadPoolExecutor | None = None
     load_seconds: float = 0.0
 
     @property
@@ -58,13 +61,14 @@ class ServedModel:
         return main.get_providers() if main else []
 
     async def run(self, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
-        """Run a graph in a worker thread, so the event loop keeps serving meanwhile: through its
-        batcher where it has one, else alone."""
+        """Run a graph on the model's inference threads, so the event loop keeps serving meanwhile:
+        through its batcher where it has one, else alone."""
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds)
         session = self.sessions[graph]
-        with timing.timed("inference"):
-            return await run_in_threadpool(run, session, feeds, on_cuda(session))
+        with context.timed("inference"):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, run, session, feeds, on_cuda(session))
 
 
 def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
@@ -117,7 +121,7 @@ def latest_version(model_dir: Path) -> Path:
     return max(versions, key=lambda p: int(p.name))
 
 
-def load_model(model_dir: Path, settings: Settings, tasks: Mapping[str, Task]) -> ServedModel:
+def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
     model = ServedModel(name=model_dir.name, path=model_dir)
     started = time.perf_counter()
     try:
@@ -128,11 +132,12 @@ def load_model(model_dir: Path, settings: Settings, tasks: Mapping[str, Task]) -
             raise ValueError(
                 f"manifest names {manifest.name}/{manifest.version}, the folder is {model_dir.name}/{version_dir.name}"
             )
-        if manifest.task not in tasks:
-            raise ValueError(f"task {manifest.task!r} is not one this service serves ({sorted(tasks)})")
-        tasks[manifest.task].check_manifest(manifest)
+        if manifest.task not in checks:
+            raise ValueError(f"task {manifest.task!r} is not one this service serves ({sorted(checks)})")
+        checks[manifest.task](manifest)
         model.manifest = manifest
         policy = batch_policy(manifest, settings)
+        model.executor = ThreadPoolExecutor(len(manifest.graphs), thread_name_prefix=f"infer-{model.name}")
         for graph, spec in manifest.graphs.items():
             session = create_session(version_dir / spec.file, settings)
             check_graph(session, spec)
@@ -141,11 +146,14 @@ def load_model(model_dir: Path, settings: Settings, tasks: Mapping[str, Task]) -
                 warm_up(session, spec, warm_sizes(policy) if batched and graph != "attention" else [1])
             model.sessions[graph] = session
             if batched:
-                model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy)
+                model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy, model.executor)
     except Exception as exc:  # any failure takes down this model only
         model.reason = _reason(exc)
         model.sessions.clear()
         model.batchers.clear()
+        if model.executor is not None:
+            model.executor.shutdown(wait=False)
+            model.executor = None
         log.error("model %s failed to load: %s", model.name, model.reason)
     else:
         model.state = "ready"
@@ -163,7 +171,7 @@ def _reason(exc: Exception) -> str:
 
 def served(model: ServedModel) -> ServedModel:
     """Marks the current request as served by `model` (for its metrics), and returns it."""
-    timing.served_by(model.name, model.providers[0] if model.providers else "")
+    context.served_by(model.name, model.providers[0] if model.providers else "")
     return model
 
 
@@ -172,18 +180,20 @@ class ModelRegistry:
         self.models = {m.name: m for m in sorted(models, key=lambda m: m.name)}
 
     @classmethod
-    def load(cls, settings: Settings, tasks: Mapping[str, Task]) -> ModelRegistry:
+    def load(cls, settings: Settings, checks: ManifestChecks) -> ModelRegistry:
         root = settings.model_repository
         if not root.is_dir():
             log.error("model repository %s does not exist", root)
             return cls([])
         dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return cls([load_model(d, settings, tasks) for d in dirs])
+        return cls([load_model(d, settings, checks) for d in dirs])
 
     async def close(self) -> None:
         for model in self.models.values():
             for batcher in model.batchers.values():
                 await batcher.close()
+            if model.executor is not None:
+                model.executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:

@@ -11,20 +11,22 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from service import __version__
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import preprocess_request
 from service.repository import ModelRegistry, ServedModel, served
-from service.tasks import classify, detect
+from service.routes.v1 import parse_options
+from service.settings import Settings
+from service.tasks.base import Task, TensorView
 
 DATATYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -40,10 +42,6 @@ FROM_MANIFEST = {
     "bool": "BOOL",
 }
 IMAGE_SUFFIX = "_image"
-EMPTY_ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown model"},
-    503: {"description": "not ready"},
-}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -65,13 +63,20 @@ class V2Route(APIRoute):
         return protocol_errors
 
 
+async def _tasks(request: Request) -> dict[str, Task]:
+    tasks: dict[str, Task] = request.app.state.tasks
+    return tasks
+
+
+TasksDep = Annotated[dict[str, Task], Depends(_tasks)]
+
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)
 
 
 class View:
     """One model as the protocol sees it: a raw graph, or the image view of a vision model."""
 
-    def __init__(self, model: ServedModel, image: bool) -> None:
+    def __init__(self, model: ServedModel, image: TensorView[Any] | None = None) -> None:
         self.model, self.image = model, image
         assert model.manifest is not None
         self.manifest = model.manifest
@@ -92,71 +97,104 @@ class View:
         return [_tensor_meta(t.name, t.dtype, t.shape) for t in self.manifest.main.inputs]
 
     def _outputs(self) -> list[dict[str, Any]]:
-        if not self.image:
-            return [_tensor_meta(t.name, t.dtype, t.shape) for t in self.manifest.main.outputs]
-        if self.manifest.task == classify.NAME:
-            return [{"name": "label", "datatype": "BYTES", "shape": [-1, -1]},
-                    {"name": "score", "datatype": "FP32", "shape": [-1, -1]}]  # fmt: skip
-        return [{"name": "detections", "datatype": "BYTES", "shape": [-1]}]
+        if self.image:
+            return self.image.outputs
+        return [_tensor_meta(t.name, t.dtype, t.shape) for t in self.manifest.main.outputs]
 
 
 def _tensor_meta(name: str, dtype: str, shape: list[int | str]) -> dict[str, Any]:
     return {"name": name, "datatype": FROM_MANIFEST[dtype], "shape": [d if isinstance(d, int) else -1 for d in shape]}
 
 
-def find_view(registry: ModelRegistry, name: str, version: str | None = None) -> View:
+def _image_view(tasks: dict[str, Task], model: ServedModel) -> TensorView[Any] | None:
+    task = tasks.get(model.manifest.task) if model.manifest else None
+    return task.view if task else None
+
+
+def find_view(registry: ModelRegistry, tasks: dict[str, Task], name: str, version: str | None = None) -> View:
     image = name.endswith(IMAGE_SUFFIX) and name[: -len(IMAGE_SUFFIX)] in registry.models
     model = registry.models.get(name[: -len(IMAGE_SUFFIX)] if image else name)
-    if model is None or (image and model.manifest and model.manifest.task not in IMAGE_TASKS):
+    if model is None or (image and model.manifest and _image_view(tasks, model) is None):
         raise ServiceError(404, "unknown_model", f"unknown model {name!r}")
     if model.state != "ready" or model.manifest is None:
         raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
     if version is not None and version != str(model.manifest.version):
         raise ServiceError(404, "unknown_version", f"model {name!r} has no version {version!r}")
-    return View(served(model), image)
+    return View(served(model), _image_view(tasks, model) if image else None)
 
 
-def views(registry: ModelRegistry) -> list[View]:
+def views(registry: ModelRegistry, tasks: dict[str, Task]) -> list[View]:
     ready = [m for m in registry.models.values() if m.state == "ready" and m.manifest]
-    raw = [View(m, image=False) for m in ready]
-    return raw + [View(m, image=True) for m in ready if m.manifest and m.manifest.task in IMAGE_TASKS]
+    images = [View(m, view) for m in ready if (view := _image_view(tasks, m))]
+    return [View(m) for m in ready] + images
 
 
 # server and model endpoints -------------------------------------------------------------------------
 
 
 @router.get("")
-async def server_metadata(registry: RegistryDep) -> dict[str, Any]:
+async def server_metadata(registry: RegistryDep, tasks: TasksDep) -> dict[str, Any]:
     """Server name, version, extensions, and the models it serves (both views)."""
     return {
         "name": "vitserve",
         "version": __version__,
         "extensions": ["binary_tensor_data"],
-        "models": [v.name for v in views(registry)],
+        "models": [v.name for v in views(registry, tasks)],
     }
 
 
-@router.get("/health/live", response_class=Response)
-async def live() -> Response:
-    return Response(status_code=200)
+# Health answers KServe's bodies (its client reads them) with the statuses Triton's client reads.
+class ServerLive(BaseModel):
+    live: bool
 
 
-@router.get("/health/ready", response_class=Response, responses={503: {"description": "not ready"}})
-async def ready(request: Request, registry: RegistryDep) -> Response:
-    return Response(status_code=200 if registry.ready and not request.app.state.draining else 503)
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ProtocolError(BaseModel):
+    error: str
+
+
+MODEL_READY_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ProtocolError, "description": "unknown model or version"},
+    503: {"model": ProtocolError, "description": "the model is not ready"},
+}
+
+
+@router.get("/health/live")
+async def live() -> ServerLive:
+    """`{"live": true}` while the process answers."""
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", responses={503: {"model": ServerReady, "description": "not ready, or draining"}})
+async def ready(request: Request, registry: RegistryDep, response: Response) -> ServerReady:
+    """`{"ready": true}` once every model is loaded and warmed up; else 503 and `{"ready": false}`."""
+    is_ready = bool(registry.ready and not request.app.state.draining)
+    if not is_ready:
+        response.status_code = 503
+    return ServerReady(ready=is_ready)
 
 
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
-async def model_metadata(registry: RegistryDep, name: str, version: str | None = None) -> dict[str, Any]:
-    return find_view(registry, name, version).metadata()
+async def model_metadata(
+    registry: RegistryDep, tasks: TasksDep, name: str, version: str | None = None
+) -> dict[str, Any]:
+    return find_view(registry, tasks, name, version).metadata()
 
 
-@router.get("/models/{name}/ready", response_class=Response, responses=EMPTY_ERRORS)
-@router.get("/models/{name}/versions/{version}/ready", response_class=Response, responses=EMPTY_ERRORS)
-async def model_ready(registry: RegistryDep, name: str, version: str | None = None) -> Response:
-    find_view(registry, name, version)
-    return Response(status_code=200)
+@router.get("/models/{name}/ready", responses=MODEL_READY_ERRORS)
+@router.get("/models/{name}/versions/{version}/ready", responses=MODEL_READY_ERRORS)
+async def model_ready(registry: RegistryDep, tasks: TasksDep, name: str, version: str | None = None) -> ModelReady:
+    """`{"name": ..., "ready": true}`; 404 for an unknown model or version, 503 for one not loaded."""
+    return ModelReady(name=find_view(registry, tasks, name, version).name, ready=True)
 
 
 # inference ----------------------------------------------------------------------------------------
@@ -165,16 +203,19 @@ async def model_ready(registry: RegistryDep, name: str, version: str | None = No
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
 async def infer(
-    request: Request, registry: RegistryDep, settings: SettingsDep, name: str, version: str | None = None
+    request: Request,
+    registry: RegistryDep,
+    tasks: TasksDep,
+    settings: SettingsDep,
+    name: str,
+    version: str | None = None,
 ) -> Response:
     """Inference with JSON tensors, or Triton's binary tensor data extension (the JSON header's
     length in `Inference-Header-Content-Length`, raw tensors after it)."""
-    view = find_view(registry, name, version)
+    view = find_view(registry, tasks, name, version)
     header, inputs = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
     if view.image:
-        images = _images(inputs, settings.max_images_per_request)
-        parameters = header.get("parameters") or {}
-        outputs = await IMAGE_TASKS[view.manifest.task](view, images, parameters, settings.max_image_pixels)
+        outputs = await infer_images(registry, view, view.image, inputs, header, settings)
     else:
         feeds = {
             spec.name: checked(_input(inputs, spec.name), spec.shape).astype(spec.dtype)
@@ -299,32 +340,25 @@ def _images(inputs: dict[str, np.ndarray], max_images: int) -> list[bytes]:
     return [bytes(item) for item in images.ravel()]
 
 
-async def classify_view(
-    view: View, images: list[bytes], parameters: dict[str, Any], max_pixels: int
+# Request parameters that belong to the protocol (Triton's and KServe's clients send them), not to a task.
+PROTOCOL_PARAMETERS = {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
+
+
+async def infer_images(
+    registry: ModelRegistry,
+    view: View,
+    image: TensorView[Any],
+    inputs: dict[str, np.ndarray],
+    header: dict[str, Any],
+    settings: Settings,
 ) -> dict[str, np.ndarray]:
-    """BYTES images -> `label` `[n, k]` and `score` `[n, k]`, as /v1/classify (k: parameter top_k, default 5)."""
-    _, batch = await preprocess_request(images, view.manifest.preprocessing, max_pixels)
-    (logits,) = await view.model.run({view.manifest.main.inputs[0].name: batch})
-    ranked = classify.top_k(logits, view.manifest.labels, int(parameters.get("top_k", 5)))
-    labels = np.array([[p.label.encode() for p in row] for row in ranked], dtype=object)
-    scores = np.array([[p.score for p in row] for row in ranked], dtype=np.float32)
-    return {"label": labels, "score": scores}
-
-
-async def detect_view(
-    view: View, images: list[bytes], parameters: dict[str, Any], max_pixels: int
-) -> dict[str, np.ndarray]:
-    """BYTES images -> `detections` `[n]`: per image the JSON list /v1/detect returns."""
-    decoded, batch = await preprocess_request(images, view.manifest.preprocessing, max_pixels)
-    logits, boxes = await view.model.run({view.manifest.main.inputs[0].name: batch})
-    threshold, limit = float(parameters.get("threshold", 0.5)), int(parameters.get("max_detections", 100))
-    spec, labels = view.manifest.preprocessing, view.manifest.labels
-    found = [
-        detect.as_response(detect.detections(logits[i], boxes[i], image.size, spec, threshold, limit), labels)
-        for i, image in enumerate(decoded)
-    ]
-    encoded = [json.dumps([d.model_dump() for d in image]).encode() for image in found]
-    return {"detections": np.array(encoded, dtype=object)}
-
-
-IMAGE_TASKS = {classify.NAME: classify_view, detect.NAME: detect_view}
+    """The image view: BYTES images through the task's pipeline, its options from the request's
+    parameters, validated by the same model as /v1's; its answer as the task's tensors."""
+    images = _images(inputs, settings.max_images_per_request)
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ServiceError(400, "invalid_request", '"parameters" must be an object')
+    options = {k: v for k, v in parameters.items() if k not in PROTOCOL_PARAMETERS}
+    parsed = parse_options(image.pipeline.options, {}, {**options, "model": view.model.name})
+    _, answer = await image.pipeline(registry, images, parsed, settings.max_image_pixels)
+    return image.tensors(answer)

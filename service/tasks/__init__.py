@@ -1,5 +1,6 @@
 """The tasks the service serves. Adding one = a module here plus one entry in TASKS."""
 
+from service.repository import ManifestChecks
 from service.tasks import classify, detect, generate
 from service.tasks.base import Task
 
@@ -8,3 +9,7 @@ TASKS: dict[str, Task] = {
     detect.NAME: detect.TASK,
     generate.NAME: generate.TASK,
 }
+
+
+def manifest_checks(tasks: dict[str, Task]) -> ManifestChecks:
+    return {name: task.check_manifest for name, task in tasks.items()}

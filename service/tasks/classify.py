@@ -1,19 +1,22 @@
-"""Image classification: `POST /v1/classify` -> top-k labels with softmax scores per image."""
+"""Image classification: `POST /v1/classify` -> top-k labels with softmax scores per image;
+`POST /v1/classify/attention` -> where the ViT looked; the `<model>_image` view on /v2."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
+from typing import Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.deps import RegistryDep, SettingsDep
-from service.inputs import IMAGE_REQUEST_BODY
+from service.attention import HeadFusion, enlarged, fuse_heads, overlay, pick, rollout
 from service.manifest import Manifest
-from service.tasks.base import Task
-from service.tasks.images import ModelOptions, run_on_images
-from service.timing import json_response, timed
+from service.pipeline import Batch, ImagePipeline, ModelOptions
+from service.routes.v1 import image_route
+from service.schemas import Pair
+from service.tasks.base import Task, TensorView
 
 NAME = "classification"
 
@@ -49,7 +52,16 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[list[Prediction
     probs = softmax(logits.astype(np.float64))
     k = min(k, probs.shape[-1])
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [[Prediction(label=labels[i], score=float(p[i])) for i in row] for p, row in zip(probs, order, strict=True)]
+    return [
+        [Prediction.model_construct(label=labels[i], score=float(p[i])) for i in row]
+        for p, row in zip(probs, order, strict=True)
+    ]
+
+
+def classify(batch: Batch[ClassifyOptions]) -> ClassifyResponse:
+    (logits,) = batch.outputs
+    results = top_k(logits, batch.manifest.labels, batch.options.top_k)
+    return ClassifyResponse.model_construct(model=batch.model.name, results=results)
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -62,24 +74,86 @@ def check_manifest(manifest: Manifest) -> None:
         )
 
 
+CLASSIFY = ImagePipeline(NAME, ClassifyOptions, classify)
+
+
+def as_tensors(answer: ClassifyResponse) -> dict[str, np.ndarray]:
+    """/v2: `label` and `score`, `[images, k]`."""
+    labels = np.array([[p.label.encode() for p in row] for row in answer.results], dtype=object)
+    scores = np.array([[p.score for p in row] for row in answer.results], dtype=np.float32)
+    return {"label": labels, "score": scores}
+
+
+VIEW = TensorView(
+    CLASSIFY,
+    outputs=[{"name": "label", "datatype": "BYTES", "shape": [-1, -1]},
+             {"name": "score", "datatype": "FP32", "shape": [-1, -1]}],
+    tensors=as_tensors,
+)  # fmt: skip
+
+
+# attention ------------------------------------------------------------------------------------------
+
+
+class ClassifyAttentionOptions(ModelOptions):
+    method: Literal["rollout", "raw"] = Field("rollout", description="attention rollout, or one layer's raw attention")
+    layer: int | None = Field(None, ge=0, description="raw: the layer (default: the last)")
+    head: int | None = Field(None, ge=0, description="one head; default: heads fused by `fusion`")
+    fusion: HeadFusion = Field("mean", description="how heads are fused: mean, max or min")
+    discard_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="rollout: drop this lowest fraction of weights")
+    render: bool = Field(False, description="answer with the heatmap over the image as PNG")
+    scale: int = Field(1, ge=1, le=64, description="PNG enlargement (the PNG is the input's size times this)")
+
+
+class ClassAttention(BaseModel):
+    label: str = Field(description="the top-1 label")
+    score: float
+    map: list[list[float]] = Field(description="[grid rows][grid cols]: the CLS token's attention to each patch")
+
+
+class ClassifyAttentionResponse(BaseModel):
+    model: str
+    method: str
+    grid: Pair = Field(description="patches per column and per row; each covers an equal part of the image")
+    results: list[ClassAttention]
+
+
+def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions) -> np.ndarray:
+    """`[layers, heads, tokens, tokens]` (token 0 = CLS) -> the CLS row over the patch grid `[g, g]`."""
+    if options.head is not None:
+        pick(attention[0], options.head, "head")  # range check
+        attention = attention[:, options.head : options.head + 1]
+    if options.method == "rollout":
+        row = rollout(attention, options.fusion, options.discard_ratio)
+    else:
+        row = fuse_heads(pick(attention, options.layer, "layer"), options.fusion)
+    grid = math.isqrt(attention.shape[-1] - 1)
+    patches: np.ndarray = row[0, 1:].reshape(grid, grid)
+    return patches
+
+
+def attention(batch: Batch[ClassifyAttentionOptions]) -> ClassifyAttentionResponse:
+    logits, maps = batch.outputs
+    grids = [cls_map(a, batch.options) for a in maps]
+    best = [top[0] for top in top_k(logits, batch.manifest.labels, 1)]
+    results = [ClassAttention(label=b.label, score=b.score, map=m.tolist()) for b, m in zip(best, grids, strict=True)]
+    return ClassifyAttentionResponse(model=batch.model.name, method=batch.options.method, grid=grids[0].shape,
+                                     results=results)  # fmt: skip
+
+
+def draw_attention(batch: Batch[ClassifyAttentionOptions], answer: ClassifyAttentionResponse) -> Image.Image:
+    """The first image's map as a heatmap over it."""
+    return overlay(enlarged(batch.images[0].image, batch.options.scale), np.asarray(answer.results[0].map))
+
+
+ATTENTION = ImagePipeline(NAME, ClassifyAttentionOptions, attention, graph="attention", render=draw_attention)
+
 router = APIRouter(tags=["classification"])
+image_route(router, "/v1/classify", CLASSIFY, ClassifyResponse,
+            "Classify one or more images. Options go in the query string, or as form fields / JSON keys.")  # fmt: skip
+image_route(router, "/v1/classify/attention", ATTENTION, ClassifyAttentionResponse,
+            "Where the ViT looked: attention rollout (Abnar & Zuidema 2020) or a layer's raw attention, from "
+            "the CLS token to every patch. `render` (or `Accept: image/png`, one image) answers with the "
+            "heatmap.")  # fmt: skip
 
-
-@router.post(
-    "/v1/classify",
-    response_model=ClassifyResponse,
-    openapi_extra=IMAGE_REQUEST_BODY,
-    responses={413: {"description": "body, image or image count over a limit"}, 415: {"description": "not an image"}},
-)
-async def classify(
-    request: Request, query: Annotated[ClassifyOptions, Query()], registry: RegistryDep, settings: SettingsDep
-) -> Response:
-    """Classify one or more images. Options go in the query string, or as form fields / JSON keys."""
-    run = await run_on_images(request, query, registry, settings, NAME)
-    (logits,) = run.outputs
-    with timed("postprocess"):
-        results = top_k(logits, run.manifest.labels, run.options.top_k)
-    return json_response(ClassifyResponse(model=run.model.name, results=results))
-
-
-TASK = Task(name=NAME, router=router, check_manifest=check_manifest)
+TASK = Task(NAME, check_manifest, router, VIEW)

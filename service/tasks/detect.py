@@ -1,4 +1,5 @@
-"""Object detection: `POST /v1/detect` -> labelled boxes in the original image's pixels.
+"""Object detection: `POST /v1/detect` -> labelled boxes in the original image's pixels;
+`POST /v1/detect/attention` -> where each detection's query looked; the `<model>_image` view on /v2.
 
 Image-size policy: the graph takes a fixed square input; each image is letterboxed into it (scaled
 to fit with its aspect kept, at the top left, padded). A fixed shape lets requests of any size share
@@ -8,23 +9,25 @@ Thresholding and top-k happen here, outside the graph.
 
 from __future__ import annotations
 
+import json
+import math
 import zlib
-from typing import Annotated, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
-from service.deps import RegistryDep, SettingsDep
-from service.imaging import encode_png, letterbox_size
-from service.inputs import IMAGE_REQUEST_BODY
+from service.attention import enlarged, heads, overlay, pick
+from service.errors import ServiceError
+from service.imaging import letterbox_size
 from service.manifest import Manifest, Preprocessing
-from service.tasks.base import Task
+from service.pipeline import Batch, ImagePipeline, ModelOptions
+from service.routes.v1 import image_route
+from service.schemas import FloatPair, Pair
+from service.tasks.base import Task, TensorView
 from service.tasks.classify import softmax
-from service.tasks.images import ModelOptions, run_on_images
-from service.timing import json_response, timed
 
 NAME = "detection"
 
@@ -94,12 +97,26 @@ def as_response(found: Found, names: list[str]) -> list[Detection]:
     ]
 
 
+def detect(batch: Batch[DetectOptions]) -> DetectResponse:
+    logits, boxes = batch.outputs
+    spec, options = batch.manifest.preprocessing, batch.options
+    results = [
+        as_response(
+            detections(logits[i], boxes[i], image.size, spec, options.threshold, options.max_detections),
+            batch.manifest.labels,
+        )
+        for i, image in enumerate(batch.images)
+    ]
+    return DetectResponse(model=batch.model.name, results=results)
+
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
 
 
-def render(image: Image.Image, found: list[Detection]) -> bytes:
-    """The image with each box outlined and labelled, as PNG; small images are enlarged to be seen."""
+def draw_boxes(batch: Batch[DetectOptions], answer: DetectResponse) -> Image.Image:
+    """The first image with each box outlined and labelled; small images are enlarged to be seen."""
+    image, found = batch.images[0].image, answer.results[0]
     scale = max(1, 256 // max(min(image.size), 1))
     canvas = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
@@ -113,7 +130,7 @@ def render(image: Image.Image, found: list[Detection]) -> bytes:
         left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
         draw.rectangle((left, top - (bottom - top), right + 2, top), fill=colour)
         draw.text((x0 + 1, y0 - (bottom - top)), text, fill=(0, 0, 0), font=font)
-    return encode_png(canvas)
+    return canvas
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -127,40 +144,143 @@ def check_manifest(manifest: Manifest) -> None:
         )
 
 
+DETECT = ImagePipeline(NAME, DetectOptions, detect, render=draw_boxes)
+
+
+def as_tensors(answer: DetectResponse) -> dict[str, np.ndarray]:
+    """/v2: `detections` `[images]`, per image the JSON list /v1/detect returns."""
+    encoded = [json.dumps([d.model_dump() for d in image]).encode() for image in answer.results]
+    return {"detections": np.array(encoded, dtype=object)}
+
+
+VIEW = TensorView(DETECT, outputs=[{"name": "detections", "datatype": "BYTES", "shape": [-1]}], tensors=as_tensors)
+
+
+# attention ------------------------------------------------------------------------------------------
+
+
+class DetectAttentionOptions(DetectOptions):
+    layer: int | None = Field(None, ge=0, description="decoder layer (default: the last)")
+    head: int | None = Field(None, ge=0, description="one head; default: the mean of the heads")
+    point: str | None = Field(None, pattern=r"^\d+(\.\d+)?,\d+(\.\d+)?$", description="x,y in image pixels: also "
+                              "the encoder self-attention of the feature cell there")  # fmt: skip
+    encoder_layer: int | None = Field(None, ge=0, description="encoder layer for `point` (default: the last)")
+    render: bool = Field(False, description="answer with one panel per detection (its map and box) as PNG")
+    scale: int = Field(1, ge=1, le=64, description="PNG enlargement of each panel")
+
+
+class DetectionAttention(Detection):
+    attention: list[list[float]] = Field(description="[rows][cols] of feature cells: this detection's query's "
+                                         "cross-attention over the image")  # fmt: skip
+
+
+class EncoderAttention(BaseModel):
+    point: FloatPair
+    cell: Pair = Field(description="(row, col) of the feature cell holding the point")
+    map: list[list[float]]
+
+
+class ImageAttention(BaseModel):
+    detections: list[DetectionAttention]
+    encoder: EncoderAttention | None = None
+
+
+class DetectAttentionResponse(BaseModel):
+    model: str
+    grid: Pair = Field(description="feature cells (rows, cols) covering each image")
+    cell: FloatPair = Field(description="a cell's (width, height) in pixels of the first image")
+    results: list[ImageAttention]
+
+
+class Cells(NamedTuple):
+    """How the square feature grid covers one image: the grid's side, the rows and cols covering the
+    image (the rest is letterbox padding), and a cell's width and height in original pixels."""
+
+    side: int
+    rows: int
+    cols: int
+    width: float
+    height: float
+
+
+def cells(spec: Preprocessing, count: int, original: tuple[int, int]) -> Cells:
+    side = math.isqrt(count)
+    scale_x, scale_y = input_scale(original, spec)
+    cell_w, cell_h = spec.size[1] / side / scale_x, spec.size[0] / side / scale_y
+    return Cells(side, min(side, math.ceil(original[1] / cell_h)), min(side, math.ceil(original[0] / cell_w)),
+                 cell_w, cell_h)  # fmt: skip
+
+
+Panel = tuple[np.ndarray, Box | None, str]  # a map over the whole feature grid, a box to draw, a title
+
+
+def image_attention(batch: Batch[DetectAttentionOptions], i: int) -> tuple[ImageAttention, list[Panel]]:
+    """One image's detections with their queries' cross-attention, and the encoder's at `point`."""
+    logits, boxes, encoder, decoder = batch.outputs
+    options, spec, size = batch.options, batch.manifest.preprocessing, batch.images[i].size
+    grid = cells(spec, decoder.shape[-1], size)
+    found = detections(logits[i], boxes[i], size, spec, options.threshold, options.max_detections)
+    cross = heads(pick(decoder[i], options.layer, "layer"), options.head)  # [queries, cells]
+    items, panels = [], list[Panel]()
+    for d, q in zip(as_response(found, batch.manifest.labels), found.queries, strict=True):
+        grid_map = cross[q].reshape(grid.side, grid.side)
+        items.append(DetectionAttention(**d.model_dump(), attention=grid_map[: grid.rows, : grid.cols].tolist()))
+        panels.append((grid_map, d.box, f"{d.label} {d.score:.2f}"))
+    point = None
+    if options.point is not None:
+        x, y = (float(v) for v in options.point.split(","))
+        if not (0 <= x < size[0] and 0 <= y < size[1]):
+            raise ServiceError(422, "invalid_request", f"point {x},{y} is outside the {size[0]}x{size[1]} image")
+        row, col = int(y // grid.height), int(x // grid.width)
+        cell_map = heads(pick(encoder[i], options.encoder_layer, "encoder_layer"), options.head)[row * grid.side + col]
+        grid_map = cell_map.reshape(grid.side, grid.side)
+        point = EncoderAttention(point=(x, y), cell=(row, col), map=grid_map[: grid.rows, : grid.cols].tolist())
+        panels.append((grid_map, None, f"encoder @ {x:g},{y:g}"))
+    return ImageAttention(detections=items, encoder=point), panels
+
+
+def detect_attention(batch: Batch[DetectAttentionOptions]) -> DetectAttentionResponse:
+    results = [image_attention(batch, i)[0] for i in range(len(batch.images))]
+    first = cells(batch.manifest.preprocessing, batch.outputs[3].shape[-1], batch.images[0].size)
+    return DetectAttentionResponse(model=batch.model.name, grid=(first.rows, first.cols),
+                                   cell=(first.width, first.height), results=results)  # fmt: skip
+
+
+def image_map(grid_map: np.ndarray, spec: Preprocessing, original: tuple[int, int]) -> np.ndarray:
+    """A map over the whole (letterboxed) feature grid -> the same map over the original image."""
+    full = Image.fromarray(grid_map.astype(np.float32), mode="F").resize(spec.size[::-1], Image.Resampling.BILINEAR)
+    inner = letterbox_size(*original, spec) if spec.resize == "letterbox" else spec.size[::-1]
+    return np.asarray(full.crop((0, 0, *inner)).resize(original, Image.Resampling.BILINEAR))
+
+
+def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionResponse) -> Image.Image:
+    """One panel per detection (and for `point`), side by side: the map over the image, the box."""
+    image, scale = batch.images[0].image, batch.options.scale
+    panels = []
+    for grid_map, box, title in image_attention(batch, 0)[1]:
+        panel = overlay(enlarged(image, scale), image_map(grid_map, batch.manifest.preprocessing, image.size))
+        draw = ImageDraw.Draw(panel)
+        if box is not None:
+            corners = [v * scale for v in (box.xmin, box.ymin, box.xmax, box.ymax)]
+            draw.rectangle(corners, outline=(255, 64, 64), width=max(1, scale // 2))
+        draw.text((2, 2), title, fill=(255, 255, 255))
+        panels.append(panel)
+    if not panels:
+        return enlarged(image.convert("RGB"), scale)
+    strip = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), panels[0].height), (255,) * 3)
+    for index, panel in enumerate(panels):
+        strip.paste(panel, (index * (panel.width + 4), 0))
+    return strip
+
+
+ATTENTION = ImagePipeline(NAME, DetectAttentionOptions, detect_attention, graph="attention", render=draw_attention)
+
 router = APIRouter(tags=["detection"])
+image_route(router, "/v1/detect", DETECT, DetectResponse,
+            "Detect objects in one or more images. With `render` or `Accept: image/png`, one image comes back "
+            "with its boxes drawn.")  # fmt: skip
+image_route(router, "/v1/detect/attention", ATTENTION, DetectAttentionResponse,
+            "For every detection, where its object query looked (decoder cross-attention, as in the DETR paper's "
+            "figures); with `point`, the encoder self-attention of the feature cell at that point.")  # fmt: skip
 
-
-@router.post(
-    "/v1/detect",
-    openapi_extra=IMAGE_REQUEST_BODY,
-    response_model=DetectResponse,
-    responses={
-        200: {"content": {"image/png": {}}, "description": "detections, or the image with boxes drawn"},
-        413: {"description": "body, image or image count over a limit"},
-        415: {"description": "not an image"},
-    },
-)
-async def detect(
-    request: Request, query: Annotated[DetectOptions, Query()], registry: RegistryDep, settings: SettingsDep
-) -> Response:
-    """Detect objects in one or more images. With `render` or `Accept: image/png`, one image comes
-    back with its boxes drawn."""
-    run = await run_on_images(request, query, registry, settings, NAME)
-    logits, boxes = run.outputs
-    options, manifest, decoded = run.options, run.manifest, run.decoded
-    with timed("postprocess"):
-        results = [
-            as_response(
-                detections(
-                    logits[i], boxes[i], image.size, manifest.preprocessing, options.threshold, options.max_detections
-                ),
-                manifest.labels,
-            )
-            for i, image in enumerate(decoded)
-        ]
-    if run.png:
-        return Response(await run_in_threadpool(render, decoded[0], results[0]), media_type="image/png")
-    return json_response(DetectResponse(model=run.model.name, results=results))
-
-
-TASK = Task(name=NAME, router=router, check_manifest=check_manifest)
+TASK = Task(NAME, check_manifest, router, VIEW)

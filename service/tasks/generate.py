@@ -1,6 +1,7 @@
 """Image generation with the Image Transformer: `POST /v1/generate` samples images (optionally
 completing a primed image), row by row over Server-Sent Events if asked; `POST /v1/score` gives the
-bits per dimension of uploaded images under the model."""
+bits per dimension of uploaded images under the model; `POST /v1/generate/attention` shows what a
+pixel attended to."""
 
 from __future__ import annotations
 
@@ -9,25 +10,25 @@ import json
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from PIL import Image
+from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from service.attention import enlarged, heads, overlay, pick
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, encode_png, preprocess_request, to_unit_array
-from service.inputs import IMAGE_REQUEST_BODY, decode_base64, merge_options, read_images, wants_png
+from service.imaging import decode_image, encode_png, to_unit_array
+from service.inputs import decode_base64, wants_png
 from service.manifest import Manifest, Preprocessing
-from service.repository import ServedModel
+from service.pipeline import Batch, ImagePipeline, ModelOptions
+from service.routes.v1 import image_route, json_response
 from service.sampling import GenerationConfig, finished, sample_rows
 from service.schemas import Pair
 from service.tasks.base import Task
-from service.timing import json_response
 
 NAME = "generation"
 
@@ -64,10 +65,7 @@ class GenerateResponse(BaseModel):
     images: list[str] = Field(description="base64 PNGs")
 
 
-class ScoreOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, description="model name (default: the first ready generation model)")
+class ScoreOptions(ModelOptions):
     label: str | None = Field(None, description="score under this class; none: unconditional")
 
 
@@ -187,32 +185,98 @@ async def _events(
     yield f"event: done\ndata: {finish(images).model_dump_json()}\n\n"
 
 
-@router.post("/v1/score", openapi_extra=IMAGE_REQUEST_BODY)
-async def score(
-    request: Request, query: Annotated[ScoreOptions, Query()], registry: RegistryDep, settings: SettingsDep
-) -> ScoreResponse:
-    """Bits per dimension of each uploaded image under the model (quantised to its grey levels and
-    resized to its size, light digits on a dark ground like the training data)."""
-    images, body_options = await read_images(request, settings.max_images_per_request)
-    options = merge_options(ScoreOptions, query, body_options)
-    model = registry.resolve(options.model, NAME)
-    assert model.manifest is not None
-    return await _score(model, options, images, settings.max_image_pixels)
+def score_inputs(batch: Batch[ScoreOptions]) -> dict[str, np.ndarray]:
+    """Each image as the model's grey levels, and the label to score it under."""
+    cfg = GenerationConfig.model_validate(batch.manifest.config)
+    label = label_index(batch.manifest, cfg, batch.options.label)
+    spec = batch.manifest.preprocessing
+    pixels = np.stack([image_to_levels(d.image, spec, cfg.levels).ravel() for d in batch.images])
+    return {"pixels": pixels, "labels": np.full(len(batch.images), label, dtype=np.int64)}
 
 
-async def _score(model: ServedModel, options: ScoreOptions, images: list[bytes], max_pixels: int) -> ScoreResponse:
+def score(batch: Batch[ScoreOptions]) -> ScoreResponse:
+    _, log_likelihood = batch.outputs
+    length = GenerationConfig.model_validate(batch.manifest.config).length
+    results = [
+        Score(bits_per_dim=float(-ll / (length * math.log(2))), log_likelihood=float(ll)) for ll in log_likelihood
+    ]
+    return ScoreResponse(model=batch.model.name, results=results)
+
+
+SCORE = ImagePipeline(NAME, ScoreOptions, score, preprocess=score_inputs)
+image_route(router, "/v1/score", SCORE, ScoreResponse,
+            "Bits per dimension of each uploaded image under the model (quantised to its grey levels and resized "
+            "to its size, light digits on a dark ground like the training data).")  # fmt: skip
+
+
+# attention ------------------------------------------------------------------------------------------
+
+
+class GenerateAttentionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="generation model (default: the first ready one)")
+    image: str = Field(description="base64 image (e.g. one /v1/generate made); resized to the model's size")
+    label: str | None = Field(None, description="the class it was conditioned on; none: unconditional")
+    row: int = Field(ge=0, description="the pixel whose attention to show")
+    col: int = Field(ge=0)
+    layer: int | None = Field(None, ge=0, description="default: the last")
+    head: int | None = Field(None, ge=0, description="default: the mean of the heads")
+    scale: int = Field(16, ge=1, le=64, description="PNG enlargement")
+    render: bool = Field(False, description="answer with the map over the image as PNG")
+
+
+class GenerateAttentionResponse(BaseModel):
+    model: str
+    pixel: Pair
+    start: float = Field(description="attention on the start token (the position before the first pixel)")
+    map: list[list[float]] = Field(description="[rows][cols]: attention on each earlier pixel; 0 outside the context")
+    context: int = Field(description="how many earlier pixels the model could see (its local memory)")
+
+
+@router.post(
+    "/v1/generate/attention", response_model=GenerateAttentionResponse, responses={200: {"content": {"image/png": {}}}}
+)
+async def generate_attention(
+    request: Request, body: GenerateAttentionRequest, registry: RegistryDep, settings: SettingsDep
+) -> GenerateAttentionResponse | Response:
+    """For one pixel of an image, the Image Transformer's attention over the context it could see
+    when predicting that pixel."""
+    model = registry.resolve(body.model, NAME, graph="attention")
     manifest = model.manifest
     assert manifest is not None
     cfg = GenerationConfig.model_validate(manifest.config)
-    label = label_index(manifest, cfg, options.label)
-    decoded, _ = await preprocess_request(images, manifest.preprocessing, max_pixels)
-    pixels = np.stack([image_to_levels(image, manifest.preprocessing, cfg.levels).ravel() for image in decoded])
-    labels = np.full(len(decoded), label, dtype=np.int64)
-    _, log_likelihood = await model.run({"pixels": pixels, "labels": labels})
-    results = [
-        Score(bits_per_dim=float(-ll / (cfg.length * math.log(2))), log_likelihood=float(ll)) for ll in log_likelihood
-    ]
-    return ScoreResponse(model=model.name, results=results)
+    if body.row >= cfg.height or body.col >= cfg.width:
+        raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
+    data = decode_base64(body.image, "image")
+    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    levels = image_to_levels(image, manifest.preprocessing, cfg.levels)
+    label = label_index(manifest, cfg, body.label)
+    feeds = {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
+    _, attention = await model.run(feeds, graph="attention")
+    t = body.row * cfg.width + body.col
+    weights = heads(pick(attention[0], body.layer, "layer"), body.head)[t]  # over positions 0..t
+    # position s reads pixel s - 1; position 0 reads the start token
+    flat = np.zeros(cfg.length)
+    flat[: cfg.length - 1] = weights[1:]
+    pixel_map = flat.reshape(cfg.height, cfg.width)
+    if wants_png(request, body.render, 1):
+        png = await run_in_threadpool(_draw_pixel_attention, levels, cfg, pixel_map, body)
+        return Response(png, media_type="image/png")
+    return GenerateAttentionResponse(
+        model=model.name, pixel=(body.row, body.col), start=float(weights[0]), map=pixel_map.tolist(),
+        context=min(t, cfg.memory),
+    )  # fmt: skip
 
 
-TASK = Task(name=NAME, router=router, check_manifest=check_manifest)
+def _draw_pixel_attention(
+    levels: np.ndarray, cfg: GenerationConfig, pixel_map: np.ndarray, body: GenerateAttentionRequest
+) -> bytes:
+    picture = overlay(enlarged(levels_to_image(levels, cfg.levels), body.scale), pixel_map, alpha=0.6)
+    s = body.scale
+    ImageDraw.Draw(picture).rectangle((body.col * s, body.row * s, (body.col + 1) * s - 1, (body.row + 1) * s - 1),
+                                      outline=(255, 64, 64), width=max(1, s // 8))  # fmt: skip
+    return encode_png(picture)
+
+
+TASK = Task(name=NAME, check_manifest=check_manifest, router=router)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ServiceError
-from service.imaging import decode_image, normalize, preprocess, preprocess_batch, to_unit_array
+from service.imaging import decode_all, decode_image, normalize, preprocess, preprocess_batch, to_unit_array
 from service.manifest import Preprocessing
 from tests.helpers import encode, png_bytes, png_header_only
 
@@ -119,10 +119,12 @@ def test_rgb_preprocess_is_channels_first() -> None:
 def test_batch_error_names_the_image() -> None:
     good = png_bytes(Image.new("L", (8, 8)))
     with pytest.raises(ServiceError) as info:
-        preprocess_batch([good, b"junk"], SPEC, LIMIT)
+        decode_all([good, b"junk"], LIMIT, SPEC)
     assert info.value.message.startswith("image 1:")
-    decoded, batch = preprocess_batch([good, good], SPEC, LIMIT)
+    decoded = decode_all([good, good], LIMIT, SPEC)
+    batch = preprocess_batch(decoded, SPEC)
     assert len(decoded) == 2 and batch.shape == (2, 1, 32, 32)
+    np.testing.assert_array_equal(batch[1], preprocess(decoded[1].image, SPEC))
 
 
 def test_letterbox_keeps_aspect_and_pads_bottom_right() -> None:

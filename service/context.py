@@ -1,0 +1,67 @@
+"""The request context: who asked (request id), which model answered, and how long each stage
+took (decode, preprocess, queue, inference, postprocess, encode). It travels in a context variable,
+so worker threads and the batcher record into the request that asked without being passed around.
+A leaf module: it imports nothing from the service, and everything may import it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+
+Timings = dict[str, float]  # stage -> seconds, summed when a stage repeats
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    timings: Timings = field(default_factory=dict)
+    model: str = ""
+    provider: str = ""
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("request_context", default=None)
+
+
+def begin(request_id: str) -> tuple[RequestContext, Token[RequestContext | None]]:
+    """A new context for this request; pass the token to `end`."""
+    context = RequestContext(request_id)
+    return context, _current.set(context)
+
+
+def end(token: Token[RequestContext | None]) -> None:
+    _current.reset(token)
+
+
+def current() -> Timings | None:
+    context = _current.get()
+    return context.timings if context else None
+
+
+def request_id() -> str | None:
+    context = _current.get()
+    return context.request_id if context else None
+
+
+def served_by(model: str, provider: str) -> None:
+    """Labels this request's metrics with the model (and its execution provider) that answered it."""
+    context = _current.get()
+    if context is not None:
+        context.model, context.provider = model, provider
+
+
+def record(stage: str, seconds: float, timings: Timings | None = None) -> None:
+    timings = timings if timings is not None else current()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + seconds
+
+
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(stage, time.perf_counter() - started)

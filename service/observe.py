@@ -1,0 +1,71 @@
+"""One pure ASGI middleware that observes every request: it opens the request context (with the
+client's X-Request-ID when sane, else a new one), and when the response starts adds the
+`Server-Timing` and `X-Request-ID` headers, logs one line and records the request's metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import context
+from service.context import RequestContext
+from service.metrics import Metrics
+
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(r"[\w.:-]{1,128}")
+
+
+def server_timing(timings: context.Timings, total: float) -> bytes:
+    parts = [f"{stage};dur={seconds * 1000:.2f}" for stage, seconds in timings.items()]
+    return ", ".join([*parts, f"total;dur={total * 1000:.2f}"]).encode()
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a sane token, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text: str = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(text):
+                return text
+    return uuid.uuid4().hex
+
+
+class ObservingMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request, token = context.begin(_request_id(scope))
+        started = time.perf_counter()
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                total = time.perf_counter() - started
+                extra = [(b"server-timing", server_timing(request.timings, total)),
+                         (b"x-request-id", request.request_id.encode())]  # fmt: skip
+                message["headers"] = [*message.get("headers", []), *extra]
+                self._record(scope, message["status"], request, total)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            context.end(token)
+
+    def _record(self, scope: Scope, status: int, request: RequestContext, total: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %d %.1fms %s", scope["method"], scope["path"], status, total * 1000, request.model or "-",
+                extra={"request_id": request.request_id, "method": scope["method"], "path": scope["path"],
+                       "status": status, "ms": round(total * 1000, 2), "model": request.model},
+            )  # fmt: skip
+        self.metrics.request_done(route, status, request.model, request.provider, request.timings, total)

@@ -1,0 +1,89 @@
+"""The one pipeline every image endpoint runs: pick the model, decode, preprocess, run a graph
+through the model's batcher, postprocess. A task writes each stage once, as an `ImagePipeline`;
+the /v1 routes, the /v2 image views and the attention routes only adapt requests to it and its
+answer to their format. Nothing here knows HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from service.context import timed
+from service.imaging import Decoded, decode_all, preprocess_batch
+from service.manifest import Manifest
+from service.repository import ModelRegistry, ServedModel
+
+
+class ModelOptions(BaseModel):
+    """Options of an image pipeline, from /v1's query string and body or /v2's parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name (default: the first ready model for this task)")
+
+
+Opts = TypeVar("Opts", bound=ModelOptions)  # a pipeline's options
+A = TypeVar("A", bound=BaseModel)  # its answer
+
+
+@dataclass(slots=True)
+class Batch(Generic[Opts]):
+    """One request's images on their way through the stages."""
+
+    model: ServedModel
+    manifest: Manifest
+    options: Opts
+    graph: str
+    images: list[Decoded] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list)
+
+
+def model_inputs(batch: Batch[Any]) -> dict[str, np.ndarray]:
+    """The default preprocessing: the manifest's recipe, stacked as the graph's one image input."""
+    spec = batch.manifest.graphs[batch.graph].inputs[0]
+    return {spec.name: preprocess_batch(batch.images, batch.manifest.preprocessing)}
+
+
+# Bodies up to this size decode faster on the event loop than a hop to a worker thread costs.
+INLINE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ImagePipeline(Generic[Opts, A]):
+    """A task's stages over one graph of its models: images in, an answer `A` out."""
+
+    task: str  # the manifest's task this pipeline serves
+    options: type[Opts]
+    postprocess: Callable[[Batch[Opts]], A]  # the graph's outputs -> the answer
+    graph: str = "main"
+    preprocess: Callable[[Batch[Opts]], dict[str, np.ndarray]] = model_inputs  # decoded images -> the graph's inputs
+    render: Callable[[Batch[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
+
+    async def __call__(
+        self, registry: ModelRegistry, images: list[bytes], options: Opts, max_pixels: int, full_size: bool = False
+    ) -> tuple[Batch[Opts], A]:
+        """Runs every stage. `full_size`: decode at the original size (for pictures drawn over the
+        image), not at the reduced scale the model input allows."""
+        model = registry.resolve(options.model, self.task, self.graph)
+        assert model.manifest is not None  # resolve returns ready models only
+        batch = Batch(model, model.manifest, options, self.graph)
+        if sum(len(data) for data in images) <= INLINE_BYTES:
+            feeds = self._prepare(batch, images, max_pixels, full_size)
+        else:  # big decodes never block the event loop
+            feeds = await run_in_threadpool(self._prepare, batch, images, max_pixels, full_size)
+        batch.outputs = await model.run(feeds, graph=self.graph)
+        with timed("postprocess"):
+            return batch, self.postprocess(batch)
+
+    def _prepare(
+        self, batch: Batch[Opts], images: list[bytes], max_pixels: int, full_size: bool
+    ) -> dict[str, np.ndarray]:
+        batch.images = decode_all(images, max_pixels, None if full_size else batch.manifest.preprocessing)
+        with timed("preprocess"):
+            return self.preprocess(batch)
