@@ -105,6 +105,11 @@ def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
         assert "images" in reasons["mismatched"] and "pixel_values" in reasons["mismatched"]
         assert "manifest.json" in reasons["no_manifest"]
         assert "ValidationError" in reasons["bad_manifest"]
+        v2_ready = client.get("/v2/health/ready")  # KServe's body, Triton's status
+        assert v2_ready.status_code == 503 and v2_ready.json() == {"ready": False}
+        assert client.get(f"/v2/models/{TINY_NAME}/ready").json() == {"name": TINY_NAME, "ready": True}
+        corrupt = client.get("/v2/models/corrupt/ready")
+        assert corrupt.status_code == 503 and set(corrupt.json()) == {"error"}
         listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
         assert listed["corrupt"]["reason"] == reasons["corrupt"] and listed["corrupt"]["providers"] == []
 
