@@ -25,6 +25,9 @@ RESAMPLE = {
 Image.MAX_IMAGE_PIXELS = None
 
 
+Box = tuple[float, float, float, float]  # left, top, right, bottom
+
+
 @dataclass(frozen=True, slots=True)
 class Decoded:
     """An upright 8-bit "L" or "RGB" image, and the size of the client's image (upright), which
@@ -32,6 +35,9 @@ class Decoded:
 
     image: Image.Image
     size: tuple[int, int]  # (width, height)
+    # where the original lies in `image`, when decoded at reduced scale: libjpeg rounds a side that
+    # is not a multiple of the scale up, so the last row or column covers less of the original
+    box: Box | None = None
 
 
 # A JPEG headed for a small model input is decoded at 1/2, 1/4 or 1/8 scale in libjpeg's DCT (Pillow's
@@ -62,24 +68,41 @@ def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> D
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            size = _reduce_on_decode(image, spec) if spec is not None and image.format == "JPEG" else None
+            if spec is not None and image.format == "JPEG":
+                return _decode_reduced(image, spec)
             image.load()
             image = ImageOps.exif_transpose(image)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise ServiceError(422, "corrupt_image", f"the image could not be decoded: {exc}") from exc
-    return Decoded(_to_8bit(image), size or image.size)
+    return Decoded(_to_8bit(image), image.size)
 
 
-def _reduce_on_decode(image: Image.Image, spec: Preprocessing) -> tuple[int, int]:
-    """Asks libjpeg for the smallest DCT scale that still leaves REDUCING_GAP pixels per model pixel;
-    returns the upright size of the full image."""
+def _decode_reduced(image: Image.Image, spec: Preprocessing) -> Decoded:
+    """Asks libjpeg for the smallest DCT scale that still leaves REDUCING_GAP pixels per model pixel."""
     width, height = image.size
-    turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # rotated by 90 degrees
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    turned = orientation in (5, 6, 7, 8)  # rotated by 90 degrees
     upright = (height, width) if turned else (width, height)
     target = letterbox_size(*upright, spec) if spec.resize == "letterbox" else spec.size[::-1]
-    width, height = (math.ceil(side * REDUCING_GAP) for side in target)
-    image.draft(spec.color_mode, (height, width) if turned else (width, height))
-    return upright
+    needed_w, needed_h = (math.ceil(side * REDUCING_GAP) for side in target)
+    drafted = image.draft(spec.color_mode, (needed_h, needed_w) if turned else (needed_w, needed_h))
+    reduced = image.size
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    box = _upright_box(drafted[1], reduced, orientation) if drafted else None
+    return Decoded(_to_8bit(image), upright, box)
+
+
+def _upright_box(box: tuple[float, ...], size: tuple[int, int], orientation: int) -> Box:
+    """The draft's box (the original's part of the reduced image, at its top left) once the image is
+    turned upright as its EXIF orientation says (as ImageOps.exif_transpose turns it)."""
+    w, h = size
+    x, y = box[2], box[3]
+    corners: dict[int, Box] = {
+        2: (w - x, 0, w, y), 3: (w - x, h - y, w, h), 4: (0, h - y, x, h), 5: (0, 0, y, x),
+        6: (h - y, 0, h, x), 7: (h - y, w - x, h, w), 8: (0, w - x, y, w),
+    }  # fmt: skip
+    return corners.get(orientation, (0, 0, x, y))
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -117,21 +140,26 @@ def letterbox_size(width: int, height: int, spec: Preprocessing) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def fit(image: Image.Image, spec: Preprocessing) -> Image.Image:
-    """The image in the model's colour mode and input size, by the manifest's resize policy."""
+def fit(
+    image: Image.Image, spec: Preprocessing, size: tuple[int, int] | None = None, box: Box | None = None
+) -> Image.Image:
+    """The image in the model's colour mode and input size, by the manifest's resize policy. An image
+    decoded at reduced scale passes its original `size` and `box` (see Decoded)."""
     image = image.convert(spec.color_mode)
     height, width = spec.size
     if spec.resize == "stretch":
-        return image.resize((width, height), RESAMPLE[spec.resample])
-    inner = image.resize(letterbox_size(image.width, image.height, spec), RESAMPLE[spec.resample])
+        return image.resize((width, height), RESAMPLE[spec.resample], box=box)
+    inner = image.resize(letterbox_size(*(size or image.size), spec), RESAMPLE[spec.resample], box=box)
     canvas = Image.new(spec.color_mode, (width, height), (spec.fill,) * spec.channels)
     canvas.paste(inner, (0, 0))
     return canvas
 
 
-def to_unit_array(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+def to_unit_array(
+    image: Image.Image, spec: Preprocessing, size: tuple[int, int] | None = None, box: Box | None = None
+) -> np.ndarray:
     """Resize and convert to `[channels, height, width]` float32 in [0, 1] (before normalisation)."""
-    array = np.asarray(fit(image, spec), dtype=np.float32) * np.float32(1 / 255)
+    array = np.asarray(fit(image, spec, size, box), dtype=np.float32) * np.float32(1 / 255)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -163,4 +191,4 @@ def decode_all(images: list[bytes], max_pixels: int, spec: Preprocessing | None)
 
 def preprocess_batch(images: list[Decoded], spec: Preprocessing) -> np.ndarray:
     """Decoded images -> one input batch `[N, channels, height, width]`, normalised as one array."""
-    return normalize(np.stack([to_unit_array(d.image, spec) for d in images]), spec)
+    return normalize(np.stack([to_unit_array(d.image, spec, d.size, d.box) for d in images]), spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -36,3 +37,18 @@ def png_header_only(width: int, height: int) -> bytes:
 def held_out_digits(seed: int = 0) -> tuple[list[Image.Image], np.ndarray]:
     data = load_digits_data(seed=seed)
     return data.held_out.images, data.held_out.labels
+
+
+def triton_images(images: list[bytes], parameters: dict[str, object] | None = None) -> dict[str, object]:
+    """`client.post` keywords for a /v2 infer request whose BYTES input `image` holds `images`, sent with
+    Triton's binary tensor extension: the JSON header, then each element as a 4-byte little-endian
+    length and its bytes; the header's length in Inference-Header-Content-Length."""
+    blob = b"".join(struct.pack("<I", len(image)) + image for image in images)
+    tensor = {
+        "name": "image",
+        "datatype": "BYTES",
+        "shape": [len(images)],
+        "parameters": {"binary_data_size": len(blob)},
+    }
+    header = json.dumps({"inputs": [tensor], "parameters": parameters or {}}).encode()
+    return {"content": header + blob, "headers": {"Inference-Header-Content-Length": str(len(header))}}

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from service.attention import enlarged, heads, overlay, pick
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import decode_image, encode_png, to_unit_array
+from service.imaging import Decoded, decode_image, encode_png, to_unit_array
 from service.inputs import decode_base64, wants_png
 from service.manifest import Manifest, Preprocessing
 from service.pipeline import Batch, ImagePipeline, ModelOptions
@@ -87,9 +87,11 @@ def levels_to_image(levels: np.ndarray, count: int, scale: int = 1) -> Image.Ima
     return Image.fromarray(grey, mode="L")
 
 
-def image_to_levels(image: Image.Image, spec: Preprocessing, count: int) -> np.ndarray:
+def image_to_levels(image: Image.Image | Decoded, spec: Preprocessing, count: int) -> np.ndarray:
     """An image -> `[height, width]` levels, resized as the manifest says."""
-    levels: np.ndarray = np.round(to_unit_array(image, spec)[0] * (count - 1)).astype(np.int64)
+    unit = to_unit_array(image.image, spec, image.size, image.box) if isinstance(image, Decoded) else (
+        to_unit_array(image, spec))  # fmt: skip
+    levels: np.ndarray = np.round(unit[0] * (count - 1)).astype(np.int64)
     return levels
 
 
@@ -190,7 +192,7 @@ def score_inputs(batch: Batch[ScoreOptions]) -> dict[str, np.ndarray]:
     cfg = GenerationConfig.model_validate(batch.manifest.config)
     label = label_index(batch.manifest, cfg, batch.options.label)
     spec = batch.manifest.preprocessing
-    pixels = np.stack([image_to_levels(d.image, spec, cfg.levels).ravel() for d in batch.images])
+    pixels = np.stack([image_to_levels(d, spec, cfg.levels).ravel() for d in batch.images])
     return {"pixels": pixels, "labels": np.full(len(batch.images), label, dtype=np.int64)}
 
 
