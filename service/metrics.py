@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+EXPOSITION_TYPE = CONTENT_TYPE_LATEST  # what /metrics answers with
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -36,6 +37,10 @@ class Metrics:
         # labelled children are looked up once per label set, not once per request
         self._request_counter = lru_cache(maxsize=1024)(self.requests.labels)
         self._stage_histogram = lru_cache(maxsize=1024)(self.stage_seconds.labels)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """Every metric in Prometheus' text format, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def model_loaded(self, model: str, ready: bool, seconds: float) -> None:
         self.load_seconds.labels(model).set(seconds)

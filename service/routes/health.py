@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from service.deps import RegistryDep
+from service.metrics import EXPOSITION_TYPE
 
 router = APIRouter(tags=["health"])
 
@@ -24,11 +24,12 @@ class Readiness(BaseModel):
     models: dict[str, ModelStatus]
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", response_class=Response, responses={200: {"content": {EXPOSITION_TYPE: {}}}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics: requests by route, model and status; stage latencies by model and provider;
     batch sizes; queue depth; model load time and readiness; rejections by reason."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)
 
 
 @router.get("/health/live")

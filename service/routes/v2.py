@@ -58,7 +58,7 @@ class V2Route(APIRoute):
                 status = exc.status if exc.status in (404, 503) else 400
                 return JSONResponse({"error": exc.message}, status_code=status, headers=exc.headers)
             except RequestValidationError as exc:
-                return JSONResponse({"error": str(exc.errors())}, status_code=400)
+                return JSONResponse({"error": _invalid(exc)}, status_code=400)
 
         return protocol_errors
 
@@ -69,6 +69,13 @@ async def _tasks(request: Request) -> dict[str, Task]:
 
 
 TasksDep = Annotated[dict[str, Task], Depends(_tasks)]
+
+
+def _invalid(exc: RequestValidationError) -> str:
+    """`parameter top_k: Input should be greater than or equal to 1; ...`"""
+    errors = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in exc.errors()]
+    return "; ".join(f"parameter {where}: {msg}" if where else msg for where, msg in errors)
+
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)
 
