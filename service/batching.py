@@ -24,6 +24,10 @@ from service.runtime import on_cuda, run
 
 log = logging.getLogger("service")
 
+# A run expected to take less than this may run on the event loop itself when its request is the only
+# one in flight: no one waits for the loop then, and the two thread hops would cost more than they save.
+INLINE_RUN_S = 0.001
+
 
 class Overloaded(ServiceError):
     def __init__(self, model: str, limit: int) -> None:
@@ -56,18 +60,42 @@ class Batcher:
         self.task: asyncio.Task[None] | None = None
         self.batch_sizes: Counter[int] = Counter()  # images per run -> runs
         self.on_run: Callable[[int], None] | None = None  # told the size of every batch run (metrics)
+        self.running = False  # a batch is in the executor
+        self.lone_run_s = float("inf")  # recent time of a one-image run (moving average)
 
     async def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
         size = len(next(iter(feeds.values())))
         if self.queued_images + size > self.policy.max_queue_size:
             raise Overloaded(self.name, self.policy.max_queue_size)
+        if size == 1 and self.lone_run_s < INLINE_RUN_S and self._idle() and context.in_flight() == 1:
+            return self._run_inline(feeds)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher {self.name}")
         request = _Request(feeds, size, asyncio.get_running_loop().create_future(), context.current())
         self.queued_images += size
         self.queue.put_nowait(request)
         return await request.future
+
+    def _idle(self) -> bool:
+        return not self.running and self.held is None and self.queue.empty()
+
+    def _timed_run(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
+        started = time.perf_counter()
+        return run(self.session, feeds, self.io_binding), time.perf_counter() - started
+
+    def _run_inline(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outputs, seconds = self._timed_run(feeds)
+        self._ran(1, seconds)
+        context.record("inference", seconds)
+        return outputs
+
+    def _ran(self, size: int, seconds: float) -> None:
+        self.batch_sizes[size] += 1
+        if self.on_run is not None:
+            self.on_run(size)
+        if size == 1:
+            self.lone_run_s = seconds if self.lone_run_s == float("inf") else 0.8 * self.lone_run_s + 0.2 * seconds
 
     async def _serve(self) -> None:
         while True:
@@ -110,19 +138,19 @@ class Batcher:
                     name: np.concatenate([r.feeds[name] for r in batch]) for name in batch[0].feeds
                 }
             )
+            self.running = True
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self.executor, run, self.session, feeds, self.io_binding)
+            outputs, seconds = await loop.run_in_executor(self.executor, self._timed_run, feeds)
         except Exception as exc:  # one failed run fails its requests, not the batcher
             log.exception("model %s: a batch of %d requests failed", self.name, len(batch))
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
             return
+        finally:
+            self.running = False
         elapsed = time.perf_counter() - started
-        size = sum(r.size for r in batch)
-        self.batch_sizes[size] += 1
-        if self.on_run is not None:
-            self.on_run(size)
+        self._ran(sum(r.size for r in batch), seconds)
         offsets = np.cumsum([r.size for r in batch])[:-1]
         parts = [np.split(output, offsets) for output in outputs]
         for i, request in enumerate(batch):

@@ -23,16 +23,25 @@ class RequestContext:
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("request_context", default=None)
+_in_flight = 0  # requests begun and not yet ended, in this process
 
 
 def begin(request_id: str) -> tuple[RequestContext, Token[RequestContext | None]]:
     """A new context for this request; pass the token to `end`."""
+    global _in_flight
+    _in_flight += 1
     context = RequestContext(request_id)
     return context, _current.set(context)
 
 
 def end(token: Token[RequestContext | None]) -> None:
+    global _in_flight
+    _in_flight -= 1
     _current.reset(token)
+
+
+def in_flight() -> int:
+    return _in_flight
 
 
 def current() -> Timings | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,12 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+def inference_threads() -> int:
+    """One per core but one: the event loop (HTTP, decoding, postprocessing) keeps a core of its own,
+    so it works while a batch runs instead of both fighting over every core."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def requested_providers(device: str) -> list[str]:
     """The providers to ask for, best first. CPU is always last, so a model still loads if CUDA fails;
     the caller reports the providers the session really uses, never assumes them."""
@@ -39,7 +46,7 @@ def requested_providers(device: str) -> list[str]:
 def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
-    options.intra_op_num_threads = settings.intra_op_threads
+    options.intra_op_num_threads = settings.intra_op_threads or inference_threads()
     options.inter_op_num_threads = settings.inter_op_threads
     options.execution_mode = EXECUTION_MODE[settings.execution_mode]
     options.enable_cpu_mem_arena = settings.cpu_mem_arena

@@ -27,7 +27,9 @@ class Settings(BaseSettings):
                                  "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"},
         description="CUDA execution provider options, JSON (used when the session runs on CUDA)",
     )  # fmt: skip
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0: one per core)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per operator (0: one per core but one, which the event loop keeps)"
+    )
     inter_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads across operators (parallel mode; 0: default)"
     )
