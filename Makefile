@@ -47,6 +47,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.service
 	$(BIN)/python -m bench.generation
 	$(BIN)/python -m bench.fast_path
+	$(BIN)/python -m bench.peers
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

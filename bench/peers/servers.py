@@ -1,0 +1,167 @@
+"""The servers under test: how to start each (its venv, command, environment), how to send it one
+image in its own protocol, and how to read its top-1 answer. Request bodies are built once, before
+timing, so the client's work per request is the same small copy for every server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from bench.peers import venvs
+from bench.peers.venvs import Unavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+START_SECONDS = 180  # PyTriton copies tritonserver into a workspace and loads the model through it
+IDENTITY = {"accept-encoding": "identity"}  # Triton gzips answers for clients that accept it; nobody else does
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+Encoder = Callable[[bytes, str], Request]  # (image bytes, its content type) -> the request carrying it
+
+
+def raw(path: str) -> Encoder:
+    """The image as the whole body, with its image/* content type (the service, the plain endpoint)."""
+    return lambda data, kind: Request(path, data, {**IDENTITY, "content-type": kind})
+
+
+def form(path: str) -> Encoder:
+    """The image as multipart field `file`, as LitServe reads it."""
+
+    def encode(data: bytes, kind: str) -> Request:
+        boundary = "vitserve-bench-boundary"
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image"\r\nContent-Type: {kind}'
+        body = head.encode() + b"\r\n\r\n" + data + f"\r\n--{boundary}--\r\n".encode()
+        return Request(path, body, {**IDENTITY, "content-type": f"multipart/form-data; boundary={boundary}"})
+
+    return encode
+
+
+def triton(model: str) -> Encoder:
+    """Triton's v2 inference request with the image as one binary BYTES element (the binary tensor
+    extension: a JSON header, then each element as a 4-byte little-endian length and its bytes)."""
+
+    def encode(data: bytes, kind: str) -> Request:
+        tensor = {
+            "name": "image",
+            "shape": [1, 1],
+            "datatype": "BYTES",
+            "parameters": {"binary_data_size": len(data) + 4},
+        }
+        outputs = [{"name": name, "parameters": {"binary_data": False}} for name in ("labels", "scores")]
+        header = json.dumps({"inputs": [tensor], "outputs": outputs}).encode()
+        headers = {**IDENTITY, "content-type": "application/octet-stream",
+                   "inference-header-content-length": str(len(header))}  # fmt: skip
+        return Request(f"/v2/models/{model}/infer", header + struct.pack("<I", len(data)) + data, headers)
+
+    return encode
+
+
+def _first(item: dict[str, Any]) -> tuple[str, float]:
+    return item["label"], item["score"]
+
+
+def _triton_top1(answer: dict[str, Any]) -> tuple[str, float]:
+    outputs = {output["name"]: output["data"] for output in answer["outputs"]}
+    return outputs["labels"][0], outputs["scores"][0]
+
+
+@dataclass(frozen=True)
+class Server:
+    title: str
+    venv: str | None  # None: this interpreter, the project's own venv
+    args: list[str]
+    encode: Encoder
+    top1: Callable[[Any], tuple[str, float]]
+    env: Callable[[], dict[str, str]] = field(default=dict)
+
+
+SERVERS = {
+    "service": Server("vitserve (defaults)", None, ["-m", "service"], raw("/v1/classify"),
+                      lambda answer: _first(answer["results"][0][0])),
+    "plain": Server("plain FastAPI + ORT", "plain", ["-m", "uvicorn", "bench.peers.serve_plain:app", "--log-level",
+                    "warning"], raw("/v1/classify"), lambda answer: _first(answer[0])),
+    "litserve": Server("LitServe, batching", "litserve", ["-m", "bench.peers.serve_litserve"], form("/predict"),
+                       lambda answer: _first(answer[0])),
+    "pytriton": Server("PyTriton, dynamic batching", "pytriton", ["-m", "bench.peers.serve_pytriton"], triton("vit"),
+                       _triton_top1, venvs.libpython_env),
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running(server: Server, probe: Request) -> Iterator[str]:
+    """The server started in its own venv and process group, answering `probe`; yields its URL.
+    Raises Unavailable (with its log's tail) when it exits or does not answer in time."""
+    python = sys.executable if server.venv is None else str(venvs.python(server.venv))
+    port = free_port()
+    env = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **server.env()}
+    command = [python, *server.args, "--host", "127.0.0.1", "--port", str(port)]
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(process, url, probe, log, server.title)
+            yield url
+        finally:
+            _stop(process)
+
+
+def _wait_ready(process: subprocess.Popen[bytes], url: str, probe: Request, log: Any, title: str) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise Unavailable(f"{title} exited with code {process.returncode}:\n{_tail(log)}")
+        try:
+            response = httpx2.post(url + probe.path, content=probe.body, headers=probe.headers, timeout=10)
+            if response.status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.2)
+    raise Unavailable(f"{title} did not answer within {START_SECONDS} s:\n{_tail(log)}")
+
+
+def _tail(log: Any, lines: int = 12) -> str:
+    log.seek(0)
+    return "\n".join(log.read().decode(errors="replace").strip().splitlines()[-lines:])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C to the server's whole process group (PyTriton's tritonserver and LitServe's workers are
+    children), as a terminal would: each shuts down cleanly. Whatever is left after 30 s is killed."""
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
