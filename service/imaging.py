@@ -6,6 +6,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -165,9 +166,15 @@ def to_unit_array(
 
 def normalize(unit: np.ndarray, spec: Preprocessing) -> np.ndarray:
     """(x - mean) / std per channel; works on `[C, H, W]` and `[N, C, H, W]`."""
-    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return ((unit - mean) / std).astype(np.float32, copy=False)
+    mean, std = _channel_stats(tuple(spec.mean), tuple(spec.std))
+    normalized: np.ndarray = ((unit - mean) / std).astype(np.float32, copy=False)
+    return normalized
+
+
+@cache
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std, shaped to broadcast over `[..., C, H, W]` (made once per recipe)."""
+    return np.asarray(mean, dtype=np.float32)[:, None, None], np.asarray(std, dtype=np.float32)[:, None, None]
 
 
 def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
