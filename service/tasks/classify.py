@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 from fastapi import APIRouter
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from service.attention import HeadFusion, enlarged, fuse_heads, overlay, pick, rollout
 from service.manifest import Manifest
@@ -52,16 +52,21 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[list[Prediction
     probs = softmax(logits.astype(np.float64))
     k = min(k, probs.shape[-1])
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return [
-        [Prediction.model_construct(label=labels[i], score=float(p[i])) for i in row]
-        for p, row in zip(probs, order, strict=True)
+    scores = np.take_along_axis(probs, order, axis=-1).tolist()
+    ranked = [
+        [{"label": labels[i], "score": s} for i, s in zip(row, top, strict=True)]
+        for row, top in zip(order.tolist(), scores, strict=True)
     ]
+    return _RANKED.validate_python(ranked)  # one call into pydantic's core, not one per prediction
+
+
+_RANKED = TypeAdapter(list[list[Prediction]])
 
 
 def classify(batch: Batch[ClassifyOptions]) -> ClassifyResponse:
     (logits,) = batch.outputs
     results = top_k(logits, batch.manifest.labels, batch.options.top_k)
-    return ClassifyResponse.model_construct(model=batch.model.name, results=results)
+    return ClassifyResponse(model=batch.model.name, results=results)
 
 
 def check_manifest(manifest: Manifest) -> None:
