@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from service import __version__
 from service.deps import RegistryDep, SettingsDep
@@ -327,7 +328,7 @@ def encode_response(view: View, header: dict[str, Any], outputs: dict[str, np.nd
     body: dict[str, Any] = {"model_name": view.name, "model_version": str(view.manifest.version), "outputs": tensors}
     if "id" in header:
         body["id"] = header["id"]
-    head = json.dumps(body).encode()
+    head = to_json(body)  # pydantic-core's compiled encoder: long tensors as JSON lists are its strength
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(
@@ -366,6 +367,10 @@ async def infer_images(
     if not isinstance(parameters, dict):
         raise ServiceError(400, "invalid_request", '"parameters" must be an object')
     options = {k: v for k, v in parameters.items() if k not in PROTOCOL_PARAMETERS}
+    if options.get("render") or options.get("model", view.model.name) != view.model.name:
+        raise ServiceError(
+            400, "invalid_request", "an image view answers tensors of its own model: no render, no model"
+        )
     parsed = parse_options(image.pipeline.options, {}, {**options, "model": view.model.name})
     _, answer = await image.pipeline(registry, images, parsed, settings.max_image_pixels)
     return image.tensors(answer)
