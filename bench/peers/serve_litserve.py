@@ -4,6 +4,7 @@ field `file` (LitServe reads forms or JSON, not raw bodies; forms need python-mu
 `python -m bench.peers.serve_litserve --port P` in bench/.venvs/litserve; POST /predict."""
 
 import argparse
+import os
 from typing import Any
 
 import litserve as ls
@@ -37,7 +38,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    api = ViT(max_batch_size=32, batch_timeout=0.005)
+    api = ViT(max_batch_size=32, batch_timeout=float(os.environ.get("PEER_QUEUE_DELAY_MS", "5")) / 1000)
     server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1)
     server.run(host=args.host, port=args.port, log_level="warning", generate_client_file=False)
 

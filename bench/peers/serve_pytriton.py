@@ -11,6 +11,7 @@ LD_LIBRARY_PATH at the interpreter's own libpython (sysconfig's LIBDIR) before s
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 
 import numpy as np
@@ -19,6 +20,8 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 from bench.peers.recipe import load, pixels, softmax
+
+DELAY_US = int(float(os.environ.get("PEER_QUEUE_DELAY_MS", "5")) * 1000)  # longest wait for company
 
 VIT = load("vit")
 LABELS = np.array([label.encode() for label in VIT.labels], dtype=object)
@@ -55,7 +58,7 @@ def main() -> None:
                 Tensor(name="labels", dtype=bytes, shape=(5,)),
                 Tensor(name="scores", dtype=np.float32, shape=(5,)),
             ],
-            config=ModelConfig(max_batch_size=32, batcher=DynamicBatcher(max_queue_delay_microseconds=5000)),
+            config=ModelConfig(max_batch_size=32, batcher=DynamicBatcher(max_queue_delay_microseconds=DELAY_US)),
             strict=False,
         )
         triton.serve()
