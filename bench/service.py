@@ -12,7 +12,6 @@ this machine's cores, equally for every server."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import statistics
@@ -28,6 +27,8 @@ import httpx2
 import numpy as np
 
 from bench.common import interleaved, report
+from bench.peers.load import Run, load
+from bench.peers.servers import raw
 from export.data import load_digits_data
 from service.runtime import create_session
 from service.settings import PROJECT_ROOT, Settings
@@ -74,31 +75,7 @@ def server(args: list[str], env: dict[str, str]) -> Iterator[str]:
 
 DIGITS = [png_bytes(image) for image in load_digits_data(seed=0).held_out.images]
 HEADERS = {"content-type": "image/png"}
-
-
-async def load(url: str, concurrency: int, seconds: float) -> tuple[float, float, float, int]:
-    """(requests/s, p50 ms, p99 ms, non-200 answers) with `concurrency` requests always in flight."""
-    latencies: list[float] = []
-    failures = 0
-    deadline = time.perf_counter() + seconds
-    limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx2.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-
-        async def worker(offset: int) -> None:
-            nonlocal failures
-            i = offset
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                response = await client.post("/v1/classify", content=DIGITS[i % len(DIGITS)], headers=HEADERS)
-                latencies.append(time.perf_counter() - started)
-                failures += response.status_code != 200
-                i += concurrency
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return len(latencies) / elapsed, float(np.median(ms)), float(np.quantile(ms, 0.99)), failures
+REQUESTS = [raw("/v1/classify")(digit, "image/png") for digit in DIGITS]
 
 
 def formed_batches(url: str) -> Counter[int]:
@@ -130,15 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (PROJECT_ROOT / "runs" / "vit" / "checkpoint.pt").exists():
         print("no runs/vit/checkpoint.pt (make models): the naive PyTorch endpoint is left out")
         servers.pop("naive FastAPI + PyTorch", None)
-    samples: dict[tuple[str, int], list[tuple[float, float, float, int]]] = {}
+    samples: dict[tuple[str, int], list[Run]] = {}
     mixes: dict[int, Counter[int]] = {}  # concurrency -> batch sizes formed with batching on
     for _ in range(args.repeats):
         for name, (command, env) in servers.items():  # servers take turns in every repeat
             with server(command, env) as url:
                 for concurrency in args.concurrency:
-                    asyncio.run(load(url, concurrency, 0.5))  # warm the connections
+                    load(url, REQUESTS, concurrency, 0.5, warmup=0)  # warm the connections
                     before = formed_batches(url) if name == "batching on" else Counter()
-                    run = asyncio.run(load(url, concurrency, args.seconds))
+                    run = load(url, REQUESTS, concurrency, args.seconds, warmup=0)
                     samples.setdefault((name, concurrency), []).append(run)
                     if name == "batching on":
                         mixes.setdefault(concurrency, Counter()).update(formed_batches(url) - before)
@@ -147,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({
             "server": name,
             "concurrency": concurrency,
-            "requests/s": statistics.median(r[0] for r in runs),
-            "p50 ms": statistics.median(r[1] for r in runs),
-            "p99 ms": statistics.median(r[2] for r in runs),
-            "errors": sum(r[3] for r in runs),
+            "requests/s": statistics.median(r.rate for r in runs),
+            "p50 ms": statistics.median(r.p50 for r in runs),
+            "p99 ms": statistics.median(r.p99 for r in runs),
+            "errors": sum(r.errors for r in runs),
             "mean batch": _mean_batch(mixes[concurrency]) if name == "batching on" else "",
             "raw ORT images/s at those batches": raw_rate(mixes[concurrency]) if name == "batching on" else "",
         })  # fmt: skip

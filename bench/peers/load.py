@@ -68,7 +68,10 @@ async def _load(url: str, requests: list[Request], concurrency: int, seconds: fl
     return Run(len(latencies) / elapsed, float(np.median(ms)), float(np.quantile(ms, 0.99)), errors, stages)
 
 
-def load(url: str, requests: list[Request], concurrency: int, seconds: float, timings: bool = False) -> Run:
-    """One timed run, after half a second of the same load to open the connections and warm the server."""
-    asyncio.run(_load(url, requests, concurrency, 0.5, False))
+def load(
+    url: str, requests: list[Request], concurrency: int, seconds: float, timings: bool = False, warmup: float = 0.5
+) -> Run:
+    """One timed run, after `warmup` seconds of the same load to open the connections and warm the server."""
+    if warmup > 0:
+        asyncio.run(_load(url, requests, concurrency, warmup, False))
     return asyncio.run(_load(url, requests, concurrency, seconds, timings))

@@ -26,13 +26,9 @@ from kserve.protocol.rest.v2_datamodels import (
 )
 
 from service.imaging import preprocess
-from service.manifest import read_manifest
 from service.settings import PROJECT_ROOT
-from tests.helpers import held_out_digits, png_bytes
+from tests.e2e.v1_answers import IMAGES, PNGS, SPEC, assert_logits_agree_with_v1, v1
 
-IMAGES, _ = held_out_digits()
-PNGS = [png_bytes(image) for image in IMAGES[:6]]
-SPEC = read_manifest(PROJECT_ROOT / "model_repository" / "vit" / "1").preprocessing
 T = TypeVar("T")
 
 
@@ -54,12 +50,6 @@ def infer(server: str, request: InferRequest, headers: dict[str, str] | None = N
         return result
 
     return with_client(run)
-
-
-def v1(server: str, route: str, png: bytes) -> list[dict[str, Any]]:
-    response = httpx2.post(f"{server}{route}", content=png, headers={"content-type": "image/png"})
-    result: list[dict[str, Any]] = response.json()["results"][0]
-    return result
 
 
 def test_health_and_readiness(server: str) -> None:
@@ -125,12 +115,7 @@ def test_raw_tensors_agree_with_v1(server: str, binary_in: bool, binary_out: boo
     (output,) = result.outputs
     logits = output.as_numpy()
     assert output.name == "logits" and output.datatype == "FP32" and logits.shape == (6, 10)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    for png, row in zip(PNGS, probs, strict=True):
-        best = v1(server, "/v1/classify", png)[0]
-        assert str(row.argmax()) == best["label"]
-        assert row.max() == pytest.approx(best["score"], abs=1e-5)
+    assert_logits_agree_with_v1(server, logits)
 
 
 def test_json_answers_read_as_kserve_inference_responses(server: str) -> None:

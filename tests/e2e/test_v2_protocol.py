@@ -12,24 +12,13 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from service.imaging import preprocess
-from service.manifest import read_manifest
 from service.settings import PROJECT_ROOT
-from tests.helpers import held_out_digits, png_bytes
-
-IMAGES, LABELS = held_out_digits()
-PNGS = [png_bytes(image) for image in IMAGES[:6]]
-SPEC = read_manifest(PROJECT_ROOT / "model_repository" / "vit" / "1").preprocessing
+from tests.e2e.v1_answers import IMAGES, PNGS, SPEC, assert_logits_agree_with_v1, v1
 
 
 @pytest.fixture(scope="module")
 def client(server: str) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(server.removeprefix("http://"))
-
-
-def v1(server: str, route: str, png: bytes) -> list[dict[str, object]]:
-    response = httpx2.post(f"{server}{route}", content=png, headers={"content-type": "image/png"})
-    result: list[dict[str, object]] = response.json()["results"][0]
-    return result
 
 
 def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None:
@@ -57,12 +46,7 @@ def test_raw_tensors_agree_with_v1(
                           request_id="r-1")  # fmt: skip
     logits = result.as_numpy("logits")
     assert logits.shape == (6, 10) and result.get_response()["id"] == "r-1"
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    for png, row in zip(PNGS, probs, strict=True):
-        best = v1(server, "/v1/classify", png)[0]
-        assert str(row.argmax()) == best["label"]
-        assert row.max() == pytest.approx(best["score"], abs=1e-5)
+    assert_logits_agree_with_v1(server, logits)
 
 
 def test_image_view_gives_v1_labels_and_scores(server: str, client: triton.InferenceServerClient) -> None:
