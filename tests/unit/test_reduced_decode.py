@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 
+from service.errors import ServiceError
 from service.imaging import (
     REDUCING_GAP,
     Decoded,
@@ -171,6 +172,41 @@ def test_exif_rotated_jpegs_decode_upright(spec: str, orientation: int) -> None:
     assert diff.mean() <= mean_bound and diff.max() <= max_bound, (diff.mean(), diff.max())
     sideways = to_unit_array(stored.convert("RGB"), SPECS[spec])  # the check can tell a turned image
     assert np.abs(ours - sideways).mean() > 20 * mean_bound
+
+
+def pillow_draft(data: bytes, spec: Preprocessing) -> Image.Image:
+    """Pillow's own reduced decode, as the service would make it without simplejpeg."""
+    image = Image.open(io.BytesIO(data))
+    turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    upright = image.size[::-1] if turned else image.size
+    width, height = needed(upright, spec)
+    image.draft(spec.color_mode, (height, width) if turned else (width, height))
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("spec", SPECS)
+def test_simplejpeg_gives_pillows_own_reduced_pixels(spec: str, orientation: int) -> None:
+    """The service decodes reduced JPEGs through simplejpeg (faster, straight into an array): the very
+    pixels Pillow's draft decode gives, grey or colour, turned or not."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for photo in photos().values():
+        data = jpeg(Image.open(io.BytesIO(photo)), exif=exif.tobytes())
+        ours, pillows = decode(data, LIMIT, SPECS[spec]).image, pillow_draft(data, SPECS[spec])
+        assert ours.size == pillows.size and ours.mode == pillows.mode
+        assert np.array_equal(np.asarray(ours), np.asarray(pillows))
+
+
+def test_jpegs_simplejpeg_refuses_go_through_pillow() -> None:
+    """CMYK decodes through Pillow; a truncated file is still a 422 naming the problem."""
+    cmyk = encode(Image.open(io.BytesIO(photos()["china.jpg"])).convert("CMYK"), "JPEG", quality=90)
+    decoded = decode(cmyk, LIMIT, SPECS["vit"])
+    assert decoded.size == BIG and decoded.image.size == REDUCED["vit"]
+    with pytest.raises(ServiceError) as info:
+        decode(photos()["china.jpg"][:-20000], LIMIT, SPECS["vit"])
+    assert info.value.status == 422
 
 
 @pytest.mark.parametrize(
