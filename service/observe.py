@@ -16,7 +16,7 @@ from service.context import RequestContext
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
-_REQUEST_ID = re.compile(r"[\w.:-]{1,128}")
+_REQUEST_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)  # ASCII: echoed in a header as it came
 
 
 def server_timing(timings: context.Timings, total: float) -> bytes:
@@ -34,6 +34,11 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.fullmatch(text):
                 return text
     return f"{random.getrandbits(128):032x}"
+
+
+def _printable(path: str) -> str:
+    """The path with control characters escaped: a `%0a` in a URL cannot forge a log line."""
+    return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
 
 
 class ObservingMiddleware:
@@ -65,9 +70,10 @@ class ObservingMiddleware:
     def _record(self, scope: Scope, status: int, request: RequestContext, total: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
         if access_log.isEnabledFor(logging.INFO):
+            path = _printable(scope["path"])
             access_log.info(
-                "%s %s %d %.1fms %s", scope["method"], scope["path"], status, total * 1000, request.model or "-",
-                extra={"request_id": request.request_id, "method": scope["method"], "path": scope["path"],
+                "%s %s %d %.1fms %s", scope["method"], path, status, total * 1000, request.model or "-",
+                extra={"request_id": request.request_id, "method": scope["method"], "path": path,
                        "status": status, "ms": round(total * 1000, 2), "model": request.model},
             )  # fmt: skip
         self.metrics.request_done(route, status, request.model, request.provider, request.timings, total)

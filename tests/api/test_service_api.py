@@ -163,6 +163,19 @@ def test_one_json_log_line_per_request(caplog: pytest.LogCaptureFixture, client:
     assert line["path"] == "/v1/classify" and line["ms"] > 0
 
 
+def test_paths_and_request_ids_cannot_forge_log_lines_or_headers(
+    caplog: pytest.LogCaptureFixture, client: TestClient
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        client.get("/health/live%0a2026-01-01 INFO service.access: GET /admin 200")
+        answered = client.get("/health/live", headers={"x-request-id": b"caf\xe9"})  # a word character in latin-1
+    (forged, _) = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert "\n" not in forged and "\\n2026" in forged
+    assert answered.headers["x-request-id"].isascii() and len(answered.headers["x-request-id"]) == 32
+
+
 @pytest.fixture()
 def keyed_client() -> Iterator[TestClient]:
     yield from client_for(
