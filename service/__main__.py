@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import uvicorn
+from pydantic import ValidationError
 
 from service import logs
 from service.app import create_app
@@ -14,8 +15,11 @@ from service.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        parser.exit(2, f"invalid settings: {exc}\n")
     parser.add_argument("--host", default=settings.host, help=f"address to bind (default {settings.host})")
     parser.add_argument("--port", type=int, default=settings.port, help=f"port (default {settings.port})")
     parser.add_argument("--model-repository", type=Path, default=settings.model_repository, help="model repository")

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     log_json: bool = Field(False, description="log lines as JSON objects (one per request, with its request id)")
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
+        """A set but empty key (an unset variable passed through, say) would guard nothing: refuse it."""
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("VITSERVE_API_KEY is set but empty: unset it, or give a key")
+        return key
 
 
 @lru_cache

@@ -183,6 +183,15 @@ def keyed_client() -> Iterator[TestClient]:
     )
 
 
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_a_startup_error(key: str) -> None:
+    """Set but empty (what a compose file passes for an unset variable) would guard nothing."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="set but empty"):
+        Settings(api_key=key)
+
+
 def test_api_key_guards_inference_not_health(keyed_client: TestClient) -> None:
     headers = {"content-type": "image/png"}
     refused = keyed_client.post("/v1/classify", content=DIGIT, headers=headers)
