@@ -134,3 +134,18 @@ def test_letterbox_keeps_aspect_and_pads_bottom_right() -> None:
     assert unit.shape == (32, 32)
     np.testing.assert_allclose(unit[:16], 1.0)
     np.testing.assert_allclose(unit[16:], 0.0)
+
+
+def test_jpegs_with_more_scans_than_encoders_use_are_refused() -> None:
+    """A progressive JPEG costs one decoding pass per scan: a few KB can hold thousands (a CPU bomb)."""
+    from service.imaging import MAX_JPEG_SCANS
+
+    photo = Image.effect_noise((64, 48), 60).convert("RGB")
+    progressive = encode(photo, "JPEG", quality=90, progressive=True)
+    assert 1 < progressive.count(b"\xff\xda") <= MAX_JPEG_SCANS
+    assert decode_image(progressive, LIMIT).size == (64, 48)  # real progressive photos still decode
+    last_scan = progressive.rindex(b"\xff\xda")
+    bomb = progressive[:last_scan] + progressive[last_scan:-2] * MAX_JPEG_SCANS + b"\xff\xd9"
+    with pytest.raises(ServiceError) as info:
+        decode_image(bomb, LIMIT)
+    assert (info.value.status, info.value.code) == (422, "too_many_scans")
