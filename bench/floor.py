@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request, Response
 
-from service.imaging import decode_all, preprocess_batch
+from service.imaging import decode_all, open_all, preprocess_batch
 from service.inputs import read_images
 from service.manifest import read_manifest
 from service.settings import PROJECT_ROOT
@@ -19,5 +19,5 @@ app = FastAPI()
 @app.post("/v1/classify")
 async def classify(request: Request) -> Response:
     images, _ = await read_images(request, 64)
-    preprocess_batch(decode_all(images, 40_000_000, SPEC), SPEC)
+    preprocess_batch(decode_all(open_all(images, 40_000_000), SPEC), SPEC)
     return Response(ANSWER, media_type="application/json")

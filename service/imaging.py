@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import TypeVar
 
 import numpy as np
 import simplejpeg
@@ -54,12 +56,29 @@ REDUCING_GAP = 2.0
 MAX_JPEG_SCANS = 64
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """An image whose header has been read and checked; no pixel decoded yet."""
+
+    image: Image.Image
+    data: bytes
+
+    @property
+    def pixels(self) -> int:
+        return self.image.width * self.image.height
+
+
 def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> Decoded:
     """Encoded bytes -> an upright 8-bit image; with `spec`, decoded no larger than that input needs.
 
     Size is checked from the header before any pixel is decoded (no decompression bomb).
     Raises ServiceError: 415 not an image, 413 too many pixels, 422 truncated or corrupt.
     """
+    return decode_opened(open_image(data, max_pixels), spec)
+
+
+def open_image(data: bytes, max_pixels: int) -> Opened:
+    """Reads and checks the header: 422 empty, 415 not an image, 413 too many pixels, 422 too many scans."""
     if not data:
         raise ServiceError(422, "empty_image", "the image is empty (0 bytes)")
     try:
@@ -75,6 +94,12 @@ def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> D
         )
     if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ServiceError(422, "too_many_scans", f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
+    return Opened(image, data)
+
+
+def decode_opened(opened: Opened, spec: Preprocessing | None = None) -> Decoded:
+    """The pixels of an opened image (see `decode`)."""
+    image, data = opened.image, opened.data
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -213,18 +238,33 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     return normalize(to_unit_array(image, spec), spec)
 
 
-def decode_all(images: list[bytes], max_pixels: int, spec: Preprocessing | None) -> list[Decoded]:
-    """Every image of a request, decoded (see `decode`); an error names the bad image when there are several."""
-    decoded = []
+def open_all(images: list[bytes], max_pixels: int) -> list[Opened]:
+    """Every image of a request, its header read and checked (see `open_image`)."""
     with timed("decode"):
-        for index, data in enumerate(images):
-            try:
-                decoded.append(decode(data, max_pixels, spec))
-            except ServiceError as exc:
-                if len(images) > 1:
-                    exc.message = f"image {index}: {exc.message}"
-                raise
-    return decoded
+        return _each(images, lambda data: open_image(data, max_pixels))
+
+
+def decode_all(images: list[Opened], spec: Preprocessing | None) -> list[Decoded]:
+    """Every opened image of a request, decoded (see `decode`)."""
+    with timed("decode"):
+        return _each(images, lambda opened: decode_opened(opened, spec))
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _each(items: list[T], work: Callable[[T], R]) -> list[R]:
+    """`work` on every image in turn; an error names the bad image when there are several."""
+    results = []
+    for index, item in enumerate(items):
+        try:
+            results.append(work(item))
+        except ServiceError as exc:
+            if len(items) > 1:
+                exc.message = f"image {index}: {exc.message}"
+            raise
+    return results
 
 
 def preprocess_batch(images: list[Decoded], spec: Preprocessing) -> np.ndarray:

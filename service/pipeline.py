@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.context import timed
-from service.imaging import Decoded, decode_all, preprocess_batch
+from service.imaging import Decoded, Opened, decode_all, open_all, preprocess_batch
 from service.manifest import Manifest
 from service.repository import ModelRegistry, ServedModel
 
@@ -50,8 +50,11 @@ def model_inputs(batch: Batch[Any]) -> dict[str, np.ndarray]:
     return {spec.name: preprocess_batch(batch.images, batch.manifest.preprocessing)}
 
 
-# Bodies up to this size decode faster on the event loop than a hop to a worker thread costs.
+# Images this small decode faster on the event loop than a hop to a worker thread costs: a body up to
+# INLINE_BYTES has its headers read there, and decodes there when they promise at most INLINE_PIXELS
+# (decoding work follows the pixels, whatever the compressed size: a 50 KB PNG can hold 40 Mpx).
 INLINE_BYTES = 64 * 1024
+INLINE_PIXELS = 256 * 256
 
 
 @dataclass(frozen=True)
@@ -73,17 +76,24 @@ class ImagePipeline(Generic[Opts, A]):
         model = registry.resolve(options.model, self.task, self.graph)
         assert model.manifest is not None  # resolve returns ready models only
         batch = Batch(model, model.manifest, options, self.graph)
-        if sum(len(data) for data in images) <= INLINE_BYTES:
-            feeds = self._prepare(batch, images, max_pixels, full_size)
-        else:  # big decodes never block the event loop
-            feeds = await run_in_threadpool(self._prepare, batch, images, max_pixels, full_size)
+        if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
+            feeds = await run_in_threadpool(self._open_and_prepare, batch, images, max_pixels, full_size)
+        else:
+            opened = open_all(images, max_pixels)
+            if sum(image.pixels for image in opened) > INLINE_PIXELS:
+                feeds = await run_in_threadpool(self._prepare, batch, opened, full_size)
+            else:
+                feeds = self._prepare(batch, opened, full_size)
         batch.outputs = await model.run(feeds, graph=self.graph)
         with timed("postprocess"):
             return batch, self.postprocess(batch)
 
-    def _prepare(
+    def _open_and_prepare(
         self, batch: Batch[Opts], images: list[bytes], max_pixels: int, full_size: bool
     ) -> dict[str, np.ndarray]:
-        batch.images = decode_all(images, max_pixels, None if full_size else batch.manifest.preprocessing)
+        return self._prepare(batch, open_all(images, max_pixels), full_size)
+
+    def _prepare(self, batch: Batch[Opts], images: list[Opened], full_size: bool) -> dict[str, np.ndarray]:
+        batch.images = decode_all(images, None if full_size else batch.manifest.preprocessing)
         with timed("preprocess"):
             return self.preprocess(batch)

@@ -132,3 +132,30 @@ def test_malformed_multipart_is_400(client: TestClient) -> None:
     )
     assert response.status_code in (400, 422), response.text
     assert "error" in response.json()
+
+
+def test_where_an_image_decodes_follows_its_pixels_not_its_bytes(client: TestClient) -> None:
+    """A few KB can hold a megapixel (a flat palette PNG): small bodies decode on the event loop only
+    when their headers promise few pixels; the rest decode in a worker thread."""
+    import threading
+
+    from service import imaging, pipeline
+
+    threads: list[tuple[str, str]] = []
+    decode_opened = imaging.decode_opened
+
+    def spy(opened: imaging.Opened, spec: imaging.Preprocessing | None = None) -> imaging.Decoded:
+        threads.append((f"{opened.image.width}x{opened.image.height}", threading.current_thread().name))
+        return decode_opened(opened, spec)
+
+    flat = png_bytes(Image.new("P", (1000, 1000)))
+    assert len(flat) < pipeline.INLINE_BYTES and pipeline.INLINE_PIXELS < 1000 * 1000
+    loop_thread = client.portal.call(lambda: threading.current_thread().name)  # type: ignore[union-attr]
+    imaging.decode_opened = spy
+    try:
+        for body in (DIGIT, flat):
+            assert client.post("/v1/classify", content=body, headers={"content-type": "image/png"}).status_code == 200
+    finally:
+        imaging.decode_opened = decode_opened
+    (digit, on_loop), (big, elsewhere) = threads
+    assert on_loop == loop_thread and elsewhere != loop_thread, threads
