@@ -27,6 +27,13 @@ class ServiceError(Exception):
         self.headers = headers
 
 
+def quoted(text: object, limit: int = 64) -> str:
+    """A client's text in an error message: quoted, and at most its first `limit` characters (a 10 MB
+    model name must not come back as a 10 MB error)."""
+    value = str(text)
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     """The one error shape; it carries the request id the response's X-Request-ID also has."""
     body = {"code": code, "message": message, **extra}

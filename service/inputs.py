@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.errors import ServiceError
+from service.errors import ServiceError, quoted
 
 ACCEPTED = "multipart/form-data (field 'file'), image/*, or application/json {\"images\": [base64, ...]}"
 
@@ -89,7 +89,9 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
     for key, value in form.multi_items():
         if isinstance(value, UploadFile):
             if key != "file":
-                raise ServiceError(422, "unexpected_file", f"file field {key!r}: images go in fields named 'file'")
+                raise ServiceError(
+                    422, "unexpected_file", f"file field {quoted(key)}: images go in fields named 'file'"
+                )
             images.append(await value.read())
         elif key == "file":
             raise ServiceError(422, "not_a_file", "field 'file' must be a file upload (curl -F file=@image.png)")

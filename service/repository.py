@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from service import context
 from service.batching import Batcher
-from service.errors import ServiceError
+from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
 from service.runtime import create_session, on_cuda, run
 from service.settings import Settings
@@ -218,7 +218,7 @@ class ModelRegistry:
             raise ServiceError(404, "no_model", f"the repository has no {task} model")
         model = self.models.get(name)
         if model is None:
-            raise ServiceError(404, "unknown_model", f"no model named {name!r}; models: {sorted(self.models)}")
+            raise ServiceError(404, "unknown_model", f"no model named {quoted(name)}; models: {sorted(self.models)}")
         if model.state != "ready" or model.manifest is None:
             raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
         if model.manifest.task != task:

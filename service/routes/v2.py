@@ -23,7 +23,7 @@ from pydantic_core import to_json
 
 from service import __version__
 from service.deps import RegistryDep, SettingsDep
-from service.errors import ServiceError
+from service.errors import ServiceError, quoted
 from service.repository import ModelRegistry, ServedModel, served
 from service.routes.v1 import parse_options
 from service.settings import Settings
@@ -123,11 +123,11 @@ def find_view(registry: ModelRegistry, tasks: dict[str, Task], name: str, versio
     image = name.endswith(IMAGE_SUFFIX) and name[: -len(IMAGE_SUFFIX)] in registry.models
     model = registry.models.get(name[: -len(IMAGE_SUFFIX)] if image else name)
     if model is None or (image and model.manifest and _image_view(tasks, model) is None):
-        raise ServiceError(404, "unknown_model", f"unknown model {name!r}")
+        raise ServiceError(404, "unknown_model", f"unknown model {quoted(name)}")
     if model.state != "ready" or model.manifest is None:
         raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
     if version is not None and version != str(model.manifest.version):
-        raise ServiceError(404, "unknown_version", f"model {name!r} has no version {version!r}")
+        raise ServiceError(404, "unknown_version", f"model {quoted(name)} has no version {quoted(version)}")
     return View(served(model), _image_view(tasks, model) if image else None)
 
 
@@ -248,7 +248,7 @@ def checked(array: np.ndarray, shape: list[int | str]) -> np.ndarray:
 
 def _input(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
     if name not in inputs:
-        raise ServiceError(400, "invalid_request", f"input {name!r} is missing; the model takes it")
+        raise ServiceError(400, "invalid_request", f"input {quoted(name)} is missing; the model takes it")
     return inputs[name]
 
 
@@ -272,7 +272,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
             else:
                 inputs[name] = from_json(tensor["data"], datatype, shape)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ServiceError(400, "invalid_request", f"input tensor is malformed: {exc!r}") from exc
+            raise ServiceError(400, "invalid_request", f"input tensor is malformed: {quoted(repr(exc), 200)}") from exc
     return header, inputs
 
 
@@ -314,7 +314,7 @@ def encode_response(view: View, header: dict[str, Any], outputs: dict[str, np.nd
     for request in wanted:
         name = request.get("name")
         if name not in outputs:
-            raise ServiceError(400, "invalid_request", f"output {name!r} is not one of {list(outputs)}")
+            raise ServiceError(400, "invalid_request", f"output {quoted(name)} is not one of {list(outputs)}")
         array = outputs[name]
         tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
         if (request.get("parameters") or {}).get("binary_data", all_binary):

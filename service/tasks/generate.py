@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.attention import enlarged, heads, overlay, pick
 from service.deps import RegistryDep, SettingsDep
-from service.errors import ServiceError
+from service.errors import ServiceError, quoted
 from service.imaging import Decoded, decode_image, encode_png, to_unit_array
 from service.inputs import decode_base64, wants_png
 from service.manifest import Manifest, Preprocessing
@@ -103,7 +103,7 @@ def label_index(manifest: Manifest, cfg: GenerationConfig, label: str | None) ->
     if label is None:
         return cfg.num_classes
     if label not in manifest.labels:
-        raise ServiceError(422, "unknown_label", f"label {label!r} is not one of {manifest.labels}")
+        raise ServiceError(422, "unknown_label", f"label {quoted(label)} is not one of {manifest.labels}")
     return manifest.labels.index(label)
 
 

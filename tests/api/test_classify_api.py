@@ -96,6 +96,15 @@ def test_bad_requests_get_clear_json_errors(client: TestClient, kwargs: dict, st
     assert "Traceback" not in response.text
 
 
+def test_errors_quote_only_a_short_prefix_of_what_the_client_sent(client: TestClient) -> None:
+    name = "m" * 10_000
+    for response in (
+        client.post("/v1/classify", params={"model": name}, content=DIGIT, headers={"content-type": "image/png"}),
+        client.get(f"/v2/models/{name}"),
+    ):
+        assert response.status_code == 404 and len(response.text) < 1000, len(response.text)
+
+
 def test_query_validation_and_unknown_model(client: TestClient) -> None:
     headers = {"content-type": "image/png"}
     assert client.post("/v1/classify?top_k=-1", content=DIGIT, headers=headers).status_code == 422
