@@ -66,6 +66,10 @@ class Batcher:
     async def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
         size = len(next(iter(feeds.values())))
+        if size > self.policy.max_queue_size:  # it could never fit: retrying would not help
+            raise ServiceError(
+                413, "batch_too_large", f"{size} images in one run; the limit is {self.policy.max_queue_size}"
+            )
         if self.queued_images + size > self.policy.max_queue_size:
             raise Overloaded(self.name, self.policy.max_queue_size)
         if size == 1 and self.lone_run_s < INLINE_RUN_S and self._idle() and context.in_flight() == 1:

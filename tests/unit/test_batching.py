@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, Overloaded
+from service.errors import ServiceError
 from service.manifest import BatchPolicy
 
 
@@ -65,6 +66,16 @@ def test_a_full_queue_answers_503_with_retry_after() -> None:
     refused = [o for o in outcomes if isinstance(o, Overloaded)]  # type: ignore[attr-defined]
     assert refused and refused[0].status == 503 and refused[0].headers == {"Retry-After": "1"}
     assert sum(not isinstance(o, Exception) for o in outcomes) >= 3  # type: ignore[attr-defined]
+
+
+def test_a_request_bigger_than_the_queue_is_413_not_a_retry() -> None:
+    """300 images can never fit a queue of 256: 'retry shortly' (503) would be a lie."""
+    batcher = Batcher("m", DoublingSession(), BatchPolicy(max_queue_size=4))  # type: ignore[arg-type]
+    with pytest.raises(ServiceError) as info:
+        run(batcher.run({"x": np.ones((5, 2))}))
+    assert (info.value.status, info.value.code) == (413, "batch_too_large")
+    (doubled, _) = run(batcher.run({"x": np.ones((4, 2))}))  # type: ignore[misc]
+    assert doubled.shape == (4, 2)
 
 
 def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
