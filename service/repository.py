@@ -53,6 +53,7 @@ class ServedModel:
     batchers: dict[str, Batcher] = field(default_factory=dict)
     # inference threads of this model's own, one per graph: runs never queue behind image decoding
     executor: ThreadPoolExecutor | None = None
+    failed_graphs: dict[str, str] = field(default_factory=dict)  # optional graph -> why it did not load
     load_seconds: float = 0.0
 
     @property
@@ -121,6 +122,22 @@ def latest_version(model_dir: Path) -> Path:
     return max(versions, key=lambda p: int(p.name))
 
 
+# Graphs a model serves without when they fail to load: only the routes that need them answer 503.
+OPTIONAL_GRAPHS = {"attention"}
+
+
+def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
+    """A session for one of the model's graphs, checked against its manifest and warmed up, with its batcher."""
+    session = create_session(model.path / spec.file, settings)
+    check_graph(session, spec)
+    batched = settings.batching and batchable(spec)
+    if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
+        warm_up(session, spec, warm_sizes(policy) if batched and graph != "attention" else [1])
+    model.sessions[graph] = session
+    if batched:
+        model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy, model.executor)
+
+
 def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
     model = ServedModel(name=model_dir.name, path=model_dir)
     started = time.perf_counter()
@@ -139,16 +156,15 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
         policy = batch_policy(manifest, settings)
         model.executor = ThreadPoolExecutor(len(manifest.graphs), thread_name_prefix=f"infer-{model.name}")
         for graph, spec in manifest.graphs.items():
-            session = create_session(version_dir / spec.file, settings)
-            check_graph(session, spec)
-            batched = settings.batching and batchable(spec)
-            if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
-                warm_up(session, spec, warm_sizes(policy) if batched and graph != "attention" else [1])
-            model.sessions[graph] = session
-            if batched:
-                model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy, model.executor)
-    except Exception as exc:  # any failure takes down this model only
-        model.reason = _reason(exc)
+            try:
+                load_graph(model, graph, spec, settings, policy)
+            except Exception as exc:
+                if graph not in OPTIONAL_GRAPHS:
+                    raise
+                model.failed_graphs[graph] = _reason(exc, model_dir.parent)  # the model serves without it
+                log.error("model %s serves without its %s graph: %s", model.name, graph, model.failed_graphs[graph])
+    except Exception as exc:  # any other failure takes down this model only
+        model.reason = _reason(exc, model_dir.parent)
         model.sessions.clear()
         model.batchers.clear()
         if model.executor is not None:
@@ -162,11 +178,13 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
     return model
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, repository: Path) -> str:
+    """One line saying why, with paths relative to the repository (readiness is open to anyone)."""
     if isinstance(exc, FileNotFoundError):
-        return f"missing file: {exc.filename or exc}"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {' '.join(text)[:500]}"
+        text = [f"missing file: {exc.filename or exc}"]
+    else:
+        text = [f"{type(exc).__name__}:", *str(exc).strip().splitlines()]
+    return " ".join(text)[:500].replace(f"{repository.resolve()}/", "").replace(f"{repository}/", "")
 
 
 def served(model: ServedModel) -> ServedModel:
@@ -176,15 +194,16 @@ def served(model: ServedModel) -> ServedModel:
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], reason: str | None = None) -> None:
         self.models = {m.name: m for m in sorted(models, key=lambda m: m.name)}
+        self.reason = reason or (None if models else "the model repository holds no model")
 
     @classmethod
     def load(cls, settings: Settings, checks: ManifestChecks) -> ModelRegistry:
         root = settings.model_repository
         if not root.is_dir():
             log.error("model repository %s does not exist", root)
-            return cls([])
+            return cls([], f"the model repository {root.name!r} does not exist (VITSERVE_MODEL_REPOSITORY)")
         dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
         return cls([load_model(d, settings, checks) for d in dirs])
 
@@ -202,6 +221,9 @@ class ModelRegistry:
     def resolve(self, name: str | None, task: str, graph: str = "main") -> ServedModel:
         """The model a request asked for, or the first ready model of its task; it must have `graph`."""
         model = self._pick(name, task)
+        if graph in model.failed_graphs:
+            raise ServiceError(503, "graph_not_ready", f"model {model.name!r}'s {graph} graph failed to load: "
+                               f"{model.failed_graphs[graph]}")  # fmt: skip
         if graph not in model.sessions:
             raise ServiceError(422, f"no_{graph}_graph", f"model {model.name!r} was exported without a {graph!r} graph")
         return served(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.deps import RegistryDep
 from service.metrics import EXPOSITION_TYPE
@@ -16,11 +16,13 @@ router = APIRouter(tags=["health"])
 class ModelStatus(BaseModel):
     state: Literal["ready", "failed"]
     reason: str | None = None
+    failed_graphs: dict[str, str] = Field({}, description="optional graphs that did not load, and why")
 
 
 class Readiness(BaseModel):
     ready: bool
     draining: bool = False
+    reason: str | None = Field(None, description="why no model can serve (no repository, or an empty one)")
     models: dict[str, ModelStatus]
 
 
@@ -42,9 +44,12 @@ async def live() -> dict[str, str]:
 async def ready(request: Request, registry: RegistryDep, response: Response) -> Readiness:
     """200 when every model in the repository is loaded and warmed up; else 503 with each model's
     state. 503 too from the moment a SIGTERM asks the server to drain."""
-    models = {m.name: ModelStatus(state=m.state, reason=m.reason) for m in registry.models.values()}
+    models = {
+        m.name: ModelStatus(state=m.state, reason=m.reason, failed_graphs=m.failed_graphs)
+        for m in registry.models.values()
+    }
     draining = bool(request.app.state.draining)
     ready = registry.ready and not draining
     if not ready:
         response.status_code = 503
-    return Readiness(ready=ready, draining=draining, models=models)
+    return Readiness(ready=ready, draining=draining, reason=registry.reason, models=models)

@@ -27,6 +27,7 @@ class ModelInfo(BaseModel):
     quality: dict[str, float] = {}
     data: dict[str, Any] = {}
     load_seconds: float
+    failed_graphs: dict[str, str] = Field({}, description="optional graphs (attention) that did not load, and why")
     batch_sizes: dict[str, dict[int, int]] = Field(
         {}, description="per batched graph: images per run -> runs so far (what the dynamic batcher formed)"
     )
@@ -43,6 +44,7 @@ def describe(model: ServedModel) -> ModelInfo:
         reason=model.reason,
         providers=model.providers,
         load_seconds=round(model.load_seconds, 3),
+        failed_graphs=model.failed_graphs,
         batch_sizes={graph: dict(sorted(b.batch_sizes.items())) for graph, b in model.batchers.items()},
     )
     if m := model.manifest:

@@ -22,8 +22,10 @@ def test_health(client: TestClient) -> None:
     assert client.get("/health/live").json() == {"status": "live"}
     ready = client.get("/health/ready")
     assert ready.status_code == 200
-    models = {name: {"state": "ready", "reason": None} for name in ("detr", "imagetransformer", "vit")}
-    assert ready.json() == {"ready": True, "draining": False, "models": models}
+    models = {
+        name: {"state": "ready", "reason": None, "failed_graphs": {}} for name in ("detr", "imagetransformer", "vit")
+    }
+    assert ready.json() == {"ready": True, "draining": False, "reason": None, "models": models}
 
 
 def test_models_lists_providers_and_quality(client: TestClient) -> None:
@@ -77,16 +79,17 @@ def test_oversized_body_is_413_before_it_is_read(small_body_client: TestClient) 
 
 @pytest.fixture()
 def broken_repository(tiny_repository: Path, tmp_path: Path) -> Path:
-    """One good model and four broken ones, each broken differently."""
+    """One good model and five broken ones, each broken differently."""
     root = copy_repository(tiny_repository, tmp_path / "repo")
     good = root / TINY_NAME / "1"
-    for name in ("corrupt", "mismatched", "no_manifest", "bad_manifest"):
+    for name in ("corrupt", "mismatched", "no_manifest", "bad_manifest", "bad_attention"):
         shutil.copytree(good, root / name / "1")
         manifest = (
             (root / name / "1" / MANIFEST_FILE).read_text().replace(f'"name": "{TINY_NAME}"', f'"name": "{name}"')
         )
         (root / name / "1" / MANIFEST_FILE).write_text(manifest)
     (root / "corrupt" / "1" / "model.onnx").write_bytes(b"\x08\x01garbage")
+    (root / "bad_attention" / "1" / "attention.onnx").write_bytes(b"\x08\x01garbage")
     mismatched = root / "mismatched" / "1" / MANIFEST_FILE
     mismatched.write_text(mismatched.read_text().replace('"pixel_values"', '"images"'))
     (root / "no_manifest" / "1" / MANIFEST_FILE).unlink()
@@ -102,6 +105,8 @@ def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
         assert states[TINY_NAME]["state"] == "ready"
         reasons = {name: s["reason"] for name, s in states.items() if s["state"] == "failed"}
         assert set(reasons) == {"corrupt", "mismatched", "no_manifest", "bad_manifest"}
+        assert not any(str(broken_repository) in reason for reason in reasons.values())  # no absolute paths
+        assert "bad_attention/1/attention.onnx" in str(reasons) + str(states["bad_attention"]["failed_graphs"])
         assert "images" in reasons["mismatched"] and "pixel_values" in reasons["mismatched"]
         assert "manifest.json" in reasons["no_manifest"]
         assert "ValidationError" in reasons["bad_manifest"]
@@ -115,8 +120,23 @@ def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
 
         response = client.post(f"/v1/classify?model={TINY_NAME}", content=DIGIT, headers={"content-type": "image/png"})
         assert response.status_code == 200
+        # a broken optional graph takes down only the routes that need it
+        assert states["bad_attention"]["state"] == "ready" and set(states["bad_attention"]["failed_graphs"]) == {
+            "attention"
+        }
+        png = {"content": DIGIT, "headers": {"content-type": "image/png"}}
+        assert client.post("/v1/classify?model=bad_attention", **png).status_code == 200
+        refused = client.post("/v1/classify/attention?model=bad_attention", **png)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "graph_not_ready"
         response = client.post("/v1/classify?model=corrupt", content=DIGIT, headers={"content-type": "image/png"})
         assert response.status_code == 503 and "not ready" in response.json()["error"]["message"]
+
+
+def test_a_missing_repository_says_so_in_readiness(tmp_path: Path) -> None:
+    for client in client_for(Settings(model_repository=tmp_path / "nowhere", device="cpu")):
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503 and "'nowhere' does not exist" in ready.json()["reason"]
+        assert str(tmp_path) not in ready.text
 
 
 def test_server_timing_names_every_stage(client: TestClient) -> None:
