@@ -103,8 +103,8 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
 def _from_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {quoted(exc, 200)}") from exc
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise ServiceError(422, "invalid_request", 'the JSON body must be an object with a list "images"')
     encoded = payload.pop("images")

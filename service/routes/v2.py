@@ -226,8 +226,7 @@ async def infer(
         outputs = await infer_images(registry, view, view.image, inputs, header, settings)
     else:
         feeds = {
-            spec.name: checked(_input(inputs, spec.name), spec.shape).astype(spec.dtype)
-            for spec in view.manifest.main.inputs
+            spec.name: checked(_input(inputs, spec.name), spec.shape, spec.dtype) for spec in view.manifest.main.inputs
         }
         if len({len(array) for array in feeds.values()}) > 1:
             raise ServiceError(400, "invalid_request", "every input must have the same batch size")
@@ -236,14 +235,21 @@ async def infer(
     return encode_response(view, header, outputs)
 
 
-def checked(array: np.ndarray, shape: list[int | str]) -> np.ndarray:
-    """The array, if its shape fits the graph's (fixed axes equal, same rank)."""
+def checked(array: np.ndarray, shape: list[int | str], dtype: str) -> np.ndarray:
+    """The array as the graph's dtype, if its shape fits (fixed axes equal, same rank) and its values
+    survive the cast (no text, no fractions or out-of-range numbers into integers)."""
     if len(array.shape) != len(shape) or any(
         isinstance(d, int) and d != a for d, a in zip(shape, array.shape, strict=True)
     ):
         wanted = [d if isinstance(d, int) else -1 for d in shape]
         raise ServiceError(400, "invalid_request", f"an input has shape {list(array.shape)}; the model takes {wanted}")
-    return array
+    if array.dtype == object:
+        raise ServiceError(400, "invalid_request", f"an input is BYTES; the model takes {FROM_MANIFEST[dtype]}")
+    with np.errstate(invalid="ignore"):  # NaN or 1e300 into an integer: refused just below
+        cast = array.astype(dtype)
+    if np.issubdtype(cast.dtype, np.integer) and not np.array_equal(cast, array):
+        raise ServiceError(400, "invalid_request", f"an input holds values that are not {FROM_MANIFEST[dtype]}")
+    return cast
 
 
 def _input(inputs: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -256,32 +262,43 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
     """The JSON header and every input as a numpy array (BYTES as an object array of bytes)."""
     try:
         split = int(header_length) if header_length is not None else len(body)
+        if not 0 <= split <= len(body):
+            raise ValueError(f"{HEADER_LENGTH} {split} is outside the body's {len(body)} bytes")
         header = json.loads(body[:split])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise ServiceError(400, "invalid_request", f"the request header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ServiceError(400, "invalid_request", 'the request needs "inputs": a list of tensors')
+    outputs, parameters = header.get("outputs", []), header.get("parameters", {})
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise ServiceError(400, "invalid_request", '"outputs" must be a list of objects')
+    if not isinstance(parameters, dict | None):
+        raise ServiceError(400, "invalid_request", '"parameters" must be an object')
     binary, offset, inputs = body[split:], 0, {}
     for tensor in header["inputs"]:
         try:
-            name, shape, datatype = tensor["name"], [int(d) for d in tensor["shape"]], tensor["datatype"]
+            name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"dims must be whole numbers of at least 0, not {quoted(shape)}")
             size = (tensor.get("parameters") or {}).get("binary_data_size")
             if size is not None:
+                if not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
+                    raise ValueError(f"binary_data_size {quoted(size)} is more than the body holds")
                 inputs[name] = from_bytes(binary[offset : offset + size], datatype, shape)
                 offset += size
             else:
                 inputs[name] = from_json(tensor["data"], datatype, shape)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, struct.error, RecursionError) as exc:
             raise ServiceError(400, "invalid_request", f"input tensor is malformed: {quoted(repr(exc), 200)}") from exc
     return header, inputs
 
 
 def from_json(data: list[Any], datatype: str, shape: list[int]) -> np.ndarray:
     if datatype == "BYTES":
-        flat = [
-            item.encode() if isinstance(item, str) else bytes(item) for item in np.asarray(data, dtype=object).ravel()
-        ]
-        return np.array(flat, dtype=object).reshape(shape)
+        items = np.asarray(data, dtype=object).ravel()
+        if not all(isinstance(item, str) for item in items):  # bytes(10**13) would allocate 10 TB
+            raise ValueError("BYTES data in JSON must be strings")
+        return np.array([item.encode() for item in items], dtype=object).reshape(shape)
     return np.asarray(data, dtype=DATATYPES[datatype]).reshape(shape)
 
 
@@ -291,6 +308,8 @@ def from_bytes(raw: bytes, datatype: str, shape: list[int]) -> np.ndarray:
     items, at = [], 0
     while at < len(raw):  # each element: a 4-byte little-endian length, then the bytes
         (length,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + length > len(raw):
+            raise ValueError(f"a BYTES element of {length} bytes runs past its tensor's {len(raw)}")
         items.append(raw[at + 4 : at + 4 + length])
         at += 4 + length
     return np.array(items, dtype=object).reshape(shape)
@@ -312,12 +331,14 @@ def encode_response(view: View, header: dict[str, Any], outputs: dict[str, np.nd
     all_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
     tensors, blobs = [], []
     for request in wanted:
-        name = request.get("name")
-        if name not in outputs:
+        name, parameters = request.get("name"), request.get("parameters") or {}
+        if not isinstance(name, str) or name not in outputs:
             raise ServiceError(400, "invalid_request", f"output {quoted(name)} is not one of {list(outputs)}")
+        if not isinstance(parameters, dict):
+            raise ServiceError(400, "invalid_request", f"output {quoted(name)}: its parameters must be an object")
         array = outputs[name]
         tensor: dict[str, Any] = {"name": name, "datatype": datatype_of(array), "shape": list(array.shape)}
-        if (request.get("parameters") or {}).get("binary_data", all_binary):
+        if parameters.get("binary_data", all_binary):
             blob = to_bytes(array)
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
