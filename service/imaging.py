@@ -15,7 +15,7 @@ import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from service.context import timed
-from service.errors import ServiceError
+from service.errors import ServiceError, quoted
 from service.manifest import Preprocessing
 
 RESAMPLE = {
@@ -25,6 +25,11 @@ RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+# The formats users send photos and pictures in; Pillow's other decoders (PPM, XBM, SGI, IM, DDS, ...)
+# are rarely needed and more often a way in.
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG's opener also reads MPO (cameras' JPEGs)
+Image.init()  # registers every plugin, so that Image.open(formats=FORMATS) knows them all
+
 # Pillow's own bomb check is a warning at 89 Mpx; we enforce our limit before decoding instead.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -82,9 +87,12 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
     if not data:
         raise ServiceError(422, "empty_image", "the image is empty (0 bytes)")
     try:
-        image: Image.Image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ServiceError(415, "unsupported_image", "the data is not an image format we can read") from exc
+        image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError as exc:
+        message = f"the data is not an image in a format we read ({', '.join(FORMATS)})"
+        raise ServiceError(415, "unsupported_image", message) from exc
+    except Exception as exc:  # a known format with a broken header: Pillow raises OSError, ValueError, KeyError...
+        raise ServiceError(422, "corrupt_image", f"the image header could not be read: {quoted(exc, 200)}") from exc
     width, height = image.size
     if width * height > max_pixels:
         raise ServiceError(
@@ -92,7 +100,7 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
             "image_too_large",
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
-    if image.format == "JPEG" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    if image.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ServiceError(422, "too_many_scans", f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
     return Opened(image, data)
 
@@ -103,12 +111,14 @@ def decode_opened(opened: Opened, spec: Preprocessing | None = None) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if spec is not None and image.format == "JPEG":
+            if spec is not None and image.format in ("JPEG", "MPO"):
                 return _decode_reduced(data, image, spec)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+    except MemoryError as exc:
+        raise ServiceError(413, "image_too_large", "the image needs more memory to decode than the server has") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
-        raise ServiceError(422, "corrupt_image", f"the image could not be decoded: {exc}") from exc
+        raise ServiceError(422, "corrupt_image", f"the image could not be decoded: {quoted(exc, 200)}") from exc
     return Decoded(_to_8bit(image), image.size)
 
 

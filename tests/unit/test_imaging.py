@@ -153,3 +153,23 @@ def test_jpegs_with_more_scans_than_encoders_use_are_refused() -> None:
     with pytest.raises(ServiceError) as info:
         decode_image(bomb, LIMIT)
     assert (info.value.status, info.value.code) == (422, "too_many_scans")
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "SGI", "IM", "DDS", "TGA", "PCX", "ICO"])
+def test_formats_outside_the_allow_list_are_415(fmt: str) -> None:
+    """Pillow reads dozens of formats; the service decodes only those photos and pictures come in."""
+    image = Image.new("RGBA" if fmt == "DDS" else "RGB", (16, 16), (10, 200, 30, 255)[: 4 if fmt == "DDS" else 3])
+    with pytest.raises(ServiceError) as info:
+        decode_image(encode(image, fmt), LIMIT)
+    assert (info.value.status, info.value.code) == (415, "unsupported_image")
+
+
+def test_broken_headers_of_allowed_formats_are_422_not_500() -> None:
+    """Pillow raises ValueError, KeyError, SyntaxError... for some broken headers: each is the client's 422."""
+    tiff = bytearray(encode(Image.new("RGB", (16, 16)), "TIFF"))
+    png = bytearray(png_bytes(Image.new("L", (16, 16))))
+    png[16:24] = b"\xff" * 8  # IHDR width and height far beyond reason
+    for broken in (bytes(tiff[:40]) + b"\xff" * 200, bytes(png), b"GIF89a" + b"\x00" * 3):
+        with pytest.raises(ServiceError) as info:
+            decode_image(broken, LIMIT)
+        assert 400 <= info.value.status < 500, info.value.status
