@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import context
-from service.errors import ServiceError
+from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy
 from service.runtime import on_cuda, run
 
@@ -105,7 +105,9 @@ class Batcher:
         while True:
             batch = await self._collect()
             self.queued_images -= sum(r.size for r in batch)
-            await self._run(batch)
+            batch = [r for r in batch if not r.future.done()]  # a client that left (cancelled) costs no run
+            if batch:
+                await self._run(batch)
 
     async def _collect(self) -> list[_Request]:
         """The next batch: the first waiting request, then whoever arrives before the delay runs out."""
@@ -146,10 +148,16 @@ class Batcher:
             loop = asyncio.get_running_loop()
             outputs, seconds = await loop.run_in_executor(self.executor, self._timed_run, feeds)
         except Exception as exc:  # one failed run fails its requests, not the batcher
-            log.exception("model %s: a batch of %d requests failed", self.name, len(batch))
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            self.running = False
+            if len(batch) > 1:  # one bad input must not fail its neighbours: each runs again alone
+                log.warning("model %s: a batch of %d requests failed (%s); running each alone", self.name,
+                            len(batch), quoted(exc, 200))  # fmt: skip
+                for request in batch:
+                    await self._run([request])
+                return
+            log.exception("model %s: a request failed", self.name)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         finally:
             self.running = False

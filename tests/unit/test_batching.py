@@ -78,6 +78,50 @@ def test_a_request_bigger_than_the_queue_is_413_not_a_retry() -> None:
     assert doubled.shape == (4, 2)
 
 
+class PickySession(DoublingSession):
+    """Fails any batch holding a negative input, as a graph does on an out-of-range index."""
+
+    def run(self, _: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if (feeds["x"] < 0).any():
+            with self.lock:
+                self.batches.append(len(feeds["x"]))
+            raise RuntimeError("index out of range")
+        return super().run(_, feeds)
+
+
+def test_one_bad_request_fails_alone_not_its_batch() -> None:
+    """A batch that fails is run again request by request: only the culprit gets the error."""
+    session = PickySession(delay=0.02)
+    batcher = Batcher("m", session, BatchPolicy(max_batch_size=8, max_queue_delay_ms=50))  # type: ignore[arg-type]
+    inputs = [np.full((1, 2), value, dtype=np.float32) for value in (1.0, 2.0, -1.0, 3.0)]
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(*(batcher.run({"x": x}) for x in inputs), return_exceptions=True)
+
+    outcomes = run(scenario())
+    assert isinstance(outcomes[2], RuntimeError)  # type: ignore[index]
+    for x, outcome in zip(inputs, outcomes, strict=True):  # type: ignore[call-overload]
+        if x[0, 0] > 0:
+            np.testing.assert_array_equal(outcome[0], x * 2)
+    assert session.batches[0] == 4 and sorted(session.batches[1:]) == [1, 1, 1, 1]
+
+
+def test_a_client_that_left_costs_no_run() -> None:
+    session = DoublingSession(delay=0.05)
+    batcher = Batcher("m", session, BatchPolicy(max_batch_size=1))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.run({"x": np.ones((1, 2))}))
+        left = asyncio.ensure_future(batcher.run({"x": np.ones((1, 2))}))
+        await asyncio.sleep(0.01)  # the first runs; the second waits in the queue
+        left.cancel()
+        await first
+        await asyncio.sleep(0.1)
+
+    run(scenario())
+    assert session.batches == [1] and batcher.queued_images == 0
+
+
 def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
     session = DoublingSession(fail=True)
     batcher = Batcher("m", session, BatchPolicy())  # type: ignore[arg-type]
