@@ -349,7 +349,9 @@ def encode_response(view: View, header: dict[str, Any], outputs: dict[str, np.nd
     body: dict[str, Any] = {"model_name": view.name, "model_version": str(view.manifest.version), "outputs": tensors}
     if "id" in header:
         body["id"] = header["id"]
-    head = to_json(body)  # pydantic-core's compiled encoder: long tensors as JSON lists are its strength
+    # pydantic-core's compiled encoder (long tensors as JSON lists are its strength); NaN and infinities,
+    # which JSON lacks, as null, as KServe's own server writes them
+    head = to_json(body, inf_nan_mode="null")
     if not blobs:
         return Response(head, media_type="application/json")
     return Response(

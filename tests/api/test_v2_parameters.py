@@ -158,6 +158,18 @@ def test_json_nested_too_deep_is_400_on_both_protocols(client: TestClient) -> No
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
 
 
+def test_answers_are_json_even_when_a_graph_gives_nan(client: TestClient) -> None:
+    """NaN pixels in, NaN logits out: written as null (JSON has no NaN), as KServe's server writes them."""
+    head = json.dumps({"inputs": [{**PIXELS, "data": None, "parameters": {"binary_data_size": 4096}}]}).encode()
+    body = head + np.full(1024, np.nan, dtype=np.float32).tobytes()
+    answer = client.post(
+        "/v2/models/vit/infer", content=body, headers={"Inference-Header-Content-Length": str(len(head))}
+    )
+    assert answer.status_code == 200
+    (logits,) = json.loads(answer.text, parse_constant=lambda name: pytest.fail(f"bare {name} in JSON"))["outputs"]
+    assert logits["data"] == [None] * 10
+
+
 def test_numbers_that_do_not_survive_the_cast_are_400(client: TestClient) -> None:
     """The scoring graph takes INT64 pixels: 1e300 or 2.5 would be silently wrapped or truncated."""
     for value in (1e300, 2.5):
