@@ -71,6 +71,18 @@ def heads(attention: np.ndarray, head: int | None, fusion: HeadFusion = "mean") 
     return fuse_heads(attention[None], fusion)[0] if head is None else pick(attention, head, "head")
 
 
+# The largest picture the service draws (a render, an overlay, a strip of panels): 16 Mpx, 48 MB as
+# RGB. Beyond it a `scale` or a long thin image would make a tiny request cost gigabytes.
+MAX_PICTURE_PIXELS = 16_000_000
+
+
+def check_picture(width: int, height: int) -> None:
+    if width * height > MAX_PICTURE_PIXELS:
+        message = f"the picture would be {width}x{height} pixels; the limit is {MAX_PICTURE_PIXELS}: ask for less"
+        raise ServiceError(413, "picture_too_large", message)
+
+
 def enlarged(image: Image.Image, scale: int) -> Image.Image:
     """Each pixel as a scale x scale block (maps over tiny inputs stay legible)."""
+    check_picture(image.width * scale, image.height * scale)
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST) if scale > 1 else image

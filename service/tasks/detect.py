@@ -19,7 +19,7 @@ from fastapi import APIRouter
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, Field
 
-from service.attention import enlarged, heads, overlay, pick
+from service.attention import MAX_PICTURE_PIXELS, check_picture, enlarged, heads, overlay, pick
 from service.errors import ServiceError
 from service.imaging import letterbox_size
 from service.manifest import Manifest, Preprocessing
@@ -117,7 +117,9 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 def draw_boxes(batch: Batch[DetectOptions], answer: DetectResponse) -> Image.Image:
     """The first image with each box outlined and labelled; small images are enlarged to be seen."""
     image, found = batch.images[0].image, answer.results[0]
-    scale = max(1, 256 // max(min(image.size), 1))
+    fits = math.isqrt(MAX_PICTURE_PIXELS // (image.width * image.height))  # a thin image is not enlarged past it
+    scale = max(1, min(256 // max(min(image.size), 1), fits))
+    check_picture(image.width * scale, image.height * scale)
     canvas = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(10, canvas.height // 30))
@@ -256,8 +258,10 @@ def image_map(grid_map: np.ndarray, spec: Preprocessing, original: tuple[int, in
 def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionResponse) -> Image.Image:
     """One panel per detection (and for `point`), side by side: the map over the image, the box."""
     image, scale = batch.images[0].image, batch.options.scale
+    wanted = image_attention(batch, 0)[1]
+    check_picture((image.width * scale + 4) * max(len(wanted), 1), image.height * scale)
     panels = []
-    for grid_map, box, title in image_attention(batch, 0)[1]:
+    for grid_map, box, title in wanted:
         panel = overlay(enlarged(image, scale), image_map(grid_map, batch.manifest.preprocessing, image.size))
         draw = ImageDraw.Draw(panel)
         if box is not None:

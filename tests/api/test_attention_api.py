@@ -119,3 +119,21 @@ def test_generator_attention_covers_only_the_context(all_client: TestClient) -> 
     )
     assert decode(picture.content).size == (80, 80)
     assert all_client.post("/v1/generate/attention", json={"image": image, "row": 8, "col": 0}).status_code == 422
+
+
+def test_pictures_are_capped_whatever_the_scale_or_shape(all_client: TestClient) -> None:
+    """`scale` and long thin images would make a tiny request draw gigabytes: 413 past the cap, or a
+    smaller enlargement where the service chooses it."""
+    from io import BytesIO
+
+    from service.attention import MAX_PICTURE_PIXELS
+
+    big = png_bytes(Image.new("L", (1000, 1000)))
+    png = {"headers": {"content-type": "image/png", "accept": "image/png"}}
+    refused = all_client.post("/v1/classify/attention?scale=64", content=big, **png)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "picture_too_large"
+    thin = png_bytes(Image.new("L", (2000, 1)))
+    drawn = all_client.post("/v1/detect?render=true", content=thin, **png)
+    assert drawn.status_code == 200
+    width, height = Image.open(BytesIO(drawn.content)).size
+    assert width * height <= MAX_PICTURE_PIXELS and width >= 2000
