@@ -140,11 +140,14 @@ def test_a_missing_repository_says_so_in_readiness(tmp_path: Path) -> None:
 
 
 def test_server_timing_names_every_stage(client: TestClient) -> None:
-    response = client.post("/v1/classify", content=DIGIT, headers={"content-type": "image/png"})
-    stages = dict(part.split(";dur=") for part in response.headers["server-timing"].split(", "))
-    assert set(stages) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode", "total"}
-    assert all(float(ms) >= 0 for ms in stages.values())
-    assert float(stages["total"]) >= float(stages["inference"])
+    """Every answer, whether it ran in a batch or alone on the event loop (the first requests teach the
+    batcher how long a run takes; the later lone ones skip its thread)."""
+    for _ in range(5):
+        response = client.post("/v1/classify", content=DIGIT, headers={"content-type": "image/png"})
+        stages = dict(part.split(";dur=") for part in response.headers["server-timing"].split(", "))
+        assert set(stages) == {"decode", "preprocess", "queue", "inference", "postprocess", "encode", "total"}
+        assert all(float(ms) >= 0 for ms in stages.values())
+        assert float(stages["total"]) >= float(stages["inference"])
 
 
 def test_metrics_count_requests_stages_batches_and_rejections(client: TestClient) -> None:

@@ -134,3 +134,23 @@ def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
         assert (doubled == 2).all()
 
     run(scenario())
+
+
+def test_a_lone_short_request_runs_inline_with_the_same_stages() -> None:
+    """Alone in flight and known to be short, a request skips the batcher's thread, yet reports the
+    stages every request reports."""
+    from service import context
+
+    batcher = Batcher("m", DoublingSession(), BatchPolicy())  # type: ignore[arg-type]
+    batcher.lone_run_s = 0.0001  # what earlier runs measured
+
+    async def scenario() -> tuple[dict[str, float], list[np.ndarray]]:
+        request, token = context.begin("r-1")
+        try:
+            return request.timings, await batcher.run({"x": np.ones((1, 2))})
+        finally:
+            context.end(token)
+
+    timings, (doubled, _) = run(scenario())  # type: ignore[misc]
+    assert batcher.task is None  # the batcher's own task never ran: inline
+    assert set(timings) == {"queue", "inference"} and (doubled == 2).all()
