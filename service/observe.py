@@ -1,6 +1,7 @@
 """One pure ASGI middleware that observes every request: it opens the request context (with the
-client's X-Request-ID when sane, else a new one), and when the response starts adds the
-`Server-Timing` and `X-Request-ID` headers, logs one line and records the request's metrics."""
+client's X-Request-ID when sane, else a new one); when the response starts, adds the
+`Server-Timing` (the stages so far) and `X-Request-ID` headers; when it ends, logs one line and
+records the request's metrics."""
 
 from __future__ import annotations
 
@@ -52,19 +53,22 @@ class ObservingMiddleware:
             return
         request, token = context.begin(_request_id(scope))
         started = time.perf_counter()
+        status = 0
 
         async def send_observed(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                total = time.perf_counter() - started
-                extra = [(b"server-timing", server_timing(request.timings, total)),
+                status = message["status"]
+                extra = [(b"server-timing", server_timing(request.timings, time.perf_counter() - started)),
                          (b"x-request-id", request.request_id.encode())]  # fmt: skip
                 message["headers"] = [*message.get("headers", []), *extra]
-                self._record(scope, message["status"], request, total)
             await send(message)
 
         try:
             await self.app(scope, receive, send_observed)
-        finally:
+        finally:  # the log line and metrics cover the whole answer, a stream's every row included
+            if status:
+                self._record(scope, status, request, time.perf_counter() - started)
             context.end(token)
 
     def _record(self, scope: Scope, status: int, request: RequestContext, total: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,8 @@ from service.schemas import Pair
 from service.tasks.base import Task
 
 NAME = "generation"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no cache, no proxy buffering
+log = logging.getLogger("service")
 
 
 class GenerateRequest(BaseModel):
@@ -168,7 +171,7 @@ async def generate(
         return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
 
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(_events(rows, cfg, finish), media_type="text/event-stream")
+        return StreamingResponse(_events(rows, cfg, finish), media_type="text/event-stream", headers=SSE_HEADERS)
     images = await finished(rows)
     if want_png:
         return Response(encode_png(levels_to_image(images[0], cfg.levels, body.scale)), media_type="image/png")
@@ -178,11 +181,21 @@ async def generate(
 async def _events(
     rows: AsyncIterator[tuple[int, np.ndarray]], cfg: GenerationConfig, finish: Callable[[np.ndarray], GenerateResponse]
 ) -> AsyncIterator[str]:
-    """`event: row` with the grey values (0-255) of that row of every image, then `event: done`."""
+    """`event: row` with the grey values (0-255) of that row of every image, then `event: done`; or,
+    where the stream cannot finish (the batcher full, a failed step), `event: error` saying why: the
+    200 went out with the first row, so the end of the stream is where a client learns it."""
     images: np.ndarray | None = None
-    async for row, images in rows:
-        grey = np.round(images[:, row] * (255 / (cfg.levels - 1))).astype(int).tolist()
-        yield f"event: row\ndata: {json.dumps({'row': row, 'pixels': grey})}\n\n"
+    try:
+        async for row, images in rows:
+            grey = np.round(images[:, row] * (255 / (cfg.levels - 1))).astype(int).tolist()
+            yield f"event: row\ndata: {json.dumps({'row': row, 'pixels': grey})}\n\n"
+    except Exception as exc:
+        error = {"code": exc.code, "message": exc.message} if isinstance(exc, ServiceError) else None
+        if error is None:
+            log.exception("a generation stream failed")
+            error = {"code": "internal_error", "message": "generation failed; the server's log has the details"}
+        yield f"event: error\ndata: {json.dumps(error)}\n\n"
+        return
     assert images is not None
     yield f"event: done\ndata: {finish(images).model_dump_json()}\n\n"
 

@@ -57,6 +57,36 @@ def test_raw_png_with_accept(gen_client: TestClient) -> None:
     assert refused.status_code == 422
 
 
+def test_a_stream_that_cannot_finish_ends_with_an_error_event(gen_client: TestClient) -> None:
+    """The 200 went out with the first row: a failure later (here the batcher refusing a step) must
+    end the stream with an `error` event, not cut it off."""
+    from service.errors import ServiceError
+    from service.repository import ServedModel
+
+    run, steps = ServedModel.run, 0
+
+    async def failing(self: ServedModel, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
+        nonlocal steps
+        steps += 1
+        if steps > 20:
+            raise ServiceError(503, "overloaded", "the queue is full; retry shortly")
+        return await run(self, feeds, graph)
+
+    ServedModel.run = failing  # type: ignore[method-assign]
+    try:
+        with gen_client.stream("POST", "/v1/generate", json={"seed": 1, "stream": True}) as response:
+            assert response.status_code == 200 and response.headers["cache-control"] == "no-cache"
+            events = [block for block in response.read().decode().split("\n\n") if block]
+    finally:
+        ServedModel.run = run  # type: ignore[method-assign]
+    kinds = [block.split("\n")[0] for block in events]
+    assert kinds == ["event: row"] * 2 + ["event: error"]
+    assert json.loads(events[-1].split("data: ", 1)[1]) == {
+        "code": "overloaded",
+        "message": "the queue is full; retry shortly",
+    }
+
+
 def test_completion_keeps_the_primed_rows(gen_client: TestClient) -> None:
     digit = held_out_digits()[0][0]
     expected = np.round(np.asarray(digit) / 255 * 16).astype(int)  # 8x8, already at the model's size
