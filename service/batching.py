@@ -137,6 +137,10 @@ class Batcher:
         started = time.perf_counter()
         for request in batch:
             context.record("queue", started - request.queued_at, request.timings)
+        await self._execute(batch, started)
+
+    async def _execute(self, batch: list[_Request], started: float) -> None:
+        """One run for the batch, its outputs split back to each request."""
         try:
             feeds = (
                 batch[0].feeds
@@ -149,12 +153,11 @@ class Batcher:
             loop = asyncio.get_running_loop()
             outputs, seconds = await loop.run_in_executor(self.executor, self._timed_run, feeds)
         except Exception as exc:  # one failed run fails its requests, not the batcher
-            self.running = False
             if len(batch) > 1:  # one bad input must not fail its neighbours: each runs again alone
                 log.warning("model %s: a batch of %d requests failed (%s); running each alone", self.name,
                             len(batch), quoted(exc, 200))  # fmt: skip
                 for request in batch:
-                    await self._run([request])
+                    await self._execute([request], time.perf_counter())
                 return
             log.exception("model %s: a request failed", self.name)
             if not batch[0].future.done():

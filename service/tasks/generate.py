@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from service.attention import enlarged, heads, overlay, pick
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError, quoted
-from service.imaging import Decoded, decode_image, encode_png, to_unit_array
+from service.imaging import Decoded, decode, encode_png, to_unit_array
 from service.inputs import decode_base64, wants_png
 from service.manifest import Manifest, Preprocessing
 from service.pipeline import Batch, ImagePipeline, ModelOptions
@@ -90,10 +90,9 @@ def levels_to_image(levels: np.ndarray, count: int, scale: int = 1) -> Image.Ima
     return Image.fromarray(grey, mode="L")
 
 
-def image_to_levels(image: Image.Image | Decoded, spec: Preprocessing, count: int) -> np.ndarray:
-    """An image -> `[height, width]` levels, resized as the manifest says."""
-    unit = to_unit_array(image.image, spec, image.size, image.box) if isinstance(image, Decoded) else (
-        to_unit_array(image, spec))  # fmt: skip
+def image_to_levels(decoded: Decoded, spec: Preprocessing, count: int) -> np.ndarray:
+    """A decoded image -> `[height, width]` levels, resized as the manifest says."""
+    unit = to_unit_array(decoded.image, spec, decoded.size, decoded.box)
     levels: np.ndarray = np.round(unit[0] * (count - 1)).astype(np.int64)
     return levels
 
@@ -128,7 +127,8 @@ def _prime(request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, 
     if rows > cfg.height:
         raise ServiceError(422, "invalid_request", f"prime_rows is at most {cfg.height}")
     data = decode_base64(request.prime, "prime")
-    levels = image_to_levels(decode_image(data, max_pixels), manifest.preprocessing, cfg.levels)
+    spec = manifest.preprocessing
+    levels = image_to_levels(decode(data, max_pixels, spec), spec, cfg.levels)
     return np.broadcast_to(levels[:rows], (request.num_images, rows, cfg.width)).copy()
 
 
@@ -264,8 +264,8 @@ async def generate_attention(
     if body.row >= cfg.height or body.col >= cfg.width:
         raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
     data = decode_base64(body.image, "image")
-    image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
-    levels = image_to_levels(image, manifest.preprocessing, cfg.levels)
+    spec = manifest.preprocessing
+    levels = image_to_levels(await run_in_threadpool(decode, data, settings.max_image_pixels, spec), spec, cfg.levels)
     label = label_index(manifest, cfg, body.label)
     feeds = {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
     _, attention = await model.run(feeds, graph="attention")
