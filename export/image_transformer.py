@@ -205,10 +205,12 @@ class StepGraph(torch.nn.Module):
 def graphs(cfg: GenerationConfig) -> dict[str, GraphSpec]:
     cache_shape: list[int | str] = ["batch", *cfg.cache_shape]
     batch_ints = lambda name: TensorSpec(name=name, dtype="int64", shape=["batch"])  # noqa: E731
+    pixels = TensorSpec(name="pixels", dtype="int64", shape=["batch", cfg.length], range=(0, cfg.levels - 1))
+    labels = TensorSpec(name="labels", dtype="int64", shape=["batch"], range=(0, cfg.num_classes - 1))
     return {
         "main": GraphSpec(
             file="score.onnx",
-            inputs=[TensorSpec(name="pixels", dtype="int64", shape=["batch", cfg.length]), batch_ints("labels")],
+            inputs=[pixels, labels],
             outputs=[
                 TensorSpec(name="logits", dtype="float32", shape=["batch", cfg.length, cfg.levels]),
                 TensorSpec(name="log_likelihood", dtype="float32", shape=["batch"]),
@@ -216,7 +218,7 @@ def graphs(cfg: GenerationConfig) -> dict[str, GraphSpec]:
         ),
         "attention": GraphSpec(
             file="attention.onnx",
-            inputs=[TensorSpec(name="pixels", dtype="int64", shape=["batch", cfg.length]), batch_ints("labels")],
+            inputs=[pixels, labels],
             outputs=[
                 TensorSpec(name="logits", dtype="float32", shape=["batch", cfg.length, cfg.levels]),
                 TensorSpec(

@@ -26,6 +26,9 @@ class TensorSpec(_Strict):
     dtype: DType
     # ints are fixed sizes, strings are named dynamic axes (e.g. "batch")
     shape: list[int | str]
+    # inclusive bounds for every value (an index into an embedding table, say); checked before a
+    # request joins a batch, so one bad index cannot fail its neighbours
+    range: tuple[float, float] | None = None
 
 
 class GraphSpec(_Strict):

@@ -24,6 +24,7 @@ from pydantic_core import to_json
 from service import __version__
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError, quoted
+from service.manifest import TensorSpec
 from service.repository import ModelRegistry, ServedModel, served
 from service.routes.v1 import parse_options
 from service.settings import Settings
@@ -225,9 +226,7 @@ async def infer(
     if view.image:
         outputs = await infer_images(registry, view, view.image, inputs, header, settings)
     else:
-        feeds = {
-            spec.name: checked(_input(inputs, spec.name), spec.shape, spec.dtype) for spec in view.manifest.main.inputs
-        }
+        feeds = {spec.name: checked(_input(inputs, spec.name), spec) for spec in view.manifest.main.inputs}
         if len({len(array) for array in feeds.values()}) > 1:
             raise ServiceError(400, "invalid_request", "every input must have the same batch size")
         results = await view.model.run(feeds)
@@ -235,9 +234,11 @@ async def infer(
     return encode_response(view, header, outputs)
 
 
-def checked(array: np.ndarray, shape: list[int | str], dtype: str) -> np.ndarray:
-    """The array as the graph's dtype, if its shape fits (fixed axes equal, same rank) and its values
-    survive the cast (no text, no fractions or out-of-range numbers into integers)."""
+def checked(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """The array as the graph's dtype, if its shape fits (fixed axes equal, same rank), its values
+    survive the cast (no text, no fractions or out-of-range numbers into integers) and lie in the
+    manifest's range: an input that would fail the graph never joins a batch."""
+    shape, dtype = spec.shape, spec.dtype
     if len(array.shape) != len(shape) or any(
         isinstance(d, int) and d != a for d, a in zip(shape, array.shape, strict=True)
     ):
@@ -249,6 +250,10 @@ def checked(array: np.ndarray, shape: list[int | str], dtype: str) -> np.ndarray
         cast = array.astype(dtype)
     if np.issubdtype(cast.dtype, np.integer) and not np.array_equal(cast, array):
         raise ServiceError(400, "invalid_request", f"an input holds values that are not {FROM_MANIFEST[dtype]}")
+    if spec.range is not None and cast.size and not (spec.range[0] <= cast.min() and cast.max() <= spec.range[1]):
+        low, high = spec.range
+        message = f"input {quoted(spec.name)} holds values outside [{low:g}, {high:g}]"
+        raise ServiceError(400, "invalid_request", message)
     return cast
 
 
