@@ -42,7 +42,23 @@ class _Request:
     size: int
     future: asyncio.Future[list[np.ndarray]]
     timings: context.Timings | None
+    reserved: bool  # counted in a reservation, not in `queued_images`
     queued_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Reservation:
+    """Queue room held for a run of many steps (a generation), so none of its steps can meet a full
+    queue: a client hears 503 before its 200, never a stream broken off half-way."""
+
+    batcher: Batcher
+    size: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.batcher.reserved -= self.size
 
 
 class Batcher:
@@ -55,7 +71,8 @@ class Batcher:
         self.io_binding = on_cuda(session)
         self.policy = policy
         self.queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self.queued_images = 0
+        self.queued_images = 0  # images waiting, but for those of reservations
+        self.reserved = 0  # images of reservations (see `reserve`)
         self.held: _Request | None = None  # a request that did not fit the last batch: it leads the next
         self.task: asyncio.Task[None] | None = None
         self.batch_sizes: Counter[int] = Counter()  # images per run -> runs
@@ -63,21 +80,32 @@ class Batcher:
         self.running = False  # a batch is in the executor
         self.lone_run_s = float("inf")  # recent time of a one-image run (moving average)
 
-    async def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
-        size = len(next(iter(feeds.values())))
+    def _admit(self, size: int) -> None:
         if size > self.policy.max_queue_size:  # it could never fit: retrying would not help
             raise ServiceError(
                 413, "batch_too_large", f"{size} images in one run; the limit is {self.policy.max_queue_size}"
             )
-        if self.queued_images + size > self.policy.max_queue_size:
+        if self.queued_images + self.reserved + size > self.policy.max_queue_size:
             raise Overloaded(self.name, self.policy.max_queue_size)
+
+    def reserve(self, size: int) -> Reservation:
+        """Room for `size` images in the queue, held until released, for every run made with it."""
+        self._admit(size)
+        self.reserved += size
+        return Reservation(self, size)
+
+    async def run(self, feeds: dict[str, np.ndarray], reservation: Reservation | None = None) -> list[np.ndarray]:
+        """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
+        size = len(next(iter(feeds.values())))
+        reserved = reservation is not None and not reservation.released and size <= reservation.size
+        if not reserved:
+            self._admit(size)
         if size == 1 and self.lone_run_s < INLINE_RUN_S and self._idle() and context.in_flight() == 1:
             return self._run_inline(feeds)
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher {self.name}")
-        request = _Request(feeds, size, asyncio.get_running_loop().create_future(), context.current())
-        self.queued_images += size
+        request = _Request(feeds, size, asyncio.get_running_loop().create_future(), context.current(), reserved)
+        self.queued_images += 0 if reserved else size
         self.queue.put_nowait(request)
         return await request.future
 
@@ -105,7 +133,7 @@ class Batcher:
     async def _serve(self) -> None:
         while True:
             batch = await self._collect()
-            self.queued_images -= sum(r.size for r in batch)
+            self.queued_images -= sum(r.size for r in batch if not r.reserved)
             batch = [r for r in batch if not r.future.done()]  # a client that left (cancelled) costs no run
             if batch:
                 await self._run(batch)

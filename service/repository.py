@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import context
-from service.batching import Batcher
+from service.batching import Batcher, Reservation
 from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
 from service.runtime import create_session, on_cuda, run
@@ -61,11 +61,17 @@ class ServedModel:
         main = self.sessions.get("main")
         return main.get_providers() if main else []
 
-    async def run(self, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
+    def reserve(self, size: int, graph: str) -> Reservation | None:
+        """Queue room for `size` images on the graph's batcher, for a run of many steps (503 if full)."""
+        return self.batchers[graph].reserve(size) if graph in self.batchers else None
+
+    async def run(
+        self, feeds: dict[str, np.ndarray], graph: str = "main", reservation: Reservation | None = None
+    ) -> list[np.ndarray]:
         """Run a graph on the model's inference threads, so the event loop keeps serving meanwhile:
         through its batcher where it has one, else alone."""
         if graph in self.batchers:
-            return await self.batchers[graph].run(feeds)
+            return await self.batchers[graph].run(feeds, reservation)
         session = self.sessions[graph]
         with context.timed("inference"):
             loop = asyncio.get_running_loop()

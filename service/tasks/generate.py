@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.attention import enlarged, heads, overlay, pick
@@ -160,9 +161,11 @@ async def generate(
     labels = np.full(body.num_images, label_index(model.manifest, cfg, body.label), dtype=np.int64)
     prime = await run_in_threadpool(_prime, body, model.manifest, cfg, settings.max_image_pixels)
     seed = secrets.randbits(63) if body.seed is None else body.seed
+    # every step's queue room, held from here to the end: 503 now, rather than a failure half-way
+    reservation = model.reserve(body.num_images, "step")
     rows = sample_rows(
-        lambda feeds: model.run(feeds, graph="step"), cfg, labels, np.random.default_rng(seed),
-        body.temperature, body.top_k, prime,
+        lambda feeds: model.run(feeds, graph="step", reservation=reservation), cfg, labels,
+        np.random.default_rng(seed), body.temperature, body.top_k, prime,
     )  # fmt: skip
 
     def finish(images: np.ndarray) -> GenerateResponse:
@@ -170,20 +173,32 @@ async def generate(
         size = (cfg.height * body.scale, cfg.width * body.scale)
         return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
 
+    release = reservation.release if reservation else lambda: None
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
-        return StreamingResponse(_events(rows, cfg, finish), media_type="text/event-stream", headers=SSE_HEADERS)
-    images = await finished(rows)
+        events = _events(rows, cfg, finish, release)
+        # the background task releases the room too, should the stream never start
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(release)
+        )
+    try:
+        images = await finished(rows)
+    finally:
+        release()
     if want_png:
         return Response(encode_png(levels_to_image(images[0], cfg.levels, body.scale)), media_type="image/png")
     return json_response(finish(images))
 
 
 async def _events(
-    rows: AsyncIterator[tuple[int, np.ndarray]], cfg: GenerationConfig, finish: Callable[[np.ndarray], GenerateResponse]
+    rows: AsyncIterator[tuple[int, np.ndarray]],
+    cfg: GenerationConfig,
+    finish: Callable[[np.ndarray], GenerateResponse],
+    release: Callable[[], None],
 ) -> AsyncIterator[str]:
     """`event: row` with the grey values (0-255) of that row of every image, then `event: done`; or,
-    where the stream cannot finish (the batcher full, a failed step), `event: error` saying why: the
-    200 went out with the first row, so the end of the stream is where a client learns it."""
+    where the stream cannot finish (a failed step), `event: error` saying why: the 200 went out with
+    the first row, so the end of the stream is where a client learns it. The queue room is released
+    when the rows are done, or the client has left."""
     images: np.ndarray | None = None
     try:
         async for row, images in rows:
@@ -196,6 +211,8 @@ async def _events(
             error = {"code": "internal_error", "message": "generation failed; the server's log has the details"}
         yield f"event: error\ndata: {json.dumps(error)}\n\n"
         return
+    finally:
+        release()
     assert images is not None
     yield f"event: done\ndata: {finish(images).model_dump_json()}\n\n"
 

@@ -65,12 +65,14 @@ def test_a_stream_that_cannot_finish_ends_with_an_error_event(gen_client: TestCl
 
     run, steps = ServedModel.run, 0
 
-    async def failing(self: ServedModel, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
+    async def failing(
+        self: ServedModel, feeds: dict[str, np.ndarray], graph: str = "main", reservation: object = None
+    ) -> list[np.ndarray]:
         nonlocal steps
         steps += 1
         if steps > 20:
             raise ServiceError(503, "overloaded", "the queue is full; retry shortly")
-        return await run(self, feeds, graph)
+        return await run(self, feeds, graph, reservation)  # type: ignore[arg-type]
 
     ServedModel.run = failing  # type: ignore[method-assign]
     try:
@@ -142,3 +144,28 @@ def test_score_gives_bits_per_dimension(gen_client: TestClient) -> None:
     assert (
         gen_client.post("/v1/score?label=nope", files=[("file", ("d.png", digits[0], "image/png"))]).status_code == 422
     )
+
+
+def test_under_load_a_stream_is_refused_up_front_or_finishes(tiny_generator_repository: Path) -> None:
+    """Each generation holds queue room for all its steps from before its 200: with a queue of 6
+    images and 16 concurrent streams of 2, some get 503 at once and every other one runs to `done`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = {TINY_GENERATOR: {"max_queue_size": 6, "max_batch_size": 6}}
+    settings = Settings(model_repository=tiny_generator_repository, device="cpu", batch_policy=policy)
+    for client in client_for(settings):
+
+        def stream(seed: int, client: TestClient = client) -> tuple[int, str]:
+            body = {"num_images": 2, "seed": seed, "stream": True}
+            with client.stream("POST", "/v1/generate", json=body) as response:
+                text = response.read().decode()
+                last = [b for b in text.split("\n\n") if b][-1].split("\n")[0] if response.status_code == 200 else ""
+                return response.status_code, last
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(stream, range(16)))
+        assert {status for status, _ in outcomes} <= {200, 503}
+        assert all(last == "event: done" for status, last in outcomes if status == 200), outcomes
+        assert any(status == 503 for status, _ in outcomes) and any(status == 200 for status, _ in outcomes)
+        model = client.app.state.registry.models[TINY_GENERATOR]  # type: ignore[attr-defined]
+        assert model.batchers["step"].reserved == 0  # every reservation released

@@ -154,3 +154,25 @@ def test_a_lone_short_request_runs_inline_with_the_same_stages() -> None:
     timings, (doubled, _) = run(scenario())  # type: ignore[misc]
     assert batcher.task is None  # the batcher's own task never ran: inline
     assert set(timings) == {"queue", "inference"} and (doubled == 2).all()
+
+
+def test_a_reservation_holds_room_for_every_step_of_a_long_run() -> None:
+    """A generation reserves its room once: others meet the full queue, its own steps never do."""
+    batcher = Batcher("m", DoublingSession(), BatchPolicy(max_queue_size=4))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        reservation = batcher.reserve(3)
+        with pytest.raises(Overloaded):
+            batcher.reserve(2)
+        with pytest.raises(Overloaded):
+            await batcher.run({"x": np.ones((2, 2))})
+        for _ in range(5):  # its steps run whatever else waits
+            (doubled, _) = await batcher.run({"x": np.ones((3, 2))}, reservation)
+            assert doubled.shape == (3, 2)
+        await batcher.run({"x": np.ones((1, 2))})  # the one image of room left
+        reservation.release()
+        reservation.release()  # twice is harmless
+        assert batcher.reserved == 0 and batcher.queued_images == 0
+        await batcher.run({"x": np.ones((4, 2))})
+
+    run(scenario())
