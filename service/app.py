@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.auth import ApiKeyMiddleware
+from service.budget import ImageLimits, PixelBudget
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware, TimeoutMiddleware
 from service.metrics import Metrics
@@ -59,6 +60,10 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
+    budget = PixelBudget(settings.max_decoding_pixels)
+    app.state.image_limits = ImageLimits(
+        settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget
+    )
     install_error_handlers(app)
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)

@@ -14,6 +14,7 @@ import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from service.budget import Abandoned, Claim, ImageLimits
 from service.context import timed
 from service.errors import ServiceError, quoted
 from service.manifest import Preprocessing
@@ -67,19 +68,24 @@ class Opened:
 
     image: Image.Image
     data: bytes
+    passes: int = 1  # times its pixels are decoded: a progressive JPEG's scans
 
     @property
     def pixels(self) -> int:
         return self.image.width * self.image.height
 
 
-def decode(data: bytes, max_pixels: int, spec: Preprocessing | None = None) -> Decoded:
+def decode(data: bytes, limits: ImageLimits, spec: Preprocessing | None = None) -> Decoded:
     """Encoded bytes -> an upright 8-bit image; with `spec`, decoded no larger than that input needs.
 
-    Size is checked from the header before any pixel is decoded (no decompression bomb).
+    Size is checked from the header before any pixel is decoded (no decompression bomb), and the
+    decoding waits for room in the process's pixel budget.
     Raises ServiceError: 415 not an image, 413 too many pixels, 422 truncated or corrupt.
     """
-    return decode_opened(open_image(data, max_pixels), spec)
+    opened = open_all([data], limits)
+    with limits.claim() as claim:
+        limits.budget.take(opened[0].pixels, claim)
+        return decode_all(opened, spec, claim)[0]
 
 
 def open_image(data: bytes, max_pixels: int) -> Opened:
@@ -100,9 +106,11 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
             "image_too_large",
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
-    if image.format in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+    if image.format not in ("JPEG", "MPO"):
+        return Opened(image, data)
+    if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ServiceError(422, "too_many_scans", f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
-    return Opened(image, data)
+    return Opened(image, data, max(scans, 1))
 
 
 def decode_opened(opened: Opened, spec: Preprocessing | None = None) -> Decoded:
@@ -173,8 +181,8 @@ def _upright_box(box: tuple[float, ...], size: tuple[int, int], orientation: int
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """`decode` at full size: the image alone."""
-    return decode(data, max_pixels).image
+    """One image at full size, outside any request (export reads training images with it)."""
+    return decode_opened(open_image(data, max_pixels)).image
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -249,16 +257,26 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     return normalize(to_unit_array(image, spec), spec)
 
 
-def open_all(images: list[bytes], max_pixels: int) -> list[Opened]:
-    """Every image of a request, its header read and checked (see `open_image`)."""
+def open_all(images: list[bytes], limits: ImageLimits) -> list[Opened]:
+    """Every image of a request, its header read and checked (see `open_image`), and all of them
+    together within the request's limits."""
     with timed("decode"):
-        return _each(images, lambda data: open_image(data, max_pixels))
+        opened = _each(images, lambda data: open_image(data, limits.max_image_pixels))
+        limits.check_request(opened)
+        return opened
 
 
-def decode_all(images: list[Opened], spec: Preprocessing | None) -> list[Decoded]:
-    """Every opened image of a request, decoded (see `decode`)."""
+def decode_all(images: list[Opened], spec: Preprocessing | None, claim: Claim | None = None) -> list[Decoded]:
+    """Every opened image of a request, decoded (see `decode`); no more once the claim is abandoned
+    (the request answered 504, or its client left)."""
+
+    def decode_one(opened: Opened) -> Decoded:
+        if claim is not None and claim.abandoned:
+            raise Abandoned
+        return decode_opened(opened, spec)
+
     with timed("decode"):
-        return _each(images, lambda opened: decode_opened(opened, spec))
+        return _each(images, decode_one)
 
 
 T = TypeVar("T")

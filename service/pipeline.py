@@ -14,6 +14,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from service.budget import Claim, ImageLimits
 from service.context import timed
 from service.imaging import Decoded, Opened, decode_all, open_all, preprocess_batch
 from service.manifest import Manifest
@@ -69,31 +70,42 @@ class ImagePipeline(Generic[Opts, A]):
     render: Callable[[Batch[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
 
     async def __call__(
-        self, registry: ModelRegistry, images: list[bytes], options: Opts, max_pixels: int, full_size: bool = False
+        self, registry: ModelRegistry, images: list[bytes], options: Opts, limits: ImageLimits, full_size: bool = False
     ) -> tuple[Batch[Opts], A]:
         """Runs every stage. `full_size`: decode at the original size (for pictures drawn over the
-        image), not at the reduced scale the model input allows."""
+        image), not at the reduced scale the model input allows. The request's pixels count against
+        the process's budget until it has its answer."""
         model = registry.resolve(options.model, self.task, self.graph)
         assert model.manifest is not None  # resolve returns ready models only
         batch = Batch(model, model.manifest, options, self.graph)
-        if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
-            feeds = await run_in_threadpool(self._open_and_prepare, batch, images, max_pixels, full_size)
-        else:
-            opened = open_all(images, max_pixels)
-            if sum(image.pixels for image in opened) > INLINE_PIXELS:
-                feeds = await run_in_threadpool(self._prepare, batch, opened, full_size)
+        with limits.claim() as claim:
+            if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
+                feeds = await run_in_threadpool(self._open_and_prepare, batch, images, limits, claim, full_size)
             else:
-                feeds = self._prepare(batch, opened, full_size)
-        batch.outputs = await model.run(feeds, graph=self.graph)
-        with timed("postprocess"):
-            return batch, self.postprocess(batch)
+                opened = open_all(images, limits)
+                if sum(image.pixels for image in opened) > INLINE_PIXELS:
+                    feeds = await run_in_threadpool(self._prepare, batch, opened, limits, claim, full_size)
+                else:  # a few thousand pixels: not worth the budget's lock
+                    feeds = self._prepare(batch, opened, None, None, full_size)
+            batch.outputs = await model.run(feeds, graph=self.graph)
+            with timed("postprocess"):
+                return batch, self.postprocess(batch)
 
     def _open_and_prepare(
-        self, batch: Batch[Opts], images: list[bytes], max_pixels: int, full_size: bool
+        self, batch: Batch[Opts], images: list[bytes], limits: ImageLimits, claim: Claim, full_size: bool
     ) -> dict[str, np.ndarray]:
-        return self._prepare(batch, open_all(images, max_pixels), full_size)
+        return self._prepare(batch, open_all(images, limits), limits, claim, full_size)
 
-    def _prepare(self, batch: Batch[Opts], images: list[Opened], full_size: bool) -> dict[str, np.ndarray]:
-        batch.images = decode_all(images, None if full_size else batch.manifest.preprocessing)
+    def _prepare(
+        self,
+        batch: Batch[Opts],
+        images: list[Opened],
+        limits: ImageLimits | None,
+        claim: Claim | None,
+        full_size: bool,
+    ) -> dict[str, np.ndarray]:
+        if limits is not None and claim is not None:  # waits here, in a worker thread, for room
+            limits.budget.take(sum(image.pixels for image in images), claim)
+        batch.images = decode_all(images, None if full_size else batch.manifest.preprocessing, claim)
         with timed("preprocess"):
             return self.preprocess(batch)

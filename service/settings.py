@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,19 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
+    max_request_pixels: int = Field(
+        100_000_000, gt=0, description="most pixels in one request's images together; more gets 413"
+    )
+    max_request_decode_work: int = Field(
+        1_000_000_000, gt=0,
+        description="most pixel passes one request may decode (a progressive JPEG's pixels count once per scan: "
+        "about 2.5 s of CPU here); more gets 413",
+    )  # fmt: skip
+    max_decoding_pixels: int = Field(
+        200_000_000, gt=0,
+        description="most pixels decoded and held at once by all requests together (about 4 bytes each); "
+        "more waits for room",
+    )  # fmt: skip
     shutdown_drain_s: float = Field(
         2.0, ge=0, description="on SIGTERM, seconds readiness reports 503 while requests are still served"
     )
@@ -62,6 +75,12 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     log_json: bool = Field(False, description="log lines as JSON objects (one per request, with its request id)")
+
+    @model_validator(mode="after")
+    def _pixel_limits_nest(self) -> Settings:
+        if not self.max_image_pixels <= self.max_request_pixels <= self.max_decoding_pixels:
+            raise ValueError("need max_image_pixels <= max_request_pixels <= max_decoding_pixels")
+        return self
 
     @field_validator("api_key")
     @classmethod

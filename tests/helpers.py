@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from export.data import load_digits_data
+from service.budget import ImageLimits, PixelBudget
 
 
 def png_bytes(image: Image.Image, **params: object) -> bytes:
@@ -52,3 +53,8 @@ def triton_images(images: list[bytes], parameters: dict[str, object] | None = No
     }
     header = json.dumps({"inputs": [tensor], "parameters": parameters or {}}).encode()
     return {"content": header + blob, "headers": {"Inference-Header-Content-Length": str(len(header))}}
+
+
+def limits(max_pixels: int = 10**8) -> ImageLimits:
+    """Image limits for direct calls: `max_pixels` per image, room for many such images."""
+    return ImageLimits(max_pixels, 10**10, 10**12, PixelBudget(10**10))

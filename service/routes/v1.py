@@ -33,7 +33,7 @@ def image_route(
         options = parse_options(pipeline.options, dict(request.query_params), body_options)
         png = pipeline.render is not None and wants_png(request, bool(getattr(options, "render", False)), len(images))
         batch, result = await pipeline(
-            request.app.state.registry, images, options, settings.max_image_pixels, full_size=png
+            request.app.state.registry, images, options, request.app.state.image_limits, full_size=png
         )
         if png:  # drawing and PNG encoding are heavy: off the event loop
             return Response(await run_in_threadpool(_render, pipeline, batch, result), media_type="image/png")

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from pydantic_core import to_json
 
 from service import __version__
+from service.budget import ImageLimits
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError, quoted
 from service.manifest import TensorSpec
@@ -224,7 +225,8 @@ async def infer(
     view = find_view(registry, tasks, name, version)
     header, inputs = parse_request(await request.body(), request.headers.get(HEADER_LENGTH))
     if view.image:
-        outputs = await infer_images(registry, view, view.image, inputs, header, settings)
+        limits = request.app.state.image_limits
+        outputs = await infer_images(registry, view, view.image, inputs, header, settings, limits)
     else:
         feeds = {spec.name: checked(_input(inputs, spec.name), spec) for spec in view.manifest.main.inputs}
         if len({len(array) for array in feeds.values()}) > 1:
@@ -387,6 +389,7 @@ async def infer_images(
     inputs: dict[str, np.ndarray],
     header: dict[str, Any],
     settings: Settings,
+    limits: ImageLimits,
 ) -> dict[str, np.ndarray]:
     """The image view: BYTES images through the task's pipeline, its options from the request's
     parameters, validated by the same model as /v1's; its answer as the task's tensors."""
@@ -400,5 +403,5 @@ async def infer_images(
             400, "invalid_request", "an image view answers tensors of its own model: no render, no model"
         )
     parsed = parse_options(image.pipeline.options, {}, {**options, "model": view.model.name})
-    _, answer = await image.pipeline(registry, images, parsed, settings.max_image_pixels)
+    _, answer = await image.pipeline(registry, images, parsed, limits)
     return image.tensors(answer)

@@ -21,6 +21,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.attention import enlarged, heads, overlay, pick
+from service.budget import ImageLimits
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError, quoted
 from service.imaging import Decoded, decode, encode_png, to_unit_array
@@ -118,7 +119,9 @@ def check_manifest(manifest: Manifest) -> None:
         raise ValueError(f"{len(manifest.labels)} labels for {cfg.num_classes} classes")
 
 
-def _prime(request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, max_pixels: int) -> np.ndarray | None:
+def _prime(
+    request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, limits: ImageLimits
+) -> np.ndarray | None:
     """The primed rows `[batch, rows, width]`, or None."""
     if request.prime is None:
         if request.prime_rows:
@@ -129,7 +132,7 @@ def _prime(request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, 
         raise ServiceError(422, "invalid_request", f"prime_rows is at most {cfg.height}")
     data = decode_base64(request.prime, "prime")
     spec = manifest.preprocessing
-    levels = image_to_levels(decode(data, max_pixels, spec), spec, cfg.levels)
+    levels = image_to_levels(decode(data, limits, spec), spec, cfg.levels)
     return np.broadcast_to(levels[:rows], (request.num_images, rows, cfg.width)).copy()
 
 
@@ -159,7 +162,7 @@ async def generate(
     assert model.manifest is not None
     cfg = GenerationConfig.model_validate(model.manifest.config)
     labels = np.full(body.num_images, label_index(model.manifest, cfg, body.label), dtype=np.int64)
-    prime = await run_in_threadpool(_prime, body, model.manifest, cfg, settings.max_image_pixels)
+    prime = await run_in_threadpool(_prime, body, model.manifest, cfg, request.app.state.image_limits)
     seed = secrets.randbits(63) if body.seed is None else body.seed
     # every step's queue room, held from here to the end: 503 now, rather than a failure half-way
     reservation = model.reserve(body.num_images, "step")
@@ -282,7 +285,8 @@ async def generate_attention(
         raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
     data = decode_base64(body.image, "image")
     spec = manifest.preprocessing
-    levels = image_to_levels(await run_in_threadpool(decode, data, settings.max_image_pixels, spec), spec, cfg.levels)
+    decoded = await run_in_threadpool(decode, data, request.app.state.image_limits, spec)
+    levels = image_to_levels(decoded, spec, cfg.levels)
     label = label_index(manifest, cfg, body.label)
     feeds = {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
     _, attention = await model.run(feeds, graph="attention")

@@ -7,7 +7,7 @@ from PIL import Image
 from service.errors import ServiceError
 from service.imaging import decode_all, decode_image, normalize, open_all, preprocess, preprocess_batch, to_unit_array
 from service.manifest import Preprocessing
-from tests.helpers import encode, png_bytes, png_header_only
+from tests.helpers import encode, limits, png_bytes, png_header_only
 
 LIMIT = 10_000_000
 
@@ -119,13 +119,13 @@ def test_rgb_preprocess_is_channels_first() -> None:
 def test_batch_error_names_the_image() -> None:
     good = png_bytes(Image.new("L", (8, 8)))
     with pytest.raises(ServiceError) as info:
-        open_all([good, b"junk"], LIMIT)
+        open_all([good, b"junk"], limits(LIMIT))
     assert info.value.message.startswith("image 1:")
     with pytest.raises(ServiceError) as info:
         truncated = png_bytes(Image.effect_noise((64, 64), 40))[:-50]  # its header reads; its pixels don't
-        decode_all(open_all([good, truncated], LIMIT), SPEC)
+        decode_all(open_all([good, truncated], limits(LIMIT)), SPEC)
     assert info.value.message.startswith("image 1:") and info.value.code == "corrupt_image"
-    decoded = decode_all(open_all([good, good], LIMIT), SPEC)
+    decoded = decode_all(open_all([good, good], limits(LIMIT)), SPEC)
     batch = preprocess_batch(decoded, SPEC)
     assert len(decoded) == 2 and batch.shape == (2, 1, 32, 32)
     np.testing.assert_array_equal(batch[1], preprocess(decoded[1].image, SPEC))

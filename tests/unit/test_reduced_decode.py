@@ -26,10 +26,10 @@ from service.imaging import (
 )
 from service.manifest import Preprocessing, read_manifest
 from service.settings import PROJECT_ROOT
-from tests.helpers import encode, held_out_digits, png_bytes
+from tests.helpers import encode, held_out_digits, limits, png_bytes
 
 REPOSITORY = PROJECT_ROOT / "model_repository"
-LIMIT = 10**8
+LIMIT = limits()
 SPECS = {
     "vit": read_manifest(REPOSITORY / "vit" / "1").preprocessing,  # L 32x32 stretch, bilinear
     "detr": read_manifest(REPOSITORY / "detr" / "1").preprocessing,  # L 96x96 letterbox, bilinear

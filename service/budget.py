@@ -1,0 +1,94 @@
+"""What decoding may cost. Per image, the header's size (`max_image_pixels`); per request, the sum of
+its images' pixels (memory) and of their decoding passes (CPU: a progressive JPEG is decoded once
+per scan); per process, the pixels being decoded at once, so that concurrent requests within their
+own limits cannot add up to more memory than the host has: a request waits for room instead."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from service.errors import ServiceError
+
+WAIT_STEP_S = 0.25  # how often a waiting request looks whether its client has gone
+
+
+class Sized(Protocol):
+    @property
+    def pixels(self) -> int: ...
+    @property
+    def passes(self) -> int: ...
+
+
+class Abandoned(ServiceError):
+    def __init__(self) -> None:
+        super().__init__(499, "client_left", "the request was abandoned before its images were decoded")
+
+
+class PixelBudget:
+    """Pixels being decoded and held at once, process-wide. Taken in the worker thread that decodes
+    (so the common case costs no extra hop), given back by the request when it ends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._room = threading.Condition()
+
+    def take(self, pixels: int, claim: Claim) -> None:
+        """Blocks until `pixels` fit, unless the claim is abandoned first (then raises `Abandoned`)."""
+        with self._room:
+            while not claim.abandoned and self.used + pixels > self.limit:
+                self._room.wait(WAIT_STEP_S)
+            if claim.abandoned:
+                raise Abandoned
+            self.used += pixels
+            claim.pixels += pixels
+
+    def give_back(self, claim: Claim) -> None:
+        """Ends the claim: its pixels are free again, and a thread still decoding for it stops at the next image."""
+        with self._room:
+            claim.abandoned = True
+            self.used -= claim.pixels
+            claim.pixels = 0
+            self._room.notify_all()
+
+
+@dataclass
+class Claim:
+    """One request's share of the budget; `abandoned` once the request has ended (answered or gone)."""
+
+    pixels: int = 0
+    abandoned: bool = False
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_pixels: int
+    max_request_pixels: int
+    max_request_work: int  # pixels x passes
+    budget: PixelBudget = field(compare=False)
+
+    def check_request(self, images: Sequence[Sized]) -> int:
+        """The request's pixels, if its images together are within the request limits (else 413)."""
+        pixels = sum(image.pixels for image in images)
+        if pixels > self.max_request_pixels:
+            message = f"the images hold {pixels} pixels together; the limit per request is {self.max_request_pixels}"
+            raise ServiceError(413, "request_too_large", message)
+        work = sum(image.pixels * image.passes for image in images)
+        if work > self.max_request_work:
+            message = (f"decoding these images takes {work} pixel passes (a progressive JPEG counts each scan); "
+                       f"the limit per request is {self.max_request_work}")  # fmt: skip
+            raise ServiceError(413, "decode_budget", message)
+        return pixels
+
+    @contextmanager
+    def claim(self) -> Iterator[Claim]:
+        """A request's claim on the process-wide budget, given back when the block ends."""
+        claim = Claim()
+        try:
+            yield claim
+        finally:
+            self.budget.give_back(claim)
