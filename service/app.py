@@ -16,6 +16,7 @@ from service.auth import ApiKeyMiddleware
 from service.budget import ImageLimits, PixelBudget
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware, TimeoutMiddleware
+from service.memory import give_back_big_blocks
 from service.metrics import Metrics
 from service.observe import ObservingMiddleware
 from service.repository import ModelRegistry
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     """The app serving `tasks` (default: every task in service.tasks.TASKS)."""
     settings = settings or get_settings()
     tasks = TASKS if tasks is None else tasks
+    give_back_big_blocks()  # else each decoding thread keeps its peak of image memory
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
