@@ -1,0 +1,102 @@
+"""The hostile-client audit of issue 13, class by class, through the real app: each input with the
+status it must get. Neighbouring files cover the rest: batch isolation, decode budgets, bombs under
+memory and liveness checks, the /v2 codec, slow and idle connections; tests/api/test_service_api.py
+the logs, auth and readiness classes."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.helpers import encode, png_bytes, png_header_only
+
+PNG = {"content-type": "image/png"}
+
+
+def progressive_bomb(scans: int) -> bytes:
+    """A tiny progressive JPEG whose last scan repeats: each repeat is one more decoding pass."""
+    jpeg = encode(Image.effect_noise((16, 16), 60).convert("RGB"), "JPEG", progressive=True)
+    last = jpeg.rindex(b"\xff\xda")
+    return jpeg[:last] + jpeg[last:-2] * (scans - jpeg.count(b"\xff\xda") + 1) + b"\xff\xd9"
+
+
+def broken(fmt: str) -> bytes:
+    """A file of an allowed format whose header is wrong where Pillow raised odd exceptions: now
+    Pillow cannot identify it at all."""
+    if fmt == "TIFF":
+        return encode(Image.new("RGB", (16, 16)), "TIFF")[:40] + b"\xff" * 200
+    png = bytearray(png_bytes(Image.new("L", (16, 16))))
+    png[16:24] = b"\xff" * 8  # IHDR: width and height far beyond reason
+    return bytes(png)
+
+
+def netpbm_like(fmt: str) -> bytes:
+    """Formats Pillow reads but the service does not, malformed as the audit sent them."""
+    return {
+        "PPM": b"P6\n99999999 99999999\n255\n" + b"\x00" * 64,
+        "XBM": b"#define im_width 99999999\n#define im_height 1\nstatic char im_bits[] = {0x00};\n",
+        "SGI": b"\x01\xda\x01\x01\x00\x03" + b"\xff" * 100,
+        "IM": b"Image type: RGB image\r\nName: x\r\nImage size (x*y): 99999999*99999999\r\n\x1a" + b"\x00" * 64,
+        "DDS": b"DDS |" + b"\xff" * 124,
+    }[fmt]
+
+
+CASES = [
+    # CPU bombs: thousands of scans in a few KB
+    ("2,000-scan progressive jpeg", "/v1/classify", {"content": progressive_bomb(2000)}, 422, "too_many_scans"),
+    # memory within the documented limits
+    ("64 images of 39.7 Mpx in one body", "/v1/classify",
+     {"files": [("file", (f"{i}.png", png_header_only(6300, 6300), "image/png")) for i in range(64)]},
+     413, "request_too_large"),
+    ("attention drawn 64 times a 1000x1000 image", "/v1/classify/attention?scale=64&render=true",
+     {"content": png_bytes(Image.new("L", (1000, 1000)))}, 413, "picture_too_large"),
+    ("detection attention drawn 64 times", "/v1/detect/attention?scale=64&render=true",
+     {"content": png_bytes(Image.new("L", (1000, 1000)))}, 413, "picture_too_large"),
+    # 500s for client mistakes: formats outside the allow-list, broken headers of allowed ones
+    *[(f"malformed {fmt}", "/v1/classify", {"content": netpbm_like(fmt)}, 415, "unsupported_image")
+      for fmt in ("PPM", "XBM", "SGI", "IM", "DDS")],
+    *[(f"malformed {fmt}", "/v1/classify", {"content": broken(fmt)}, 415, "unsupported_image")
+      for fmt in ("TIFF", "PNG")],
+    ("json nested 100,000 deep", "/v1/classify",
+     {"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}},
+     400, "invalid_json"),
+    # loose options: the same validation wherever they come from
+    ("negative top_k", "/v1/classify?top_k=-1", {"content": png_bytes(Image.new("L", (8, 8)))}, 422, None),
+    ("threshold above 1", "/v1/detect?threshold=2", {"content": png_bytes(Image.new("L", (8, 8)))}, 422, None),
+    ("max_detections 0", "/v1/detect?max_detections=0", {"content": png_bytes(Image.new("L", (8, 8)))}, 422, None),
+    # errors quote at most a short prefix of what was sent
+    ("a 100 KB model name", "/v1/classify",
+     {"json": {"images": [base64.b64encode(png_bytes(Image.new("L", (8, 8)))).decode()], "model": "m" * 100_000}},
+     404, "unknown_model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_hostile_input_gets_its_status(
+    client: TestClient,
+    path: str,
+    kwargs: dict,  # type: ignore[type-arg]
+    status: int,
+    code: str | None,
+) -> None:
+    kwargs = {"headers": PNG, **kwargs} if "content" in kwargs else kwargs
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text[:300]
+    if code is not None:
+        assert response.json()["error"]["code"] == code
+    assert len(response.content) < 2_000  # nothing a client sent comes back whole
+
+
+def test_a_long_thin_image_renders_within_the_picture_cap(client: TestClient) -> None:
+    """A 100-byte 20000x1 PNG once built a 5.12M x 256 canvas (+5 GB, 38 s)."""
+    response = client.post("/v1/detect?render=true", content=png_bytes(Image.new("L", (20_000, 1))), headers=PNG)
+    assert response.status_code in (200, 413), response.text[:300]
+    if response.status_code == 200:
+        picture = Image.open(io.BytesIO(response.content))
+        assert picture.width * picture.height <= 16_000_000
+        assert np.asarray(picture).size > 0
