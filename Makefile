@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: serve test lint check models bench clean
+.PHONY: serve test lint check models bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,18 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $@ $(VENV)/.runtime
 
+# what the tests need from the system (Chromium, a compose client): installed with apt, or a
+# message saying what to install where that cannot work (no root)
+system-deps:
+	@./tools/system-deps
+
 serve: $(VENV)/.runtime
 	$(BIN)/python -m service --port $(PORT)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev system-deps
 	$(BIN)/python -m pytest
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy service
