@@ -160,7 +160,7 @@ def test_json_nested_too_deep_is_400_on_both_protocols(client: TestClient) -> No
 
 def test_answers_are_json_even_when_a_graph_gives_nan(client: TestClient) -> None:
     """NaN pixels in, NaN logits out: written as null (JSON has no NaN), as KServe's server writes them."""
-    head = json.dumps({"inputs": [{**PIXELS, "data": None, "parameters": {"binary_data_size": 4096}}]}).encode()
+    head = json.dumps({"inputs": [{**{k: v for k, v in PIXELS.items() if k != "data"}, "parameters": {"binary_data_size": 4096}}]}).encode()
     body = head + np.full(1024, np.nan, dtype=np.float32).tobytes()
     answer = client.post(
         "/v2/models/vit/infer", content=body, headers={"Inference-Header-Content-Length": str(len(head))}
