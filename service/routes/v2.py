@@ -255,14 +255,18 @@ INFER_OPENAPI: dict[str, Any] = {
         },
     }
 }
-INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the outputs: JSON, or with binary outputs a JSON head then their bytes",
+        "content": {"application/json": {}, "application/octet-stream": {}},
+    },
     400: {"model": ProtocolError, "description": "a malformed request, or one the model cannot take"},
     **MODEL_READY_ERRORS,
 }
 
 
-@router.post("/models/{name}/infer", openapi_extra=INFER_OPENAPI, responses=INFER_ERRORS)
-@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_OPENAPI, responses=INFER_ERRORS)
+@router.post("/models/{name}/infer", openapi_extra=INFER_OPENAPI, responses=INFER_RESPONSES)
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_OPENAPI, responses=INFER_RESPONSES)
 async def infer(
     request: Request,
     registry: RegistryDep,
