@@ -110,10 +110,18 @@ def _shallow(value: Any, depth: int) -> bool:
     """Whether `value` nests at most `depth` lists or objects deep (level by level: no recursion)."""
     level = [value] if isinstance(value, list | dict) else []
     for _ in range(depth):
-        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, list | dict)]
+        level = [c for v in level for c in _containers(v)]
         if not level:
             return True
     return False
+
+
+def _containers(value: list[Any] | dict[str, Any]) -> list[Any]:
+    """The lists and objects directly inside `value` (a long list of numbers is scanned at C speed)."""
+    items = list(value.values()) if isinstance(value, dict) else value
+    if not {list, dict} & set(map(type, items)):
+        return []
+    return [item for item in items if isinstance(item, list | dict)]
 
 
 def _parameters(value: Any, where: str) -> dict[str, Any]:
@@ -239,7 +247,7 @@ def _leaves(data: Any, shape: list[int]) -> list[Any]:
     if not isinstance(data, list):
         raise CodecError('"data" must be a list')
     count = math.prod(shape)
-    if not any(isinstance(item, list) for item in data):
+    if not data or not isinstance(data[0], list):  # flat: a list among the values is refused by type
         if len(data) != count:
             raise CodecError(f'"data" holds {len(data)} values; shape {quoted(shape)} holds {count}')
         return data

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -379,6 +380,16 @@ def test_malformed_requests_are_400_saying_why(
     assert response.status_code == 400, response.text
     body = response.json()
     assert set(body) == {"error"} and word in body["error"] and len(body["error"]) < 300, body
+
+
+def test_bad_requests_never_fail_their_neighbours(client: TestClient) -> None:
+    """Every case above at once, among as many valid requests that share their batches: each bad one
+    fails alone, every valid one is answered."""
+    valid = {"inputs": [TENSOR_PIXELS]}
+    jobs = [job for c in CASES for job in ((c[1], c[2], c[3], c[4]), ("vit", valid, b"", None))]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda job: post(client, *job).status_code, jobs))
+    assert statuses[0::2] == [400] * len(CASES) and statuses[1::2] == [200] * len(CASES)
 
 
 @pytest.mark.parametrize(
