@@ -67,10 +67,12 @@ async def _tasks(request: Request) -> dict[str, Task]:
 TasksDep = Annotated[dict[str, Task], Depends(_tasks)]
 
 
-def _invalid(exc: RequestValidationError) -> str:
-    """`parameter top_k: Input should be greater than or equal to 1; ...`"""
+def _invalid(exc: RequestValidationError, most: int = 3) -> str:
+    """`parameter 'top_k': Input should be greater than or equal to 1; ...`: the first few errors, their
+    names cut short (a client's parameter names are its own text)."""
     errors = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in exc.errors()]
-    return "; ".join(f"parameter {where}: {msg}" if where else msg for where, msg in errors)
+    shown = [f"parameter {quoted(where)}: {msg}" if where else msg for where, msg in errors[:most]]
+    return "; ".join(shown) + ("; ..." if len(errors) > most else "")
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)

@@ -292,6 +292,12 @@ CASES: list[tuple[str, str, Any, bytes, str | None, str]] = [
      "no image"),
     ("top_k as text", "vit_image", {**image(["x"]), "parameters": {"top_k": "three"}}, b"", None, "top_k"),
     ("top_k out of range", "vit_image", {**image(["x"]), "parameters": {"top_k": 0}}, b"", None, "top_k"),
+    ("a long unknown parameter", "vit_image", {**image(["x"]), "parameters": {"x" * 5000: 1}}, b"", None, "'..."),
+    ("many unknown parameters", "vit_image", {**image(["x"]), "parameters": {str(i): 1 for i in range(999)}}, b"",
+     None, "; ..."),
+    ("a parameter named by a lone surrogate", "vit_image",
+     b'{"parameters": {"\\ud800": 1}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], '
+     b'"data": ["x"]}]}', b"", None, "string"),
     ("threshold out of range", "detr_image", {**image(["x"]), "parameters": {"threshold": 1.5}}, b"", None,
      "threshold"),
     ("images not 1-D", "vit_image", image(["x"], shape=[1, 1]), b"", None, "shape [n]"),
