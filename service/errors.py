@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.context import request_id
+from service.text import quoted as quoted  # re-exported: where every module found it
 
 log = logging.getLogger("service")
 
@@ -25,13 +26,6 @@ class ServiceError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
-
-
-def quoted(text: object, limit: int = 64) -> str:
-    """A client's text in an error message: quoted, and at most its first `limit` characters (a 10 MB
-    model name must not come back as a 10 MB error)."""
-    value = str(text)
-    return repr(value[:limit]) + ("..." if len(value) > limit else "")
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:

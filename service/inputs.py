@@ -10,15 +10,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.errors import ServiceError, quoted
+from service.pipeline import INLINE_BYTES
 
 ACCEPTED = "multipart/form-data (field 'file'), image/*, or application/json {\"images\": [base64, ...]}"
 
@@ -64,7 +67,9 @@ async def read_images(request: Request, max_images: int) -> tuple[list[bytes], d
     if content_type == "multipart/form-data":
         images, options = await _from_multipart(request, max_images)
     elif content_type == "application/json":
-        images, options = _from_json(await request.body())
+        body = await request.body()  # a big one parses off the event loop
+        parse = partial(_from_json, body, max_images)
+        images, options = parse() if len(body) <= INLINE_BYTES else await run_in_threadpool(parse)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         images, options = [await request.body()], {}
     else:
@@ -100,7 +105,7 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
     return images, options
 
 
-def _from_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -108,6 +113,8 @@ def _from_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise ServiceError(422, "invalid_request", 'the JSON body must be an object with a list "images"')
     encoded = payload.pop("images")
+    if len(encoded) > max_images:  # before decoding any of them
+        raise ServiceError(413, "too_many_images", f"{len(encoded)} images in one request; the limit is {max_images}")
     return [decode_base64(item, f"images[{i}]") for i, item in enumerate(encoded)], payload
 
 
