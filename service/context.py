@@ -12,6 +12,8 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
 Timings = dict[str, float]  # stage -> seconds, summed when a stage repeats
+# the scope key the server's protocol (service/connections.py) sets when the client leaves before its answer
+CLIENT_LEFT = "vitserve.client_left"
 
 
 @dataclass(slots=True)

@@ -1,7 +1,8 @@
 """One pure ASGI middleware that observes every request: it opens the request context (with the
 client's X-Request-ID when sane, else a new one); when the response starts, adds the
 `Server-Timing` (the stages so far) and `X-Request-ID` headers; when it ends, logs one line and
-records the request's metrics."""
+records the request's metrics. A client that left before its answer was complete is logged as such,
+with status 499 (nginx's "client closed request"), not as the server's error."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import context
-from service.context import RequestContext
+from service.context import CLIENT_LEFT, RequestContext
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
+CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)  # ASCII: echoed in a header as it came
 
 
@@ -67,16 +69,18 @@ class ObservingMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         finally:  # the log line and metrics cover the whole answer, a stream's every row included
-            if status:
-                self._record(scope, status, request, time.perf_counter() - started)
+            left = scope.get(CLIENT_LEFT, False)
+            if status or left:
+                self._record(scope, CLIENT_CLOSED if left else status, request, time.perf_counter() - started)
             context.end(token)
 
     def _record(self, scope: Scope, status: int, request: RequestContext, total: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
         if access_log.isEnabledFor(logging.INFO):
             path = _printable(scope["path"])
+            note = " (the client left before its answer)" if status == CLIENT_CLOSED else ""
             access_log.info(
-                "%s %s %d %.1fms %s", scope["method"], path, status, total * 1000, request.model or "-",
+                "%s %s %d %.1fms %s%s", scope["method"], path, status, total * 1000, request.model or "-", note,
                 extra={"request_id": request.request_id, "method": scope["method"], "path": path,
                        "status": status, "ms": round(total * 1000, 2), "model": request.model},
             )  # fmt: skip
