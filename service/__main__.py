@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"invalid settings: {exc}\n")
     logs.configure(settings.log_level, settings.log_json)
     app = create_app(settings)
-    guard = ConnectionGuard(cap, overflow, settings.header_timeout_s)
-    guard.record = app.state.metrics.track_connections(lambda: guard.admitted)
+    # at the cap, a body still arriving after a tenth of its timeout (3 s by default) gives way to a newcomer
+    guard = ConnectionGuard(cap, overflow, settings.header_timeout_s, slow_body_s=settings.body_timeout_s / 10)
+    guard.record = app.state.metrics.track_connections(lambda: len(guard.admitted))
     log.info("at most %d connections (%d more answered 503); descriptors allowed: %d", cap, overflow, descriptors)
     # the service logs one line per request itself (with its request id), so uvicorn's access log is off
     config = uvicorn.Config(

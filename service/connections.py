@@ -24,7 +24,7 @@ from typing import ClassVar
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.context import CLIENT_LEFT
+from service.context import CLIENT_LEFT, CLOSED_EARLY
 
 log = logging.getLogger("service")
 
@@ -76,6 +76,9 @@ HEADER_TIMEOUT_ANSWER = _answer(b"408 Request Timeout", "header_timeout", "the r
 HEADERS_TOO_LARGE_ANSWER = _answer(
     b"431 Request Header Fields Too Large", "headers_too_large", "the request line and headers are too large"
 )
+SLOW_BODY_ANSWER = _answer(
+    b"408 Request Timeout", "body_timeout", "the request body came too slowly while the server was full"
+)
 BUSY_BODY = _error_body("too_many_connections", "every connection has a request in progress; retry shortly")
 BUSY_HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BUSY_BODY)).encode()),
                 (b"retry-after", b"1"), (b"connection", b"close")]  # fmt: skip
@@ -87,19 +90,25 @@ class ConnectionGuard:
     interval)."""
 
     def __init__(
-        self, cap: int, overflow: int, header_timeout_s: float, record: Callable[[str], None] = lambda _: None
+        self,
+        cap: int,
+        overflow: int,
+        header_timeout_s: float,
+        slow_body_s: float,
+        record: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.cap = cap
         self.overflow = overflow
         self.header_timeout_s = header_timeout_s
+        self.slow_body_s = slow_body_s
         self.record = record
+        self.admitted: dict[GuardedProtocol, None] = {}
         self.waiting: dict[GuardedProtocol, None] = {}  # admitted ones, longest waiting first (busy ones pruned lazily)
-        self.admitted = 0
         self.refused = 0
         self.counts: dict[str, int] = {}
 
     def admit(self, conn: GuardedProtocol) -> None:
-        if self.admitted >= self.cap and not self._evict_one():
+        if len(self.admitted) >= self.cap and not self._evict_waiting() and not self._evict_slow_body():
             if self.refused < self.overflow:
                 self.refused += 1
                 conn.slot = "refused"
@@ -109,20 +118,35 @@ class ConnectionGuard:
                 conn.transport.abort()
                 self.closed("dropped")
             return
-        self.admitted += 1
         conn.slot = "admitted"
+        self.admitted[conn] = None
         self.waiting[conn] = None
 
-    def _evict_one(self) -> bool:
-        """Closes the admitted connection that has waited longest without a request in progress."""
-        for conn in list(self.waiting):
+    def _evict_waiting(self) -> bool:
+        """Closes the connection that has waited longest without a request in progress (idle or slow)."""
+        while self.waiting:
+            conn = next(iter(self.waiting))
             del self.waiting[conn]
-            if not conn.busy:  # a busy one comes back to the end when its answer is complete
+            if not conn.busy:  # a busy one comes back at the end when its answer is complete
                 self.release(conn)
                 conn.transport.close()
                 self.closed("evicted")
                 return True
         return False
+
+    def _evict_slow_body(self) -> bool:
+        """Closes, with a 408, the request whose body has been arriving longest, past `slow_body_s`:
+        a slow body may hold its place until the body timeout, but not against a newcomer."""
+        receiving = [conn for conn in self.admitted if conn.receiving_body]
+        if not receiving:
+            return False
+        conn = min(receiving, key=lambda c: c.request_started)
+        if conn.loop.time() - conn.request_started < self.slow_body_s:
+            return False
+        self.release(conn)
+        conn.close_slow_body()
+        self.closed("evicted_slow_body")
+        return True
 
     def await_request(self, conn: GuardedProtocol) -> None:
         """`conn` waits for a request from now on: it goes to the end of the eviction order."""
@@ -132,7 +156,7 @@ class ConnectionGuard:
 
     def release(self, conn: GuardedProtocol) -> None:
         if conn.slot == "admitted":
-            self.admitted -= 1
+            del self.admitted[conn]
             self.waiting.pop(conn, None)
         elif conn.slot == "refused":
             self.refused -= 1
@@ -149,7 +173,7 @@ class ConnectionGuard:
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.counts.items()))
         log.warning(
             "connections closed to protect the others in the last %g s: %s (open: %d of %d)",
-            SUMMARY_INTERVAL_S, counts, self.admitted, self.cap,
+            SUMMARY_INTERVAL_S, counts, len(self.admitted), self.cap,
         )  # fmt: skip
         self.counts = {}
 
@@ -168,11 +192,16 @@ class GuardedProtocol(HttpToolsProtocol):
     header_timer: asyncio.TimerHandle | None = None
     in_headers = False  # a request has begun and its headers are not complete
     header_bytes = 0
+    request_started = 0.0  # loop time its headers were complete
 
     @property
     def busy(self) -> bool:
         """A request is in progress: its headers are complete and its answer is not."""
         return self.cycle is not None and not self.cycle.response_complete
+
+    @property
+    def receiving_body(self) -> bool:
+        return self.busy and self.cycle.more_body and not self.cycle.response_started
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -195,11 +224,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.in_headers = False
+        self.request_started = self.loop.time()
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.in_headers and not self.transport.is_closing():
+        if self.in_headers and not self.busy and not self.transport.is_closing():
             self.header_bytes += len(data)
             if self.header_bytes > HEADER_BYTES_LIMIT:
                 self._close_with(HEADERS_TOO_LARGE_ANSWER, "headers_too_large")
@@ -225,6 +255,15 @@ class GuardedProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def close_slow_body(self) -> None:
+        """Answers 408 for the app, which waits for the body: from now on it receives a disconnect,
+        and what it sends is dropped; its access line shows the 408."""
+        self.cycle.scope[CLOSED_EARLY] = (408, "its body came too slowly while the server was full")  # type: ignore[literal-required]
+        self.cycle.disconnected = True
+        self.cycle.message_event.set()
+        self.transport.write(SLOW_BODY_ANSWER)
+        self.transport.close()
+
     def _close_with(self, answer: bytes, reason: str) -> None:
         self.transport.write(answer)
         self.transport.close()
@@ -236,7 +275,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.busy:  # the client left before its answer was complete: the access line says so
-            self.cycle.scope[CLIENT_LEFT] = True  # type: ignore[literal-required]
+            self.cycle.scope.setdefault(CLOSED_EARLY, CLIENT_LEFT)  # type: ignore[misc]
         self._forget()
         super().connection_lost(exc)
 

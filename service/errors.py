@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.context import CLIENT_LEFT, request_id
+from service.context import CLIENT_LEFT, CLOSED_EARLY, request_id
 
 log = logging.getLogger("service")
 
@@ -88,7 +88,7 @@ class UnexpectedErrorMiddleware:
         try:
             await self.app(scope, receive, send_tracked)
         except ClientDisconnect:  # no one to answer, nothing gone wrong: the access line says the client left
-            scope[CLIENT_LEFT] = True
+            scope.setdefault(CLOSED_EARLY, CLIENT_LEFT)
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id())
             if not started:

@@ -14,11 +14,10 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import context
-from service.context import CLIENT_LEFT, RequestContext
+from service.context import CLOSED_EARLY, RequestContext
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
-CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(r"[\w.:-]{1,128}", re.ASCII)  # ASCII: echoed in a header as it came
 
 
@@ -69,18 +68,19 @@ class ObservingMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         finally:  # the log line and metrics cover the whole answer, a stream's every row included
-            left = scope.get(CLIENT_LEFT, False)
-            if status or left:
-                self._record(scope, CLIENT_CLOSED if left else status, request, time.perf_counter() - started)
+            early: tuple[int, str] | None = scope.get(CLOSED_EARLY)
+            status, note = early or (status, "")
+            if status:
+                self._record(scope, status, request, time.perf_counter() - started, note)
             context.end(token)
 
-    def _record(self, scope: Scope, status: int, request: RequestContext, total: float) -> None:
+    def _record(self, scope: Scope, status: int, request: RequestContext, total: float, note: str) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
         if access_log.isEnabledFor(logging.INFO):
             path = _printable(scope["path"])
-            note = " (the client left before its answer)" if status == CLIENT_CLOSED else ""
             access_log.info(
-                "%s %s %d %.1fms %s%s", scope["method"], path, status, total * 1000, request.model or "-", note,
+                "%s %s %d %.1fms %s%s", scope["method"], path, status, total * 1000, request.model or "-",
+                f" ({note})" if note else "",
                 extra={"request_id": request.request_id, "method": scope["method"], "path": path,
                        "status": status, "ms": round(total * 1000, 2), "model": request.model},
             )  # fmt: skip

@@ -206,21 +206,30 @@ def test_idle_sockets_past_the_cap_make_room_for_newcomers(capped: Server) -> No
     assert len(summaries) <= 2  # one line per interval, not one per connection
 
 
-def test_busy_connections_at_the_cap_get_newcomers_a_503(capped: Server) -> None:
-    """10 requests in progress (bodies half sent) fill the cap: a newcomer gets 503 at once, not a hang."""
+def test_busy_connections_at_the_cap_get_newcomers_a_503_until_their_bodies_are_slow(capped: Server) -> None:
+    """10 requests in progress (bodies half sent) fill the cap: a newcomer gets 503 at once, not a
+    hang. Once those bodies have been arriving for a tenth of the body timeout (3 s), they are slow:
+    a newcomer is served in place of the oldest, which gets 408."""
     busy = [_connect(capped) for _ in range(10)]
     try:
         for sock in busy:
             sock.sendall(HALF_BODY)
-        time.sleep(0.3)
+            time.sleep(0.01)  # the first is the oldest
+        started = time.monotonic()
         with _connect(capped) as newcomer:
             newcomer.sendall(GET_LIVE)
             answer = _read_until_closed(newcomer)
+        assert time.monotonic() - started < 2.5  # the test relies on the 3 s not having passed yet
         assert answer.startswith(b"HTTP/1.1 503 "), answer
         assert b"retry-after: 1" in answer.lower() and b'"too_many_connections"' in answer
+        time.sleep(3.5 - (time.monotonic() - started))
+        assert _live_latency(capped) < 1.0
+        oldest = _read_until_closed(busy[0])
+        assert oldest.startswith(b"HTTP/1.1 408 ") and b'"body_timeout"' in oldest, oldest
     finally:
         for sock in busy:
             sock.close()
     time.sleep(0.3)
-    assert _live_latency(capped) < 1.0
-    assert _closed(capped, "refused") == 1
+    assert _closed(capped, "refused") == 1 and _closed(capped, "evicted_slow_body") == 1
+    line = next(line for line in capped.log_path.read_text().splitlines() if "POST /v1/classify 408" in line)
+    assert "came too slowly while the server was full" in line
