@@ -4,10 +4,12 @@ connections, so idle and slow clients cannot hold the server's descriptors away 
 - Idle: a connection silent for `keep_alive_s` before its first byte (or between requests) is
   closed; uvicorn's keep-alive timer, which it arms only after an answer, is armed at the start too.
 - Headers: a request's headers must be complete within `header_timeout_s` of the connection's start
-  (or of its previous answer), however slowly its bytes trickle in; else 408 and close.
+  (or of its previous answer), however slowly its bytes trickle in, else 408 and close; and within
+  64 KiB, else 431.
 - Cap: at `max_connections`, a newcomer takes the place of the connection that has waited longest
-  without a request in progress (idle or slow); only when every one has a request in progress is
-  the newcomer answered 503, and past a small overflow for those answers, dropped.
+  without a request in progress (idle or slow headers), else of the request whose body has been
+  arriving longest, once that is past `slow_body_s` (it gets 408); only when there is neither is the
+  newcomer answered 503, and past a small overflow for those answers, dropped.
 
 A request's body is bounded by `BodyTimeoutMiddleware` (service/limits.py), its answer by
 `TimeoutMiddleware`. Closures are counted by reason and logged as one summary line per interval."""
@@ -43,7 +45,7 @@ def raise_descriptor_limit() -> int:
             soft = hard
         except (ValueError, OSError):  # an unlimited hard limit, or a platform that refuses
             pass
-    return soft
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def connection_limits(requested: int, descriptors: int) -> tuple[int, int]:
@@ -103,7 +105,9 @@ class ConnectionGuard:
         self.slow_body_s = slow_body_s
         self.record = record
         self.admitted: dict[GuardedProtocol, None] = {}
-        self.waiting: dict[GuardedProtocol, None] = {}  # admitted ones, longest waiting first (busy ones pruned lazily)
+        # admitted ones in eviction order, oldest first; those that moved on are pruned when met
+        self.waiting: dict[GuardedProtocol, None] = {}  # waiting for a request
+        self.receiving: dict[GuardedProtocol, None] = {}  # receiving a request's body
         self.refused = 0
         self.counts: dict[str, int] = {}
 
@@ -137,16 +141,18 @@ class ConnectionGuard:
     def _evict_slow_body(self) -> bool:
         """Closes, with a 408, the request whose body has been arriving longest, past `slow_body_s`:
         a slow body may hold its place until the body timeout, but not against a newcomer."""
-        receiving = [conn for conn in self.admitted if conn.receiving_body]
-        if not receiving:
-            return False
-        conn = min(receiving, key=lambda c: c.request_started)
-        if conn.loop.time() - conn.request_started < self.slow_body_s:
-            return False
-        self.release(conn)
-        conn.close_slow_body()
-        self.closed("evicted_slow_body")
-        return True
+        while self.receiving:
+            conn = next(iter(self.receiving))
+            if not conn.receiving_body:
+                del self.receiving[conn]
+            elif conn.loop.time() - conn.request_started < self.slow_body_s:
+                return False
+            else:
+                self.release(conn)
+                conn.close_slow_body()
+                self.closed("evicted_slow_body")
+                return True
+        return False
 
     def await_request(self, conn: GuardedProtocol) -> None:
         """`conn` waits for a request from now on: it goes to the end of the eviction order."""
@@ -154,10 +160,17 @@ class ConnectionGuard:
             self.waiting.pop(conn, None)
             self.waiting[conn] = None
 
+    def began_request(self, conn: GuardedProtocol) -> None:
+        """`conn`'s request has its headers: it may now receive a body (oldest request first)."""
+        if conn.slot == "admitted":
+            self.receiving.pop(conn, None)
+            self.receiving[conn] = None
+
     def release(self, conn: GuardedProtocol) -> None:
         if conn.slot == "admitted":
             del self.admitted[conn]
             self.waiting.pop(conn, None)
+            self.receiving.pop(conn, None)
         elif conn.slot == "refused":
             self.refused -= 1
         conn.slot = None
@@ -226,6 +239,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.in_headers = False
         self.request_started = self.loop.time()
         super().on_headers_complete()
+        self.guard.began_request(self)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -103,6 +103,7 @@ def test_a_slow_body_gives_way_to_a_newcomer_but_a_recent_one_does_not() -> None
         for conn, started in ((old, 5.0), (recent, 9.0)):
             conn.busy = conn.receiving_body = True
             conn.request_started = started
+            guard.began_request(conn)
         newcomer = _admit(guard, FakeConnection())
         assert old.transport.state == "closed" and recent.transport.state == "open"
         assert newcomer.slot == "admitted" and reasons == ["evicted_slow_body"]
