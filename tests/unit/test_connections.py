@@ -8,10 +8,14 @@ import logging
 from typing import Any
 
 import pytest
+from fastapi import Request
 
 from service import connections
+from service.app import create_app
 from service.connections import ConnectionGuard, connection_limits
+from service.context import CLIENT_LEFT, CLOSED_EARLY
 from service.limits import BodyTimeout, BodyTimeoutMiddleware
+from service.settings import Settings
 
 
 def test_the_cap_is_derived_well_under_the_descriptor_limit() -> None:
@@ -144,3 +148,38 @@ def test_a_body_that_does_not_arrive_in_time_is_refused() -> None:
     with pytest.raises(BodyTimeout):
         asyncio.run(BodyTimeoutMiddleware(app, seconds=0.2)(scope, trickle, None))  # type: ignore[arg-type]
     asyncio.run(BodyTimeoutMiddleware(app, seconds=0.2)(scope, whole, None))  # type: ignore[arg-type]
+
+
+def test_a_client_that_leaves_is_logged_as_499_never_as_an_error(caplog: Any) -> None:
+    """Mid-body (the app's read fails) or before its answer (the protocol marks the scope): one
+    access line with 499, no error and no traceback."""
+    app = create_app(Settings())
+
+    @app.post("/leave")
+    async def leave(request: Request) -> None:
+        await request.body()
+
+    @app.post("/answered")
+    async def answered(request: Request) -> dict[str, str]:
+        request.scope[CLOSED_EARLY] = CLIENT_LEFT  # as the protocol's connection_lost does
+        return {}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    sent: list[str] = []
+    with caplog.at_level(logging.INFO):
+        for path in ("/leave", "/answered"):
+            scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                     "headers": [], "http_version": "1.1", "scheme": "http", "root_path": ""}  # fmt: skip
+            asyncio.run(app(scope, receive, send))
+    access = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert len(access) == 2 and all(
+        line.startswith(f"POST {path} 499 ") and line.endswith("(the client left before its answer)")
+        for line, path in zip(access, ("/leave", "/answered"), strict=True)
+    ), access
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert sent == ["http.response.start", "http.response.body"]  # /answered's, which uvicorn would drop
