@@ -11,6 +11,7 @@ import pytest
 from fastapi import Request
 
 from service import connections
+from service.__main__ import main
 from service.app import create_app
 from service.connections import ConnectionGuard, connection_limits
 from service.context import CLIENT_LEFT, CLOSED_EARLY
@@ -183,3 +184,10 @@ def test_a_client_that_leaves_is_logged_as_499_never_as_an_error(caplog: Any) ->
     ), access
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert sent == ["http.response.start", "http.response.body"]  # /answered's, which uvicorn would drop
+
+
+def test_a_cap_over_the_descriptor_limit_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITSERVE_MAX_CONNECTIONS", "100000000")
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
