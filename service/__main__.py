@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import uvicorn
@@ -10,8 +11,11 @@ from pydantic import ValidationError
 
 from service import logs
 from service.app import create_app
+from service.connections import ConnectionGuard, bound_protocol, connection_limits, raise_descriptor_limit
 from service.server import GracefulServer
 from service.settings import Settings
+
+log = logging.getLogger("service")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,8 +31,16 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings.model_copy(
         update={"host": args.host, "port": args.port, "model_repository": args.model_repository}
     )
+    try:
+        cap, overflow = connection_limits(settings.max_connections, descriptors := raise_descriptor_limit())
+    except ValueError as exc:
+        parser.exit(2, f"invalid settings: {exc}\n")
     logs.configure(settings.log_level, settings.log_json)
     app = create_app(settings)
+    # at the cap, a body still arriving after a tenth of its timeout (3 s by default) gives way to a newcomer
+    guard = ConnectionGuard(cap, overflow, settings.header_timeout_s, slow_body_s=settings.body_timeout_s / 10)
+    guard.record = app.state.metrics.track_connections(lambda: len(guard.admitted))
+    log.info("at most %d connections (%d more answered 503); descriptors allowed: %d", cap, overflow, descriptors)
     # the service logs one line per request itself (with its request id), so uvicorn's access log is off
     config = uvicorn.Config(
         app,
@@ -36,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        http=bound_protocol(guard),
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # uvicorn takes a float as well
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )

@@ -15,7 +15,7 @@ from service import __version__
 from service.auth import ApiKeyMiddleware
 from service.budget import ImageLimits, PixelBudget
 from service.errors import install_error_handlers
-from service.limits import BodyLimitMiddleware, TimeoutMiddleware
+from service.limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
 from service.metrics import Metrics
 from service.observe import ObservingMiddleware
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     install_error_handlers(app)
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
     if settings.api_key is not None:
         key = settings.api_key.get_secret_value()
         app.add_middleware(ApiKeyMiddleware, key=key, protect_health=settings.auth_health, metrics=metrics)

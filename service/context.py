@@ -12,6 +12,10 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
 Timings = dict[str, float]  # stage -> seconds, summed when a stage repeats
+# the scope key set when a connection closes before its answer is complete (by service/connections.py, or
+# by service/errors.py on a ClientDisconnect): the status and note the access line shows instead of the answer's
+CLOSED_EARLY = "vitserve.closed_early"
+CLIENT_LEFT = (499, "the client left before its answer")  # 499: nginx's "client closed request"
 
 
 @dataclass(slots=True)

@@ -9,9 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.context import request_id
+from service.context import CLIENT_LEFT, CLOSED_EARLY, request_id
 from service.text import quoted as quoted  # re-exported: where every module found it
 
 log = logging.getLogger("service")
@@ -80,6 +81,8 @@ class UnexpectedErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_tracked)
+        except ClientDisconnect:  # no one to answer, nothing gone wrong: the access line says the client left
+            scope.setdefault(CLOSED_EARLY, CLIENT_LEFT)
         except Exception:
             log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id())
             if not started:

@@ -1,9 +1,10 @@
-"""Request limits: body size, enforced while the body streams in (413 before it is read whole), and
-time to answer (504)."""
+"""Request limits: body size, enforced while the body streams in (413 before it is read whole), time
+to receive the body (408), and time to answer (504)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,6 +53,44 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class BodyTimeout(ServiceError):
+    def __init__(self, seconds: float) -> None:
+        message = f"the request body did not arrive whole within {seconds:g} s"
+        # the rest of the body may still be on its way: the connection cannot carry another request
+        super().__init__(408, "body_timeout", message, headers={"Connection": "close"})
+
+
+class BodyTimeoutMiddleware:
+    """Bounds the time to receive a request's whole body, from the request's start: a client sending
+    half a body, or a byte at a time, gets 408 and its connection closed instead of holding the
+    request (and the connection) until the answer's timeout."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = time.monotonic() + self.seconds
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:  # later calls wait for a disconnect (a stream's listener): no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.seconds) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
 
 
 class TimeoutMiddleware:

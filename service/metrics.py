@@ -34,6 +34,12 @@ class Metrics:
         self.rejected = Counter(
             "vitserve_rejected", "Requests refused, by reason (the error code)", ["reason"], registry=r
         )
+        self.connections_closed = Counter(
+            "vitserve_connections_closed", "Connections closed or refused to protect the others, by reason "
+            "(header_timeout, headers_too_large, evicted, refused, dropped)", ["reason"], registry=r
+        )  # fmt: skip
+        self.connections_open = Gauge("vitserve_connections_open", "Connections open and counted against the cap",
+                                      registry=r)  # fmt: skip
         # labelled children are looked up once per label set, not once per request
         self._request_counter = lru_cache(maxsize=1024)(self.requests.labels)
         self._stage_histogram = lru_cache(maxsize=1024)(self.stage_seconds.labels)
@@ -50,6 +56,11 @@ class Metrics:
         """Reads the queue depth when scraped; returns what to call with each batch's size."""
         self.queue_images.labels(model, graph).set_function(queued_images)
         return self.batch_size.labels(model, graph).observe
+
+    def track_connections(self, open_connections: Callable[[], float]) -> Callable[[str], None]:
+        """Reads the open connections when scraped; returns what to call with each closure's reason."""
+        self.connections_open.set_function(open_connections)
+        return lambda reason: self.connections_closed.labels(reason).inc()
 
     def request_done(
         self, route: str, status: int, model: str, provider: str, timings: dict[str, float], total: float

@@ -1,7 +1,8 @@
 """One pure ASGI middleware that observes every request: it opens the request context (with the
 client's X-Request-ID when sane, else a new one); when the response starts, adds the
 `Server-Timing` (the stages so far) and `X-Request-ID` headers; when it ends, logs one line and
-records the request's metrics."""
+records the request's metrics. A client that left before its answer was complete is logged as such,
+with status 499 (nginx's "client closed request"), not as the server's error."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import context
-from service.context import RequestContext
+from service.context import CLOSED_EARLY, RequestContext
 from service.metrics import Metrics
 
 access_log = logging.getLogger("service.access")
@@ -67,16 +68,19 @@ class ObservingMiddleware:
         try:
             await self.app(scope, receive, send_observed)
         finally:  # the log line and metrics cover the whole answer, a stream's every row included
+            early: tuple[int, str] | None = scope.get(CLOSED_EARLY)
+            status, note = early or (status, "")
             if status:
-                self._record(scope, status, request, time.perf_counter() - started)
+                self._record(scope, status, request, time.perf_counter() - started, note)
             context.end(token)
 
-    def _record(self, scope: Scope, status: int, request: RequestContext, total: float) -> None:
+    def _record(self, scope: Scope, status: int, request: RequestContext, total: float, note: str) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
         if access_log.isEnabledFor(logging.INFO):
             path = _printable(scope["path"])
             access_log.info(
-                "%s %s %d %.1fms %s", scope["method"], path, status, total * 1000, request.model or "-",
+                "%s %s %d %.1fms %s%s", scope["method"], path, status, total * 1000, request.model or "-",
+                f" ({note})" if note else "",
                 extra={"request_id": request.request_id, "method": scope["method"], "path": path,
                        "status": status, "ms": round(total * 1000, 2), "model": request.model},
             )  # fmt: skip

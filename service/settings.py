@@ -70,6 +70,24 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: int = Field(30, gt=0, description="then, longest wait for accepted requests to finish")
     request_timeout_s: float = Field(60.0, gt=0, description="longest wait for an answer to start; then 504")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="longest time for a request's headers, from the connection's start or its last "
+        "answer; then 408 and the connection is closed",
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, description="longest silence on a connection before its first request or between two; then closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="longest time to receive a request's body; then 408 and the connection is closed"
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="most connections open at once (0: derived from the open-file limit); at the cap, a "
+        "newcomer replaces the connection waiting longest without a request, else gets 503",
+    )
     api_key: SecretStr | None = Field(None, description="if set, every route but health, metrics and docs needs it")
     auth_health: bool = Field(False, description="with an API key, health and metrics need it too")
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
