@@ -89,10 +89,27 @@ def _header_length(value: str | None, size: int) -> int:
     return int(value)
 
 
+# Parsing JSON holds the interpreter's lock (about 0.2 us a number here) in whichever thread parses,
+# so a document of millions of numbers would stall every other request for a second. Counting its
+# commas first is cheap; tensors that big go as binary data (Triton's binary tensor extension).
+MAX_JSON_VALUES = 300_000
+
+
+def check_json_values(raw: bytes) -> None:
+    """Refuses JSON holding more than MAX_JSON_VALUES values, before it is parsed."""
+    if (values := raw.count(b",") + 1) > MAX_JSON_VALUES:
+        raise CodecError(
+            f"the JSON holds about {values} values; the limit is {MAX_JSON_VALUES}: send big tensors as binary data"
+        )
+
+
 def load_json(raw: bytes | memoryview) -> Any:
-    """JSON that is JSON: UTF-8, no NaN or Infinity literals, nested at most MAX_DEPTH deep."""
+    """JSON that is JSON: UTF-8, no NaN or Infinity literals, nested at most MAX_DEPTH deep, and at
+    most MAX_JSON_VALUES values."""
+    text = bytes(raw)
+    check_json_values(text)
     try:
-        value = json.loads(bytes(raw).decode("utf-8"), parse_constant=_no_constant)
+        value = json.loads(text.decode("utf-8"), parse_constant=_no_constant)
     except RecursionError:  # the parser's own guard, far below anything that would crash
         raise CodecError("the request header is nested too deep") from None
     except ValueError as exc:  # also UnicodeDecodeError, and integers of over 4,300 digits

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from service.codec import MAX_JSON_VALUES, CodecError, check_json_values
 from service.errors import ServiceError, quoted
 from service.pipeline import INLINE_BYTES
 
@@ -106,6 +107,11 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
 
 
 def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        check_json_values(body)
+    except CodecError as exc:
+        message = f"the JSON body holds more than {MAX_JSON_VALUES} values; images go as base64 strings"
+        raise ServiceError(413, "json_too_large", message) from exc
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
