@@ -87,7 +87,9 @@ class ImagePipeline(Generic[Opts, A]):
                     feeds = await run_in_threadpool(self._prepare, batch, opened, limits, claim, full_size)
                 else:  # a few thousand pixels: not worth the budget's lock
                     feeds = self._prepare(batch, opened, None, None, full_size)
-            batch.outputs = await model.run(feeds, graph=self.graph)
+            # the stages after the graph compute in float32 whatever precision the graph ran in
+            outputs = await model.run(feeds, graph=self.graph)
+            batch.outputs = [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]
             with timed("postprocess"):
                 return batch, self.postprocess(batch)
 

@@ -61,6 +61,13 @@ class ServedModel:
         main = self.sessions.get("main")
         return main.get_providers() if main else []
 
+    def _as_declared(self, feeds: dict[str, np.ndarray], graph: str) -> dict[str, np.ndarray]:
+        """Each input in the dtype the manifest declares (an fp16 graph takes float16), whatever the
+        stage that made it computed in; no copy where it already is."""
+        assert self.manifest is not None
+        declared = {spec.name: spec.dtype for spec in self.manifest.graphs[graph].inputs}
+        return {name: a if a.dtype == declared[name] else a.astype(declared[name]) for name, a in feeds.items()}
+
     def reserve(self, size: int, graph: str) -> Reservation | None:
         """Queue room for `size` images on the graph's batcher, for a run of many steps (503 if full)."""
         return self.batchers[graph].reserve(size) if graph in self.batchers else None
@@ -70,6 +77,7 @@ class ServedModel:
     ) -> list[np.ndarray]:
         """Run a graph on the model's inference threads, so the event loop keeps serving meanwhile:
         through its batcher where it has one, else alone."""
+        feeds = self._as_declared(feeds, graph)
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds, reservation)
         session = self.sessions[graph]
