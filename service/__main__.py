@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from service import logs
 from service.app import create_app
 from service.connections import ConnectionGuard, bound_protocol, connection_limits, raise_descriptor_limit
+from service.runtime import DeviceUnavailable, check_device
 from service.server import GracefulServer
 from service.settings import Settings
 
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.exit(2, f"invalid settings: {exc}\n")
     logs.configure(settings.log_level, settings.log_json)
+    try:
+        check_device(settings)
+    except DeviceUnavailable as exc:
+        parser.exit(2, f"{exc}\n")
     app = create_app(settings)
     # at the cap, a body still arriving after a tenth of its timeout (3 s by default) gives way to a newcomer
     guard = ConnectionGuard(cap, overflow, settings.header_timeout_s, slow_body_s=settings.body_timeout_s / 10)

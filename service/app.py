@@ -21,6 +21,7 @@ from service.metrics import Metrics
 from service.observe import ObservingMiddleware
 from service.repository import ModelRegistry
 from service.routes import health, models, page, v2
+from service.runtime import check_device
 from service.settings import Settings, get_settings
 from service.tasks import TASKS, manifest_checks
 from service.tasks.base import Task
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_device(settings)  # device=cuda without CUDA: no start (python -m service says so first)
         # loading blocks startup: the server accepts no request before every model is loaded and warm
         app.state.registry = await run_in_threadpool(ModelRegistry.load, settings, manifest_checks(tasks))
         watch(app.state.registry, metrics)

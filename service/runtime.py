@@ -30,17 +30,35 @@ def inference_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+class DeviceUnavailable(RuntimeError):
+    """device=cuda where CUDA cannot be used (and falling back was not allowed)."""
+
+
+def check_device(settings: Settings) -> None:
+    """At start: device=cuda needs onnxruntime's CUDA provider, unless `cuda_fallback` allows the CPU."""
+    available = ort.get_available_providers()
+    if settings.device != "cuda" or CUDA in available:
+        return
+    message = (
+        f"VITSERVE_DEVICE=cuda, but this onnxruntime offers only {available}: install onnxruntime-gpu (see the "
+        "README's GPU section) on a host with an NVIDIA driver, or set VITSERVE_CUDA_FALLBACK=true"
+    )
+    if not settings.cuda_fallback:
+        raise DeviceUnavailable(message)
+    log.warning("%s; serving on the CPU", message)
+
+
 def requested_providers(device: str) -> list[str]:
     """The providers to ask for, best first. CPU is always last, so a model still loads if CUDA fails;
     the caller reports the providers the session really uses, never assumes them."""
-    available = ort.get_available_providers()
-    if device == "cpu":
+    if device == "cpu" or CUDA not in ort.get_available_providers():
         return [CPU]
-    if CUDA in available:
-        return [CUDA, CPU]
-    if device == "cuda":
-        log.warning("device=cuda was asked for but onnxruntime offers only %s: serving on CPU", available)
-    return [CPU]
+    return [CUDA, CPU]
+
+
+def provider_options(options: dict[str, str | int | float | bool]) -> dict[str, str]:
+    """ONNX Runtime takes provider options as strings: JSON numbers and booleans become "8589934592", "1"."""
+    return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in options.items()}
 
 
 def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
@@ -54,10 +72,13 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = requested_providers(settings.device)
-    provider_options = [settings.cuda_options if p == CUDA else {} for p in providers]
-    session = ort.InferenceSession(str(path), options, providers=providers, provider_options=provider_options)
+    per_provider = [provider_options(settings.cuda_options) if p == CUDA else {} for p in providers]
+    session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
     if session.get_providers()[0] != providers[0]:
-        log.warning("%s: asked for %s but the session runs on %s", path, providers[0], session.get_providers())
+        message = f"{path.name}: asked for {providers[0]} but the session runs on {session.get_providers()}"
+        if settings.device == "cuda" and not settings.cuda_fallback:  # CUDA listed but unusable (no driver, libs)
+            raise DeviceUnavailable(f"{message}; ONNX Runtime's log says why")
+        log.warning(message)
     return session
 
 

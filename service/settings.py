@@ -12,6 +12,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+CudaOptions = dict[str, str | int | float | bool]
+
+
+def _cuda_defaults() -> CudaOptions:
+    return {"device_id": 0, "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested",
+            "do_copy_in_default_stream": True}  # fmt: skip
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VITSERVE_", env_file=".env", extra="ignore")
 
@@ -20,13 +28,16 @@ class Settings(BaseSettings):
     model_repository: Path = Field(PROJECT_ROOT / "model_repository", description="folder of <name>/<version>/")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
-        description="auto: CUDA if onnxruntime offers it, else CPU; cuda: ask for CUDA (logged if it falls back)",
+        description="auto: CUDA if onnxruntime offers it, else CPU; cuda: CUDA or refuse to start (see cuda_fallback)",
     )
-    cuda_options: dict[str, str] = Field(
-        default_factory=lambda: {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC",
-                                 "arena_extend_strategy": "kSameAsRequested", "do_copy_in_default_stream": "1"},
-        description="CUDA execution provider options, JSON (used when the session runs on CUDA)",
-    )  # fmt: skip
+    cuda_fallback: bool = Field(
+        False, description="with device=cuda: serve on the CPU (with a warning) where CUDA is unusable, not refuse"
+    )
+    cuda_options: CudaOptions = Field(
+        default_factory=_cuda_defaults,
+        description='CUDA execution provider options, JSON with any value type (e.g. {"device_id": 1, '
+        '"gpu_mem_limit": 8589934592}), used when the session runs on CUDA',
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per operator (0: one per core but one, which the event loop keeps)"
     )
