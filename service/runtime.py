@@ -87,14 +87,22 @@ def on_cuda(session: ort.InferenceSession) -> bool:
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding: bool) -> list[np.ndarray]:
-    """session.run, or with I/O binding (used on CUDA): inputs are bound from host memory once and
-    outputs land in host memory directly, without ONNX Runtime's extra staging copies."""
+    """session.run, or with I/O binding (used on CUDA): outputs are bound on the session's own device
+    and copied to the host once, after the run; inputs go from host memory straight to the device."""
     if not io_binding:
         return list(session.run(None, feeds))
+    device, device_id = session_device(session)
     binding = session.io_binding()
     for name, array in feeds.items():
         binding.bind_cpu_input(name, np.ascontiguousarray(array))
     for output in session.get_outputs():
-        binding.bind_output(output.name, "cpu")
+        binding.bind_output(output.name, device, device_id)
     session.run_with_iobinding(binding)
-    return list(binding.copy_outputs_to_cpu())
+    return [value.numpy() for value in binding.get_outputs()]
+
+
+def session_device(session: ort.InferenceSession) -> tuple[str, int]:
+    """Where a session's tensors live: ("cuda", its device id) or ("cpu", 0)."""
+    if not on_cuda(session):
+        return "cpu", 0
+    return "cuda", int(session.get_provider_options()[CUDA].get("device_id", 0))
