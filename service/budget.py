@@ -75,7 +75,8 @@ class ImageLimits:
         """The request's pixels, if its images together are within the request limits (else 413)."""
         pixels = sum(image.pixels for image in images)
         if pixels > self.max_request_pixels:
-            message = f"the images hold {pixels} pixels together; the limit per request is {self.max_request_pixels}"
+            message = (f"the images hold {pixels} pixels together (16-bit and float ones count twice); the limit per "
+                       f"request is {self.max_request_pixels}")  # fmt: skip
             raise ServiceError(413, "request_too_large", message)
         work = sum(image.pixels * image.passes for image in images)
         if work > self.max_request_work:

@@ -61,6 +61,15 @@ REDUCING_GAP = 2.0
 # is stuffed there as FF 00), so counting them in the bytes is exact.
 MAX_JPEG_SCANS = 64
 
+# Resampling works out coefficients along each side before it lets other threads run, and decoders
+# pay per row: a 1 x 40,000,000 image within the pixel limit held the event loop for 1.5 s. No photo
+# is longer on a side than JPEG allows.
+MAX_SIDE = 65_535
+
+# Modes of 2 or 4 bytes a pixel (16-bit, 32-bit, float), which are converted to 8 bits after decoding:
+# they count twice against the decoding budgets.
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
 
 @dataclass(frozen=True, slots=True)
 class Opened:
@@ -72,7 +81,8 @@ class Opened:
 
     @property
     def pixels(self) -> int:
-        return self.image.width * self.image.height
+        """What decoding it holds in memory, in pixels of 8-bit channels (a wide pixel counts twice)."""
+        return self.image.width * self.image.height * (2 if self.image.mode in WIDE_MODES else 1)
 
 
 def decode(data: bytes, limits: ImageLimits, spec: Preprocessing | None = None) -> Decoded:
@@ -100,6 +110,9 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
     except Exception as exc:  # a known format with a broken header: Pillow raises OSError, ValueError, KeyError...
         raise ServiceError(422, "corrupt_image", f"the image header could not be read: {quoted(exc, 200)}") from exc
     width, height = image.size
+    if max(width, height) > MAX_SIDE:
+        message = f"the image is {width}x{height}; no side may be over {MAX_SIDE} pixels"
+        raise ServiceError(413, "image_too_large", message)
     if width * height > max_pixels:
         raise ServiceError(
             413,
@@ -189,10 +202,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """Normalise every mode Pillow can hand back to "L" or "RGB"."""
     if image.mode in ("L", "RGB"):
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit (or wider) greyscale: scale the 0..65535 range down, do not clip it
-        wide = np.asarray(image, dtype=np.float32)
-        return Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode in WIDE_MODES:
+        return _wide_to_8bit(image)
     if image.mode == "1":
         return image.convert("L")
     if "A" in image.mode or image.mode == "P" and "transparency" in image.info:
@@ -201,6 +212,23 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
+WIDE_BLOCK = 2**20  # pixels converted at a time: the float copy stays small whatever the image
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (or wider) greyscale to 8 bits: the 0..65535 range scaled down (round(x / 257)), not
+    clipped; a block of rows at a time, so no full-size float copy is ever held."""
+    wide = np.asarray(image)
+    narrow = np.empty(wide.shape, dtype=np.uint8)
+    rows = max(1, WIDE_BLOCK // max(1, wide.shape[1]))
+    for top in range(0, len(wide), rows):
+        block = wide[top : top + rows].astype(np.float32)
+        block /= 257.0
+        np.clip(block, 0, 255, out=block)
+        narrow[top : top + rows] = np.rint(block, out=block)
+    return Image.fromarray(narrow, mode="L")
 
 
 def encode_png(image: Image.Image) -> bytes:

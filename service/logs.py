@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 # fields a request's log line carries, besides the message
 REQUEST_FIELDS = ("request_id", "method", "path", "status", "ms", "model")
@@ -19,6 +20,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
+class Collapse(logging.Filter):
+    """Lets each warning through once per `every` seconds, the next one saying how many were held back:
+    uvicorn warns once per malformed request ("Invalid HTTP request received."), so a client could
+    otherwise write the log as fast as it sends."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        super().__init__()
+        self.every = every
+        self.seen: dict[str, tuple[float, int]] = {}  # message -> (when last let through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        message, now = record.getMessage(), time.monotonic()
+        last, held = self.seen.get(message, (-self.every, 0))
+        if now - last < self.every:
+            self.seen[message] = (last, held + 1)
+            return False
+        if len(self.seen) > 1000:  # distinct messages are few; bound the memory all the same
+            self.seen.clear()
+        self.seen[message] = (now, 0)
+        if held:
+            record.msg, record.args = f"{message} ({held} more like it in the last {now - last:.0f} s)", None
+        return True
+
+
 def configure(level: str, json_lines: bool) -> None:
     handler = logging.StreamHandler()
     if json_lines:
@@ -26,3 +53,6 @@ def configure(level: str, json_lines: bool) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    uvicorn = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, Collapse) for f in uvicorn.filters):
+        uvicorn.addFilter(Collapse())

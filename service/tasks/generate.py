@@ -11,9 +11,10 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
+from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,7 +26,7 @@ from service.budget import ImageLimits
 from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError, quoted
 from service.imaging import Decoded, decode, encode_png, to_unit_array
-from service.inputs import decode_base64, wants_png
+from service.inputs import decode_base64, json_body, json_request_body, wants_png
 from service.manifest import Manifest, Preprocessing
 from service.pipeline import Batch, ImagePipeline, ModelOptions
 from service.routes.v1 import image_route, json_response
@@ -148,9 +149,13 @@ router = APIRouter(tags=["generation"])
             "description": "images, one PNG, or an event stream",
         }
     },
+    openapi_extra=json_request_body(GenerateRequest),
 )
 async def generate(
-    request: Request, body: GenerateRequest, registry: RegistryDep, settings: SettingsDep
+    request: Request,
+    body: Annotated[GenerateRequest, Depends(json_body(GenerateRequest))],
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> GenerateResponse | Response:
     """Sample images, class-conditional or not, or complete the top rows of a prime image.
     JSON answer with base64 PNGs; `Accept: image/png` for one raw PNG; `stream` (or
@@ -188,8 +193,9 @@ async def generate(
     finally:
         release()
     if want_png:
-        return Response(encode_png(levels_to_image(images[0], cfg.levels, body.scale)), media_type="image/png")
-    return json_response(finish(images))
+        png = await run_in_threadpool(lambda: encode_png(levels_to_image(images[0], cfg.levels, body.scale)))
+        return Response(png, media_type="image/png")
+    return json_response(await run_in_threadpool(finish, images))  # 64 PNGs of 512 x 512: not on the loop
 
 
 async def _events(
@@ -217,7 +223,7 @@ async def _events(
     finally:
         release()
     assert images is not None
-    yield f"event: done\ndata: {finish(images).model_dump_json()}\n\n"
+    yield f"event: done\ndata: {(await run_in_threadpool(finish, images)).model_dump_json()}\n\n"
 
 
 def score_inputs(batch: Batch[ScoreOptions]) -> dict[str, np.ndarray]:
@@ -270,10 +276,16 @@ class GenerateAttentionResponse(BaseModel):
 
 
 @router.post(
-    "/v1/generate/attention", response_model=GenerateAttentionResponse, responses={200: {"content": {"image/png": {}}}}
+    "/v1/generate/attention",
+    response_model=GenerateAttentionResponse,
+    responses={200: {"content": {"image/png": {}}}},
+    openapi_extra=json_request_body(GenerateAttentionRequest),
 )
 async def generate_attention(
-    request: Request, body: GenerateAttentionRequest, registry: RegistryDep, settings: SettingsDep
+    request: Request,
+    body: Annotated[GenerateAttentionRequest, Depends(json_body(GenerateAttentionRequest))],
+    registry: RegistryDep,
+    settings: SettingsDep,
 ) -> GenerateAttentionResponse | Response:
     """For one pixel of an image, the Image Transformer's attention over the context it could see
     when predicting that pixel."""

@@ -69,6 +69,14 @@ CASES = [
     ("negative top_k", "/v1/classify?top_k=-1", {"content": png_bytes(Image.new("L", (8, 8)))}, 422, None),
     ("threshold above 1", "/v1/detect?threshold=2", {"content": png_bytes(Image.new("L", (8, 8)))}, 422, None),
     ("max_detections 0", "/v1/detect?max_detections=0", {"content": png_bytes(Image.new("L", (8, 8)))}, 422, None),
+    # found by a hostile review after the fixes
+    ("a 5,000-digit number in a JSON body", "/v1/classify",
+     {"content": b'{"images": [], "top_k": ' + b"1" * 5000 + b"}", "headers": {"content-type": "application/json"}},
+     400, "invalid_json"),
+    ("a 1 x 70,000 image", "/v1/classify", {"content": png_bytes(Image.new("L", (1, 70_000)))}, 413, "image_too_large"),
+    ("a 400,000-value generate body", "/v1/generate",
+     {"content": b'{"x": [' + b"0," * 400_000 + b'0]}', "headers": {"content-type": "application/json"}},
+     413, "json_too_large"),
     # errors quote at most a short prefix of what was sent
     ("a 100 KB model name", "/v1/classify",
      {"json": {"images": [base64.b64encode(png_bytes(Image.new("L", (8, 8)))).decode()], "model": "m" * 100_000}},
@@ -100,3 +108,35 @@ def test_a_long_thin_image_renders_within_the_picture_cap(client: TestClient) ->
         picture = Image.open(io.BytesIO(response.content))
         assert picture.width * picture.height <= 16_000_000
         assert np.asarray(picture).size > 0
+
+
+def test_16_bit_images_count_twice_and_convert_by_blocks() -> None:
+    """A 16-bit or float pixel is 2-4 bytes before its 8-bit conversion: the budgets count it twice,
+    and the conversion never holds a full-size float copy (a 36 Mpx PNG took +500 MB and 4.7 s)."""
+    from service.imaging import WIDE_BLOCK, decode_image, open_image
+
+    wide = np.zeros((WIDE_BLOCK // 1000 + 7, 1000), dtype=np.uint16)  # more rows than one block holds
+    wide[:, :6] = [0, 128, 129, 30000, 65407, 65535]  # round(x / 257): 0, 0, 1, 117, 255, 255
+    data = png_bytes(Image.fromarray(wide))
+    assert open_image(data, 10**8).pixels == 2 * wide.size
+    narrow = np.asarray(decode_image(data, 10**8))
+    assert narrow.dtype == np.uint8 and (narrow[:, :6] == [0, 0, 1, 117, 255, 255]).all()
+    assert (narrow[:, 6:] == 0).all()
+
+
+def test_uvicorn_warnings_are_collapsed() -> None:
+    """uvicorn warns once per malformed request; the log gets one line per 10 s, then a count."""
+    import logging
+
+    from service.logs import Collapse
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, "", 0, "Invalid HTTP request received.", None, None)
+
+    collapse = Collapse(every=10.0)
+    passed = [collapse.filter(record()) for _ in range(200)]
+    assert passed == [True] + [False] * 199
+    collapse.seen["Invalid HTTP request received."] = (-100.0, 199)  # ten seconds later
+    later = record()
+    assert collapse.filter(later) and "199 more like it" in later.getMessage()
+    assert collapse.filter(logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "started", None, None))
