@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -55,7 +56,11 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
         gc.freeze()
         if not app.state.registry.ready:
             log.warning("not every model is ready: see GET /health/ready")
+        # with several workers, gauges read from functions are written out each second
+        sampling = asyncio.create_task(_sample(metrics)) if metrics.multiprocess else None
         yield
+        if sampling is not None:
+            sampling.cancel()
         await app.state.registry.close()
 
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -83,6 +88,12 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.include_router(v2.router)
     app.include_router(page.router)
     return app
+
+
+async def _sample(metrics: Metrics) -> None:
+    while True:
+        metrics.sample()
+        await asyncio.sleep(1.0)
 
 
 def watch(registry: ModelRegistry, metrics: Metrics) -> None:

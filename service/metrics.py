@@ -1,12 +1,28 @@
 """Prometheus metrics (prometheus-client), one registry per app, served at /metrics. The app's
-lifespan wires them to the models and batchers it loaded; nothing here knows those types."""
+lifespan wires them to the models and batchers it loaded; nothing here knows those types.
+
+With several workers (`--workers N`) every process writes its values to files in one folder
+(prometheus-client's multiprocess mode) and /metrics, whichever worker answers, adds them up:
+counters and histograms sum, gauges say how (`multiprocess_mode`), and gauges read from a function
+are sampled into their files instead (a function cannot be read across processes)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import lru_cache
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by service/workers.py before any worker starts
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 EXPOSITION_TYPE = CONTENT_TYPE_LATEST  # what /metrics answers with
@@ -25,12 +41,11 @@ class Metrics:
         self.batch_size = Histogram("vitserve_batch_size", "Images per inference run formed by the batcher",
                                     ["model", "graph"], buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.queue_images = Gauge("vitserve_queue_images", "Images waiting in a batcher's queue", ["model", "graph"],
-                                  registry=r)  # fmt: skip
-        self.load_seconds = Gauge(
-            "vitserve_model_load_seconds", "Time to load and warm each model", ["model"], registry=r
-        )
+                                  registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm each model", ["model"],
+                                  registry=r, multiprocess_mode="livemax")  # fmt: skip
         self.model_ready = Gauge("vitserve_model_ready", "1 when a model serves, 0 when it failed to load", ["model"],
-                                 registry=r)  # fmt: skip
+                                 registry=r, multiprocess_mode="livemin")  # fmt: skip
         self.rejected = Counter(
             "vitserve_rejected", "Requests refused, by reason (the error code)", ["reason"], registry=r
         )
@@ -39,14 +54,32 @@ class Metrics:
             "(header_timeout, headers_too_large, evicted, refused, dropped)", ["reason"], registry=r
         )  # fmt: skip
         self.connections_open = Gauge("vitserve_connections_open", "Connections open and counted against the cap",
-                                      registry=r)  # fmt: skip
+                                      registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.multiprocess = MULTIPROCESS_DIR in os.environ
+        self.sampled: list[tuple[Gauge, Callable[[], float]]] = []  # gauges read from a function, in that mode
         # labelled children are looked up once per label set, not once per request
         self._request_counter = lru_cache(maxsize=1024)(self.requests.labels)
         self._stage_histogram = lru_cache(maxsize=1024)(self.stage_seconds.labels)
 
     def exposition(self) -> tuple[bytes, str]:
-        """Every metric in Prometheus' text format, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """Every metric in Prometheus' text format (of every worker, added up), and its content type."""
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.sample()
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
+
+    def sample(self) -> None:
+        """Writes the current value of each function-read gauge (multiprocess mode; the app calls it each second)."""
+        for gauge, read in self.sampled:
+            gauge.set(read())
+
+    def _read_from(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        if self.multiprocess:
+            self.sampled.append((gauge, read))
+        else:
+            gauge.set_function(read)
 
     def model_loaded(self, model: str, ready: bool, seconds: float) -> None:
         self.load_seconds.labels(model).set(seconds)
@@ -54,12 +87,12 @@ class Metrics:
 
     def track_batcher(self, model: str, graph: str, queued_images: Callable[[], float]) -> Callable[[int], None]:
         """Reads the queue depth when scraped; returns what to call with each batch's size."""
-        self.queue_images.labels(model, graph).set_function(queued_images)
+        self._read_from(self.queue_images.labels(model, graph), queued_images)
         return self.batch_size.labels(model, graph).observe
 
     def track_connections(self, open_connections: Callable[[], float]) -> Callable[[str], None]:
         """Reads the open connections when scraped; returns what to call with each closure's reason."""
-        self.connections_open.set_function(open_connections)
+        self._read_from(self.connections_open, open_connections)
         return lambda reason: self.connections_closed.labels(reason).inc()
 
     def request_done(
@@ -70,3 +103,9 @@ class Metrics:
             for stage, seconds in timings.items():
                 self._stage_histogram(stage, model, provider).observe(seconds)
             self._stage_histogram("total", model, provider).observe(total)
+
+
+def worker_gone(pid: int) -> None:
+    """Drops a dead worker's live gauges (its counters and histograms still count)."""
+    if MULTIPROCESS_DIR in os.environ:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -24,10 +24,10 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def inference_threads() -> int:
-    """One per core but one: the event loop (HTTP, decoding, postprocessing) keeps a core of its own,
-    so it works while a batch runs instead of both fighting over every core."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+def inference_threads(workers: int = 1) -> int:
+    """Each worker's share of the cores, but one: its event loop (HTTP, decoding, postprocessing) keeps
+    a core of its own, so it works while a batch runs instead of both fighting over every core."""
+    return max(1, len(os.sched_getaffinity(0)) // workers - 1)
 
 
 class DeviceUnavailable(RuntimeError):
@@ -64,7 +64,7 @@ def provider_options(options: dict[str, str | int | float | bool]) -> dict[str, 
 def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
-    options.intra_op_num_threads = settings.intra_op_threads or inference_threads()
+    options.intra_op_num_threads = settings.intra_op_threads or inference_threads(settings.workers)
     options.inter_op_num_threads = settings.inter_op_threads
     options.execution_mode = EXECUTION_MODE[settings.execution_mode]
     options.enable_cpu_mem_arena = settings.cpu_mem_arena

@@ -12,6 +12,10 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from service.app import create_app
+from service.connections import ConnectionGuard, bound_protocol, connection_limits, raise_descriptor_limit
+from service.settings import Settings
+
 log = logging.getLogger("service")
 
 
@@ -40,3 +44,27 @@ class GracefulServer(uvicorn.Server):
         if self.drain_until is not None and time.monotonic() >= self.drain_until:
             self.should_exit = True
         return await super().on_tick(counter)
+
+
+def build_server(settings: Settings) -> GracefulServer:
+    """The app, behind uvicorn with the service's connection bounds. Raises ValueError where the
+    descriptor limit cannot hold the connection cap."""
+    cap, overflow = connection_limits(settings.max_connections, descriptors := raise_descriptor_limit())
+    app = create_app(settings)
+    # at the cap, a body still arriving after a tenth of its timeout (3 s by default) gives way to a newcomer
+    guard = ConnectionGuard(cap, overflow, settings.header_timeout_s, slow_body_s=settings.body_timeout_s / 10)
+    guard.record = app.state.metrics.track_connections(lambda: len(guard.admitted))
+    log.info("at most %d connections (%d more answered 503); descriptors allowed: %d", cap, overflow, descriptors)
+    # the service logs one line per request itself (with its request id), so uvicorn's access log is off
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        http=bound_protocol(guard),
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # uvicorn takes a float as well
+        log_config=None,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    return GracefulServer(config, app, settings.shutdown_drain_s)

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address `python -m service` binds")
     port: int = Field(8000, description="port `python -m service` listens on")
+    workers: int = Field(1, ge=1, description="worker processes `python -m service` runs (each loads every model)")
     model_repository: Path = Field(PROJECT_ROOT / "model_repository", description="folder of <name>/<version>/")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
