@@ -6,10 +6,14 @@ connections, so idle and slow clients cannot hold the server's descriptors away 
 - Headers: a request's headers must be complete within `header_timeout_s` of the connection's start
   (or of its previous answer), however slowly its bytes trickle in, else 408 and close; and within
   64 KiB, else 431.
+- Answers: a client that leaves an answer unread (its socket buffers full) for `send_timeout_s` is
+  dropped, whatever it has pipelined behind it; a connection closed with unsent data is aborted,
+  not left to drain into a client that does not read (which would keep the answer in memory).
 - Cap: at `max_connections`, a newcomer takes the place of the connection that has waited longest
   without a request in progress (idle or slow headers), else of the request whose body has been
-  arriving longest, once that is past `slow_body_s` (it gets 408); only when there is neither is the
-  newcomer answered 503, and past a small overflow for those answers, dropped.
+  arriving longest, else of the answer that has waited longest to be read, once either is past
+  `slow_body_s` (a body gets 408); only when there is none is the newcomer answered 503, and past
+  a small overflow for those answers, dropped.
 
 A request's body is bounded by `BodyTimeoutMiddleware` (service/limits.py), its answer by
 `TimeoutMiddleware`. Closures are counted by reason and logged as one summary line per interval."""
@@ -20,11 +24,12 @@ import asyncio
 import json
 import logging
 import resource
+import weakref
 from collections.abc import Callable
 from typing import ClassVar
 
 from starlette.types import Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service.context import CLIENT_LEFT, CLOSED_EARLY
 
@@ -98,21 +103,26 @@ class ConnectionGuard:
         header_timeout_s: float,
         slow_body_s: float,
         record: Callable[[str], None] = lambda _: None,
+        send_timeout_s: float = 30.0,
     ) -> None:
         self.cap = cap
         self.overflow = overflow
         self.header_timeout_s = header_timeout_s
         self.slow_body_s = slow_body_s
+        self.send_timeout_s = send_timeout_s
         self.record = record
         self.admitted: dict[GuardedProtocol, None] = {}
         # admitted ones in eviction order, oldest first; those that moved on are pruned when met
         self.waiting: dict[GuardedProtocol, None] = {}  # waiting for a request
         self.receiving: dict[GuardedProtocol, None] = {}  # receiving a request's body
+        self.unread: dict[GuardedProtocol, None] = {}  # its answer waits for the client to read
         self.refused = 0
         self.counts: dict[str, int] = {}
 
     def admit(self, conn: GuardedProtocol) -> None:
-        if len(self.admitted) >= self.cap and not self._evict_waiting() and not self._evict_slow_body():
+        if len(self.admitted) >= self.cap and not (
+            self._evict_waiting() or self._evict_slow_body() or self._evict_unread(conn.loop.time())
+        ):
             if self.refused < self.overflow:
                 self.refused += 1
                 conn.slot = "refused"
@@ -133,9 +143,20 @@ class ConnectionGuard:
             del self.waiting[conn]
             if not conn.busy:  # a busy one comes back at the end when its answer is complete
                 self.release(conn)
-                conn.transport.close()
+                conn.shut()
                 self.closed("evicted")
                 return True
+        return False
+
+    def _evict_unread(self, now: float) -> bool:
+        """Drops the connection whose answer has waited longest to be read, past `slow_body_s`."""
+        for conn in self.unread:
+            if now - conn.unread_since < self.slow_body_s:
+                return False
+            self.release(conn)
+            conn.drop()
+            self.closed("evicted_slow_reader")
+            return True
         return False
 
     def _evict_slow_body(self) -> bool:
@@ -171,6 +192,7 @@ class ConnectionGuard:
             del self.admitted[conn]
             self.waiting.pop(conn, None)
             self.receiving.pop(conn, None)
+            self.unread.pop(conn, None)
         elif conn.slot == "refused":
             self.refused -= 1
         conn.slot = None
@@ -206,6 +228,8 @@ class GuardedProtocol(HttpToolsProtocol):
     in_headers = False  # a request has begun and its headers are not complete
     header_bytes = 0
     request_started = 0.0  # loop time its headers were complete
+    unread_since = 0.0  # loop time writing paused: the client stopped reading
+    send_timer: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> bool:
@@ -218,6 +242,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.cycles: weakref.WeakSet[RequestResponseCycle] = weakref.WeakSet()  # its requests, pipelined ones too
         self.guard.admit(self)
         if not transport.is_closing():
             self._await_request()
@@ -225,6 +250,51 @@ class GuardedProtocol(HttpToolsProtocol):
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+
+    def pause_writing(self) -> None:
+        """The socket's buffers are full: the client is not reading. It has `send_timeout_s` to start."""
+        super().pause_writing()
+        self.unread_since = self.loop.time()
+        self.send_timer = self.loop.call_later(self.guard.send_timeout_s, self._send_timeout)
+        if self.slot == "admitted":
+            self.guard.unread[self] = None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+        self.guard.unread.pop(self, None)
+
+    def _send_timeout(self) -> None:
+        self.send_timer = None
+        self.drop()
+        self.guard.closed("send_timeout")
+
+    def drop(self) -> None:
+        """Gives up on a client that does not read: the connection is aborted, its unsent data freed."""
+        self._client_left()
+        self.transport.abort()
+
+    def _client_left(self) -> None:
+        """Every request of the connection still unanswered (pipelined ones too) learns that its client
+        is gone: what it sends from now on goes nowhere, and its access line says so."""
+        for cycle in list(self.cycles):
+            if not cycle.response_complete:
+                cycle.scope.setdefault(CLOSED_EARLY, CLIENT_LEFT)  # type: ignore[misc]
+                cycle.disconnected = True
+
+    def shut(self) -> None:
+        """Closes the connection; aborts it where data is still unsent (a close would wait for the
+        client to read it, holding the socket and the data)."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.shut()
 
     def refuse(self) -> None:
         """The request this connection sends is answered 503 (see _busy_app)."""
@@ -239,6 +309,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.in_headers = False
         self.request_started = self.loop.time()
         super().on_headers_complete()
+        self.cycles.add(self.cycle)
         self.guard.began_request(self)
 
     def data_received(self, data: bytes) -> None:
@@ -267,7 +338,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.in_headers:  # a request has begun: tell it why; a silent connection just closes
             self._close_with(HEADER_TIMEOUT_ANSWER, "header_timeout")
         else:
-            self.transport.close()
+            self.shut()
 
     def close_slow_body(self) -> None:
         """Answers 408 for the app, which waits for the body: from now on it receives a disconnect,
@@ -288,15 +359,15 @@ class GuardedProtocol(HttpToolsProtocol):
         super().handle_websocket_upgrade()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.busy:  # the client left before its answer was complete: the access line says so
-            self.cycle.scope.setdefault(CLOSED_EARLY, CLIENT_LEFT)  # type: ignore[misc]
+        self._client_left()  # before its answers were complete, if any: the access lines say so
         self._forget()
         super().connection_lost(exc)
 
     def _forget(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
+        for timer in (self.header_timer, self.send_timer):
+            if timer is not None:
+                timer.cancel()
+        self.header_timer = self.send_timer = None
         self.guard.release(self)
 
 

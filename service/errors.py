@@ -84,6 +84,8 @@ class UnexpectedErrorMiddleware:
         except ClientDisconnect:  # no one to answer, nothing gone wrong: the access line says the client left
             scope.setdefault(CLOSED_EARLY, CLIENT_LEFT)
         except Exception:
+            if CLOSED_EARLY in scope:  # the connection was dropped (the client left, or never read): an
+                return  # answer it could not take is no error of the server's; the access line says why
             log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id())
             if not started:
                 message = "the server failed to answer this request; its log has the details"

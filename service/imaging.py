@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 import simplejpeg
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from service.budget import Abandoned, Claim, ImageLimits
 from service.context import timed
@@ -66,9 +66,14 @@ MAX_JPEG_SCANS = 64
 # is longer on a side than JPEG allows.
 MAX_SIDE = 65_535
 
-# Modes of 2 or 4 bytes a pixel (16-bit, 32-bit, float), which are converted to 8 bits after decoding:
-# they count twice against the decoding budgets.
+# What decoding holds and costs, for the budgets. Modes of 2 or 4 bytes a pixel (16-bit, 32-bit,
+# float), converted to 8 bits after decoding, and WebP, whose decoder holds several RGBA copies (15
+# bytes a pixel measured), count twice. Pillow's BMP RLE decoder is written in Python (about 100 ns a
+# pixel: 40 passes), and raw TIFF strips and tiles are decoded one Python call each (about 10 us:
+# 4,096 pixel passes each).
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+RLE_PASSES = 40
+TILE_PASSES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +82,13 @@ class Opened:
 
     image: Image.Image
     data: bytes
-    passes: int = 1  # times its pixels are decoded: a progressive JPEG's scans
+    passes: int = 1  # what decoding costs, in passes over its pixels: a progressive JPEG's scans, say
 
     @property
     def pixels(self) -> int:
-        """What decoding it holds in memory, in pixels of 8-bit channels (a wide pixel counts twice)."""
-        return self.image.width * self.image.height * (2 if self.image.mode in WIDE_MODES else 1)
+        """What decoding holds in memory, in pixels of 8-bit channels (see WIDE_MODES)."""
+        heavy = self.image.mode in WIDE_MODES or self.image.format == "WEBP"
+        return self.image.width * self.image.height * (2 if heavy else 1)
 
 
 def decode(data: bytes, limits: ImageLimits, spec: Preprocessing | None = None) -> Decoded:
@@ -103,7 +109,7 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
     if not data:
         raise ServiceError(422, "empty_image", "the image is empty (0 bytes)")
     try:
-        image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError as exc:
         message = f"the data is not an image in a format we read ({', '.join(FORMATS)})"
         raise ServiceError(415, "unsupported_image", message) from exc
@@ -120,10 +126,19 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
         )
     if image.format not in ("JPEG", "MPO"):
-        return Opened(image, data)
+        return Opened(image, data, _passes(image))
     if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ServiceError(422, "too_many_scans", f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
     return Opened(image, data, max(scans, 1))
+
+
+def _passes(image: ImageFile.ImageFile) -> int:
+    """What decoding costs in passes over the pixels, for decoders dearer than one (see RLE_PASSES)."""
+    if image.tile and image.tile[0][0] == "bmp_rle":
+        return RLE_PASSES
+    if image.format == "TIFF" and len(image.tile) > 1:
+        return 1 + math.ceil(len(image.tile) * TILE_PASSES / max(1, image.width * image.height))
+    return 1
 
 
 def decode_opened(opened: Opened, spec: Preprocessing | None = None) -> Decoded:

@@ -21,9 +21,10 @@ class JsonFormatter(logging.Formatter):
 
 
 class Collapse(logging.Filter):
-    """Lets each warning through once per `every` seconds, the next one saying how many were held back:
-    uvicorn warns once per malformed request ("Invalid HTTP request received."), so a client could
-    otherwise write the log as fast as it sends."""
+    """Lets each kind of warning or error (its logger and message template) through once per `every`
+    seconds, the next one saying how many were held back: uvicorn warns once per malformed request
+    ("Invalid HTTP request received."), python-multipart once per malformed body, so a client could
+    otherwise write the log as fast as it sends. Requests' own lines (INFO) all pass."""
 
     def __init__(self, every: float = 10.0) -> None:
         super().__init__()
@@ -31,17 +32,18 @@ class Collapse(logging.Filter):
         self.seen: dict[str, tuple[float, int]] = {}  # message -> (when last let through, held back since)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
+        if record.levelno < logging.WARNING:
             return True
-        message, now = record.getMessage(), time.monotonic()
-        last, held = self.seen.get(message, (-self.every, 0))
+        kind, now = f"{record.name}: {record.msg}", time.monotonic()
+        last, held = self.seen.get(kind, (-self.every, 0))
         if now - last < self.every:
-            self.seen[message] = (last, held + 1)
+            self.seen[kind] = (last, held + 1)
             return False
-        if len(self.seen) > 1000:  # distinct messages are few; bound the memory all the same
+        if len(self.seen) > 1000:  # distinct kinds are few; bound the memory all the same
             self.seen.clear()
-        self.seen[message] = (now, 0)
+        self.seen[kind] = (now, 0)
         if held:
+            message = record.getMessage()
             record.msg, record.args = f"{message} ({held} more like it in the last {now - last:.0f} s)", None
         return True
 
@@ -52,7 +54,5 @@ def configure(level: str, json_lines: bool) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(Collapse())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    uvicorn = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, Collapse) for f in uvicorn.filters):
-        uvicorn.addFilter(Collapse())

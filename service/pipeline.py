@@ -12,7 +12,6 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from service.budget import Claim, ImageLimits
 from service.context import timed
@@ -80,11 +79,11 @@ class ImagePipeline(Generic[Opts, A]):
         batch = Batch(model, model.manifest, options, self.graph)
         with limits.claim() as claim:
             if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
-                feeds = await run_in_threadpool(self._open_and_prepare, batch, images, limits, claim, full_size)
+                feeds = await limits.run(self._open_and_prepare, batch, images, limits, claim, full_size)
             else:
                 opened = open_all(images, limits)
                 if sum(image.pixels for image in opened) > INLINE_PIXELS:
-                    feeds = await run_in_threadpool(self._prepare, batch, opened, limits, claim, full_size)
+                    feeds = await limits.run(self._prepare, batch, opened, limits, claim, full_size)
                 else:  # a few thousand pixels: not worth the budget's lock
                     feeds = self._prepare(batch, opened, None, None, full_size)
             # the stages after the graph compute in float32 whatever precision the graph ran in

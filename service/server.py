@@ -52,7 +52,8 @@ def build_server(settings: Settings) -> GracefulServer:
     cap, overflow = connection_limits(settings.max_connections, descriptors := raise_descriptor_limit())
     app = create_app(settings)
     # at the cap, a body still arriving after a tenth of its timeout (3 s by default) gives way to a newcomer
-    guard = ConnectionGuard(cap, overflow, settings.header_timeout_s, slow_body_s=settings.body_timeout_s / 10)
+    guard = ConnectionGuard(cap, overflow, settings.header_timeout_s, slow_body_s=settings.body_timeout_s / 10,
+                            send_timeout_s=settings.send_timeout_s)  # fmt: skip
     guard.record = app.state.metrics.track_connections(lambda: len(guard.admitted))
     log.info("at most %d connections (%d more answered 503); descriptors allowed: %d", cap, overflow, descriptors)
     # the service logs one line per request itself (with its request id), so uvicorn's access log is off

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         30.0, gt=0, description="longest time to receive a request's body; then 408 and the connection is closed"
     )
+    send_timeout_s: float = Field(
+        30.0, gt=0, description="longest a client may leave an answer unread (its buffers full); then it is dropped"
+    )
     max_connections: int = Field(
         0,
         ge=0,

@@ -8,7 +8,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from service.context import timed
 from service.imaging import encode_png
@@ -36,7 +35,8 @@ def image_route(
             request.app.state.registry, images, options, request.app.state.image_limits, full_size=png
         )
         if png:  # drawing and PNG encoding are heavy: off the event loop
-            return Response(await run_in_threadpool(_render, pipeline, batch, result), media_type="image/png")
+            picture = await request.app.state.image_limits.run(_render, pipeline, batch, result)
+            return Response(picture, media_type="image/png")
         return json_response(result)
 
     responses = {**IMAGE_ERRORS, 200: {"content": {"image/png": {}}}} if pipeline.render else IMAGE_ERRORS

@@ -10,7 +10,8 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Annotated
 
 import numpy as np
@@ -19,7 +20,6 @@ from fastapi.responses import StreamingResponse
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 
 from service.attention import enlarged, heads, overlay, pick
 from service.budget import ImageLimits
@@ -167,7 +167,8 @@ async def generate(
     assert model.manifest is not None
     cfg = GenerationConfig.model_validate(model.manifest.config)
     labels = np.full(body.num_images, label_index(model.manifest, cfg, body.label), dtype=np.int64)
-    prime = await run_in_threadpool(_prime, body, model.manifest, cfg, request.app.state.image_limits)
+    limits: ImageLimits = request.app.state.image_limits
+    prime = await limits.run(_prime, body, model.manifest, cfg, limits)
     seed = secrets.randbits(63) if body.seed is None else body.seed
     # every step's queue room, held from here to the end: 503 now, rather than a failure half-way
     reservation = model.reserve(body.num_images, "step")
@@ -183,7 +184,7 @@ async def generate(
 
     release = reservation.release if reservation else lambda: None
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
-        events = _events(rows, cfg, finish, release)
+        events = _events(rows, cfg, partial(limits.run, finish), release)
         # the background task releases the room too, should the stream never start
         return StreamingResponse(
             events, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(release)
@@ -193,15 +194,15 @@ async def generate(
     finally:
         release()
     if want_png:
-        png = await run_in_threadpool(lambda: encode_png(levels_to_image(images[0], cfg.levels, body.scale)))
+        png = await limits.run(lambda: encode_png(levels_to_image(images[0], cfg.levels, body.scale)))
         return Response(png, media_type="image/png")
-    return json_response(await run_in_threadpool(finish, images))  # 64 PNGs of 512 x 512: not on the loop
+    return json_response(await limits.run(finish, images))  # 64 PNGs of 512 x 512: not on the loop
 
 
 async def _events(
     rows: AsyncIterator[tuple[int, np.ndarray]],
     cfg: GenerationConfig,
-    finish: Callable[[np.ndarray], GenerateResponse],
+    finish: Callable[[np.ndarray], Awaitable[GenerateResponse]],
     release: Callable[[], None],
 ) -> AsyncIterator[str]:
     """`event: row` with the grey values (0-255) of that row of every image, then `event: done`; or,
@@ -223,7 +224,7 @@ async def _events(
     finally:
         release()
     assert images is not None
-    yield f"event: done\ndata: {(await run_in_threadpool(finish, images)).model_dump_json()}\n\n"
+    yield f"event: done\ndata: {(await finish(images)).model_dump_json()}\n\n"
 
 
 def score_inputs(batch: Batch[ScoreOptions]) -> dict[str, np.ndarray]:
@@ -297,7 +298,8 @@ async def generate_attention(
         raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
     data = decode_base64(body.image, "image")
     spec = manifest.preprocessing
-    decoded = await run_in_threadpool(decode, data, request.app.state.image_limits, spec)
+    limits: ImageLimits = request.app.state.image_limits
+    decoded = await limits.run(decode, data, limits, spec)
     levels = image_to_levels(decoded, spec, cfg.levels)
     label = label_index(manifest, cfg, body.label)
     feeds = {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
@@ -309,7 +311,7 @@ async def generate_attention(
     flat[: cfg.length - 1] = weights[1:]
     pixel_map = flat.reshape(cfg.height, cfg.width)
     if wants_png(request, body.render, 1):
-        png = await run_in_threadpool(_draw_pixel_attention, levels, cfg, pixel_map, body)
+        png = await limits.run(_draw_pixel_attention, levels, cfg, pixel_map, body)
         return Response(png, media_type="image/png")
     return GenerateAttentionResponse(
         model=model.name, pixel=(body.row, body.col), start=float(weights[0]), map=pixel_map.tolist(),

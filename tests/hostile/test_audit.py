@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -136,7 +137,48 @@ def test_uvicorn_warnings_are_collapsed() -> None:
     collapse = Collapse(every=10.0)
     passed = [collapse.filter(record()) for _ in range(200)]
     assert passed == [True] + [False] * 199
-    collapse.seen["Invalid HTTP request received."] = (-100.0, 199)  # ten seconds later
+    collapse.seen["uvicorn.error: Invalid HTTP request received."] = (-100.0, 199)  # ten seconds later
     later = record()
     assert collapse.filter(later) and "199 more like it" in later.getMessage()
     assert collapse.filter(logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "started", None, None))
+    # one kind per template: python-multipart's warning names a different index each time
+    multipart = [logging.LogRecord("python_multipart.multipart", logging.WARNING, "", 0, "got %r at index %d",
+                                   (b"A", i), None) for i in range(5)]  # fmt: skip
+    assert [collapse.filter(r) for r in multipart] == [True, False, False, False, False]
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A BMP in 8-bit run-length encoding (Pillow reads it, but cannot write it)."""
+    row = b"".join(bytes([min(255, width - x), 0]) for x in range(0, width, 255)) + b"\x00\x00"
+    data = row * height + b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    return header + info + palette + data
+
+
+def test_dear_decoders_count_as_more_passes_and_webp_twice() -> None:
+    """Pillow's BMP RLE decoder is Python (40 passes: a 300 KB file held 3.6 s of CPU), raw TIFF
+    strips cost a Python call each, and WebP holds several RGBA copies while it decodes."""
+    from service.imaging import RLE_PASSES, open_image
+
+    rle = open_image(rle8_bmp(64, 64), 10**8)
+    assert rle.passes == RLE_PASSES and np.asarray(decode_image_bytes(rle8_bmp(64, 64))).shape == (64, 64)
+    strips = io.BytesIO()
+    Image.new("L", (600, 4000)).save(strips, "TIFF", tiffinfo={278: 1})  # one row per strip: 4,000 strips
+    assert open_image(strips.getvalue(), 10**8).passes == 1 + 4000 * 4096 // (600 * 4000) + 1
+    webp = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(webp, "WEBP", lossless=True)
+    assert open_image(webp.getvalue(), 10**8).pixels == 2 * 100 * 100
+
+
+def test_a_big_rle_bitmap_is_over_the_decode_budget(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=rle8_bmp(6000, 6000), headers={"content-type": "image/bmp"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "decode_budget"
+
+
+def decode_image_bytes(data: bytes) -> Image.Image:
+    from service.imaging import decode_image
+
+    return decode_image(data, 10**8)

@@ -52,6 +52,7 @@ class FakeConnection:
         self.busy = False
         self.receiving_body = False
         self.request_started = 0.0
+        self.unread_since = 0.0
         self.refused = False
         self.loop = type("Loop", (), {"time": lambda _: now})()
 
@@ -60,6 +61,12 @@ class FakeConnection:
 
     def close_slow_body(self) -> None:
         self.transport.close()
+
+    def shut(self) -> None:
+        self.transport.close()
+
+    def drop(self) -> None:
+        self.transport.abort()
 
 
 def _guard(cap: int = 3, overflow: int = 2, slow_body_s: float = 3.0) -> tuple[ConnectionGuard, list[str]]:
@@ -191,3 +198,23 @@ def test_a_cap_over_the_descriptor_limit_is_refused_at_start(monkeypatch: pytest
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2
+
+
+def test_at_the_cap_an_answer_left_unread_longest_makes_room() -> None:
+    """Busy connections whose clients stopped reading (pipelined requests, say) hold their place
+    only until `slow_body_s`; then the longest-unread one is dropped for a newcomer."""
+
+    async def scenario() -> None:
+        guard, reasons = _guard(cap=2, slow_body_s=3.0)
+        first, second = _admit(guard, FakeConnection()), _admit(guard, FakeConnection())
+        for conn, since in ((first, 0.0), (second, 1.0)):
+            conn.busy, conn.unread_since = True, since
+            guard.unread[conn] = None
+        early = FakeConnection(now=2.0)
+        guard.admit(early)
+        assert early.refused  # nobody unread long enough yet
+        late = _admit(guard, FakeConnection(now=3.5))
+        assert late.slot == "admitted" and first.transport.state == "aborted" and second.transport.state == "open"
+        assert reasons == ["refused", "evicted_slow_reader"]
+
+    asyncio.run(scenario())
