@@ -96,8 +96,15 @@ def model_log_probs(model: ImageTransformer, pixels: torch.Tensor, labels: torch
 
 
 def train(
-    source: dict[str, Any], out: Path, model_cfg: ImageTransformerConfig | None = None, cfg: TrainConfig | None = None
+    source: dict[str, Any],
+    out: Path,
+    model_cfg: ImageTransformerConfig | None = None,
+    cfg: TrainConfig | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
 ) -> dict[str, Any]:
+    if image_size or channels:
+        raise SystemExit("the Image Transformer models the 8x8 grey digits: no --image-size or --channels")
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ImageTransformerConfig()
     train_x, train_y, test_x, test_y = load_split(source["seed"])
@@ -105,7 +112,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ImageTransformer(model_cfg)
     started = time.perf_counter()
-    _fit(model, train_x, train_y, cfg, gen)
+    losses = _fit(model, train_x, train_y, cfg, gen)
     seconds = time.perf_counter() - started
     baseline = marginal_baseline(train_x, train_y, model_cfg.levels, model_cfg.num_classes)
     quality = {
@@ -131,10 +138,14 @@ def train(
             "split": f"stratified, seed {source['seed']} (the ViT's split)",
         },
         quality=quality,
+        losses=losses,
     )
 
 
-def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> None:
+def _fit(
+    model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> list[float]:
+    """Returns the mean training loss (nats per pixel) of each epoch."""
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -144,6 +155,7 @@ def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     )
     no_label = model.config.num_classes
     progress = tqdm(range(cfg.epochs), desc="image transformer", unit="epoch")
+    history = []
     for _ in progress:
         model.train()
         order = torch.randperm(len(x), generator=gen)
@@ -160,6 +172,8 @@ def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             schedule.step()
             losses.append(loss.item())
         progress.set_postfix(bits_per_dim=f"{np.mean(losses) / math.log(2):.3f}")
+        history.append(float(np.mean(losses)))
+    return history
 
 
 class ScoreGraph(torch.nn.Module):
@@ -305,6 +319,7 @@ def export(
     repository: Path,
     name: str = "imagetransformer",
     version: int = 1,
+    force: bool = False,
     classifier: Path | None = None,
 ) -> Manifest:
     """Export both graphs; `classifier` (default: the repository's `vit`) judges the generated digits."""
@@ -343,5 +358,5 @@ def export(
             graphs=specs, preprocessing=preprocessing, parity=parity,
             quality={"bits_per_dim_onnx": onnx_bits, "vit_recognition_rate": rate},
         )  # fmt: skip
-        publish(manifest, staged, repository)
+        publish(manifest, staged, repository, force)
     return manifest

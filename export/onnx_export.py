@@ -159,9 +159,14 @@ def manifest_for(
         parity=parity,
         opset=OPSET,
         versions=library_versions(),
-        training={**checkpoint["training"], **checkpoint["train_config"]},
+        # not the wall-clock seconds: the same command gives the same manifest
+        training={**without(checkpoint["training"], "seconds"), **checkpoint["train_config"]},
         config=checkpoint["config"],
     )
+
+
+def without(fields: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k != key}
 
 
 def library_versions() -> dict[str, str]:
@@ -184,9 +189,10 @@ def staging(name: str, version: int) -> Iterator[Path]:
         yield folder
 
 
-def publish(manifest: Manifest, staged: Path, repository: Path) -> Path:
-    """Write the manifest, prove the service itself loads and runs the artifact, then move it
-    into the repository (replacing that version)."""
+def publish(manifest: Manifest, staged: Path, repository: Path, force: bool = False) -> Path:
+    """Write the manifest, prove the service itself loads and runs the artifact, then move it into
+    the repository. An existing version is replaced only with `force`: refused, nothing is written."""
+    require_free(repository, manifest.name, manifest.version, force)
     write_manifest(manifest, staged)
     served = load_model(staged.parent, Settings(device="cpu", warmup=True), manifest_checks(TASKS))
     if served.state != "ready":
@@ -197,3 +203,10 @@ def publish(manifest: Manifest, staged: Path, repository: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(staged, target)
     return target
+
+
+def require_free(repository: Path, name: str, version: int, force: bool = False) -> None:
+    """Refuse to replace `repository/name/version` unless `force` (a shipped model is one command away)."""
+    target = repository / name / str(version)
+    if target.exists() and not force:
+        raise ExportError(f"{target} exists; pass --force to replace it, or choose another --name or --version")
