@@ -34,7 +34,7 @@ def test_position_embeddings_tell_patches_apart() -> None:
     shuffled = permute_patches(x, torch.randperm(CFG.grid**2), CFG.patch_size)
     assert not torch.equal(shuffled, x) and torch.equal(shuffled.flatten().sort().values, x.flatten().sort().values)
     with torch.no_grad():
-        assert (model(shuffled) - model(x)).abs().max() > 1e-2
+        assert (model(shuffled) - model(x)).abs().max() > 1e-3  # measured 1.2e-2 at init; 4e-7 zeroed
         model.pos_embed.zero_()
         torch.testing.assert_close(model(shuffled), model(x), atol=1e-5, rtol=0)
 
