@@ -20,10 +20,10 @@ from export.criterion import SetCriterion
 from export.matcher import HungarianMatcher
 from export.onnx_export import (
     PARITY_BATCH,
+    Compared,
     ExportError,
     check_parity,
     export_image_graph,
-    float32_error,
     manifest_for,
     publish,
     require_parity,
@@ -269,12 +269,11 @@ def export(
         # the attention graph, checked on a subset: its maps are large
         subset = inputs[: 2 * PARITY_BATCH]
         onnx_attention = export_image_graph(DETRForOnnx(model, attention=True), subset, staged, graphs["attention"])
-        ref_logits, ref_boxes = torch_outputs(DETRForOnnx(model), inputs)
-        ref_attention = torch_outputs(DETRForOnnx(model, attention=True), subset)
-        pairs = [(ref_boxes, onnx_boxes), *zip(ref_attention, onnx_attention, strict=True)]
-        error = float32_error(DETRForOnnx(model), torch.from_numpy(inputs))
-        parity = check_parity(ref_logits, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
+        compared = compare_outputs(model, inputs, [onnx_logits, onnx_boxes], graphs["main"])
+        compared += compare_outputs(model, subset, onnx_attention, graphs["attention"], attention=True)
+        parity = check_parity(compared, PARITY_BATCH)
         require_parity(parity)
+        ref_logits, ref_boxes = compared[0].float32, compared[1].float32
         require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
         onnx_quality = evaluate(held_out, onnx_logits, onnx_boxes, spec)
         manifest = manifest_for(
@@ -283,6 +282,18 @@ def export(
         )  # fmt: skip
         publish(manifest, staged, repository, force)
     return manifest
+
+
+def compare_outputs(
+    model: DETR, inputs: np.ndarray, onnx: list[np.ndarray], spec: GraphSpec, attention: bool = False
+) -> list[Compared]:
+    """ONNX Runtime's outputs of one graph beside PyTorch's in float32 and float64."""
+    module = DETRForOnnx(model, attention=attention)
+    single, double = torch_outputs(module, inputs), torch_outputs(module, inputs, double=True)
+    graph = "attention" if attention else "main"
+    return [
+        Compared(f"{graph}.{t.name}", *arrays) for t, *arrays in zip(spec.outputs, onnx, single, double, strict=True)
+    ]
 
 
 def require_same_detections(

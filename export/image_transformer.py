@@ -23,14 +23,15 @@ from export.data import DIGITS_HELD_OUT
 from export.onnx_export import (
     BATCH,
     TRACED_BATCH,
+    Compared,
     ExportError,
     check_parity,
-    float32_error,
     manifest_for,
     publish,
     require_parity,
     staging,
     to_onnx,
+    torch_outputs,
 )
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
 from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
@@ -334,16 +335,21 @@ def export(
             ort.InferenceSession(str(staged / specs[g].file), providers=["CPUExecutionProvider"])
             for g in ("main", "attention", "step")
         )
-        pixels, labels = test_x[:PARITY_BATCH], test_y[:PARITY_BATCH]
-        with torch.no_grad():
-            reference, ref_attention = (t.numpy() for t in AttentionGraph(model)(pixels, labels))
-        feeds = {"pixels": pixels.numpy(), "labels": labels.numpy()}
+        feeds = {"pixels": test_x[:PARITY_BATCH].numpy(), "labels": test_y[:PARITY_BATCH].numpy()}
+        single = torch_outputs(AttentionGraph(model), *feeds.values())
+        double = torch_outputs(AttentionGraph(model), *feeds.values(), double=True)
         onnx_logits, _ = score.run(None, feeds)
-        stepped = cached_logits(step, cfg, pixels.numpy(), labels.numpy())
+        stepped = cached_logits(step, cfg, *feeds.values())
         # the scoring graph against PyTorch, the cached steps against the full sequence, the attention graph
-        pairs = [(reference, stepped), *zip((reference, ref_attention), attention.run(None, feeds), strict=True)]
-        error = float32_error(model, pixels, labels)
-        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
+        compared = [
+            Compared("main.logits", onnx_logits, single[0], double[0]),
+            Compared("step.logits", stepped, single[0], double[0]),
+            *(
+                Compared(f"attention.{n}", *arrays)
+                for n, *arrays in zip(("logits", "attention"), attention.run(None, feeds), single, double, strict=True)
+            ),
+        ]
+        parity = check_parity(compared, PARITY_BATCH)
         require_parity(parity)
         (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
         onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))

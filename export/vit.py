@@ -18,9 +18,9 @@ from export.checkpoint import load_checkpoint, save_checkpoint
 from export.data import LabelledData, Split, load_digits_data, load_image_folder
 from export.onnx_export import (
     PARITY_BATCH,
+    Compared,
     check_parity,
     export_image_graph,
-    float32_error,
     manifest_for,
     publish,
     require_parity,
@@ -257,10 +257,12 @@ def export(
     with staging(name, version) as staged:
         (onnx_logits,) = export_image_graph(model, inputs, staged, graphs["main"])
         onnx_attention = export_image_graph(with_attention, inputs, staged, graphs["attention"])
-        reference, *_ = ref_attention = torch_outputs(with_attention, inputs)
-        pairs = list(zip(ref_attention, onnx_attention, strict=True))
-        error = float32_error(model, torch.from_numpy(inputs))
-        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
+        single, double = torch_outputs(with_attention, inputs), torch_outputs(with_attention, inputs, double=True)
+        compared = [Compared("main.logits", onnx_logits, single[0], double[0])] + [
+            Compared(f"attention.{n}", *arrays)
+            for n, *arrays in zip(("logits", "attention"), onnx_attention, single, double, strict=True)
+        ]
+        parity = check_parity(compared, PARITY_BATCH)
         require_parity(parity)
         manifest = manifest_for(
             checkpoint, name=name, version=version, task=CLASSIFICATION, architecture="vit", graphs=graphs,
