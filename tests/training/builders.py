@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from export.data import load_digits_data
@@ -33,3 +36,14 @@ def coco_folder(root: Path, train: int = 24, held_out: int = 8) -> Path:
     write_coco(root / "train", data.train, data.classes, train, seed=0, cfg=cfg, desc="train")
     write_coco(root / "held_out", data.held_out, data.classes, held_out, seed=1, cfg=cfg, desc="held out")
     return root
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Train on one thread: the same numbers on every machine (export does not need it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

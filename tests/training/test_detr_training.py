@@ -3,11 +3,9 @@ export command publishes it and the service answers with boxes over HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from export import detr
 from export.checkpoint import load_checkpoint
@@ -17,7 +15,7 @@ from service.manifest import read_manifest
 from service.settings import Settings
 from tests.conftest import client_for
 from tests.helpers import png_bytes
-from tests.training.builders import coco_folder
+from tests.training.builders import coco_folder, one_thread
 
 EPOCHS = 8
 NAME = "scenes"
@@ -26,17 +24,15 @@ CFG = DETRConfig(image_size=32, backbone_channels=[8, 16], dim=32, heads=2, enco
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(data folder, checkpoint, repository): trained on `DIR/{train,held_out}`, exported by the CLI."""
     root = tmp_path_factory.mktemp("detr_training")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     data, checkpoint, repository = coco_folder(root / "data"), root / "c.pt", root / "repository"
     cfg = detr.TrainConfig(epochs=EPOCHS, batch_size=8, warmup_steps=1, lr=3e-3, backbone_lr=3e-3)
-    detr.train(detr.source(data, seed=0), checkpoint, model_cfg=CFG, cfg=cfg)
+    with one_thread():
+        detr.train(detr.source(data, seed=0), checkpoint, model_cfg=CFG, cfg=cfg)
     export_main(["detr", "--checkpoint", str(checkpoint), "--repository", str(repository), "--name", NAME])
-    yield data, checkpoint, repository
-    torch.set_num_threads(threads)
+    return data, checkpoint, repository
 
 
 def test_the_loss_falls_and_the_checkpoint_round_trips(run: tuple[Path, Path, Path]) -> None:

@@ -4,7 +4,6 @@ the export, whose bits per dimension is recomputed from the artifact, and genera
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from models.image_transformer import ImageTransformer, ImageTransformerConfig
 from service.manifest import read_manifest
 from service.settings import Settings
 from tests.conftest import TINY_NAME, client_for
+from tests.training.builders import one_thread
 
 EPOCHS = 3
 NAME = "digitgen"
@@ -25,17 +25,16 @@ CFG = ImageTransformerConfig(dim=16, heads=2, layers=1, mlp_dim=32, memory=10)
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory, tiny_repository: Path) -> Iterator[tuple[Path, Path]]:
+def run(tmp_path_factory: pytest.TempPathFactory, tiny_repository: Path) -> tuple[Path, Path]:
     """(checkpoint, repository) after a short training and an export judged by the tiny ViT."""
     root = tmp_path_factory.mktemp("it_training")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     checkpoint, repository = root / "c.pt", root / "repository"
-    cfg = it.TrainConfig(epochs=EPOCHS, warmup_epochs=1, lr=3e-3)
-    it.train(it.source(None, seed=0), checkpoint, model_cfg=CFG, cfg=cfg)
+    with one_thread():
+        it.train(
+            it.source(None, seed=0), checkpoint, model_cfg=CFG, cfg=it.TrainConfig(EPOCHS, warmup_epochs=1, lr=3e-3)
+        )
     it.export(checkpoint, repository, name=NAME, classifier=tiny_repository / TINY_NAME)
-    yield checkpoint, repository
-    torch.set_num_threads(threads)
+    return checkpoint, repository
 
 
 def test_the_loss_falls_and_the_checkpoint_round_trips(run: tuple[Path, Path]) -> None:

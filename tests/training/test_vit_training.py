@@ -3,7 +3,6 @@ round-trips, the export serves over HTTP, and no existing model is overwritten."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,21 @@ from service.manifest import read_manifest
 from service.settings import Settings
 from tests.conftest import client_for
 from tests.helpers import png_bytes
-from tests.training.builders import image_folder
+from tests.training.builders import image_folder, one_thread
 
 EPOCHS = 6
 NAME = "colours"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
-    """(data folder, checkpoint, repository) after one `python -m export vit --data ... --name ...`."""
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data folder, checkpoint, repository) after `python -m export vit --data ... --name ...`."""
     root = tmp_path_factory.mktemp("vit_training")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same numbers on every machine
     folder, repository, checkpoint = image_folder(root / "data", size=(28, 24)), root / "repository", root / "c.pt"
     argv = ["vit", "--data", str(folder), "--name", NAME, "--epochs", str(EPOCHS)]
-    main([*argv, "--repository", str(repository), "--checkpoint", str(checkpoint)])
-    yield folder, checkpoint, repository
-    torch.set_num_threads(threads)
+    with one_thread():
+        main([*argv, "--repository", str(repository), "--checkpoint", str(checkpoint)])
+    return folder, checkpoint, repository
 
 
 def test_the_loss_falls_and_the_checkpoint_round_trips(run: tuple[Path, Path, Path]) -> None:
