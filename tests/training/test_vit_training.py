@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export import vit
+from export import reproduce, vit
 from export.__main__ import main
 from export.checkpoint import load_checkpoint
 from export.export import main as export_main
@@ -96,3 +96,26 @@ def test_augmentation_warps_and_inverts_as_configured() -> None:
     torch.testing.assert_close(inverted, 1 - x, atol=1e-5, rtol=0)
     warped = vit.augment(x, vit.TrainConfig(warp_prob=1.0, invert_prob=0.0), gen)
     assert warped.shape == x.shape and (warped - x).abs().mean() > 0.05
+
+
+def test_reproduce_retrains_to_the_manifest_figures(run: tuple[Path, Path, Path]) -> None:
+    """Same data, configs, seed and thread count (the manifest's): the same figures, exactly."""
+    rows = reproduce.main(["vit", "--repository", str(run[2]), "--name", NAME])
+    assert {r["figure"] for r in rows} == {"top1", "top1_upscaled_nearest"}
+    assert all(r["within"] and r["retrained"] == r["manifest"] for r in rows)
+
+
+def test_reproduce_flags_a_figure_outside_the_tolerance() -> None:
+    rows = reproduce.compare({"top1": 0.95, "map": 0.5}, {"top1": 0.93, "bits": 1.0}, tolerance=0.01)
+    assert rows == [{"figure": "top1", "manifest": 0.95, "retrained": 0.93, "within": False}]
+
+
+def test_training_twice_on_one_thread_gives_the_same_weights(tmp_path: Path) -> None:
+    """Bit for bit at a fixed seed and thread count (another thread count sums in another order)."""
+    folder = image_folder(tmp_path / "data", per_class=5, size=(16, 16))
+    cfg, model_cfg = vit.TrainConfig(epochs=2), ViTConfig(image_size=16, patch_size=4, in_channels=3, num_classes=3,
+                                                          dim=16, depth=1, heads=2, mlp_dim=32)  # fmt: skip
+    with one_thread():
+        first, second = (vit.train(vit.source(folder, 0), tmp_path / f"{i}.pt", model_cfg, cfg) for i in range(2))
+    assert first["model"].keys() == second["model"].keys()
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
