@@ -41,10 +41,13 @@ def test_the_loss_falls_and_the_checkpoint_round_trips(run: tuple[Path, Path]) -
     model, checkpoint = load_checkpoint(run[0], ImageTransformer, ImageTransformerConfig)
     losses = checkpoint["losses"]
     print(f"image transformer losses per epoch (nats/pixel): {[round(x, 3) for x in losses]}")
-    assert len(losses) == EPOCHS and losses[-1] < 0.8 * losses[0]
+    assert len(losses) == EPOCHS and losses[-1] < 0.8 * losses[0]  # measured 3.08 -> 2.01
     *_, test_x, test_y = it.load_split(seed=0)
     bits = it.bits_per_dim(it.model_log_probs(model, test_x, test_y), test_x)
-    assert bits == checkpoint["quality"]["bits_per_dim"] < math.log2(CFG.levels)  # better than uniform
+    # measured 2.88 after 3 epochs (uniform: log2(17) = 4.09)
+    assert bits == checkpoint["quality"]["bits_per_dim"] < 3.0
+    # the loss trained on is the likelihood measured: the last epoch's mean (2.006 nats) and held out (1.999)
+    assert abs(bits * math.log(2) - losses[-1]) < 0.1
 
 
 def test_bits_per_dim_recomputed_from_the_artifact(run: tuple[Path, Path]) -> None:
