@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from export import detr
 from export.checkpoint import load_checkpoint
+from export.coco import CocoData
 from export.export import main as export_main
 from models.detr import DETR, DETRConfig
 from service.manifest import read_manifest
@@ -64,3 +68,14 @@ def test_the_exported_model_answers_with_boxes_over_http(run: tuple[Path, Path, 
         found = response.json()["results"][0]
         assert len(found) == CFG.num_queries and {d["label"] for d in found} <= set(manifest.labels)
         assert all(0 <= d["box"]["xmin"] <= d["box"]["xmax"] <= scene.width for d in found)
+
+
+def test_targets_are_boxes_relative_to_the_letterboxed_input() -> None:
+    """A 64x32 image letterboxed into 32x32 is scaled by 1/2 to 32x16 at the top left: the pixel box
+    (8, 4)-(24, 12) becomes (4, 2)-(12, 6) of 32, so (cx, cy, w, h) = (.25, .125, .25, .125)."""
+    image = Image.new("L", (64, 32))
+    data = CocoData(Path("unused"), ["a"], [1], [1], [image], [np.array([[8.0, 4.0, 24.0, 12.0]])], [np.array([0])])
+    spec = detr.Preprocessing(color_mode="L", size=(32, 32), resize="letterbox", mean=[0.0], std=[1.0])
+    (target,) = detr.targets_for(data, spec)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.25, 0.125, 0.25, 0.125]]))
+    assert target["labels"].tolist() == [0]
