@@ -119,3 +119,12 @@ def test_training_twice_on_one_thread_gives_the_same_weights(tmp_path: Path) -> 
         first, second = (vit.train(vit.source(folder, 0), tmp_path / f"{i}.pt", model_cfg, cfg) for i in range(2))
     assert first["model"].keys() == second["model"].keys()
     assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+
+
+def test_input_size_and_channels_from_the_options(tmp_path: Path) -> None:
+    data = vit.load_image_folder(image_folder(tmp_path / "data", per_class=5, size=(40, 40)))
+    assert (vit.model_config(data).image_size, vit.model_config(data).in_channels) == (40, 3)
+    grey = vit.model_config(data, image_size=64, channels=1)
+    assert (grey.image_size, grey.patch_size, grey.in_channels, grey.num_classes) == (64, 8, 1, 3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        vit.model_config(data, image_size=30)
