@@ -26,6 +26,7 @@ from export.onnx_export import (
     export_image_graph,
     manifest_for,
     publish,
+    require_free,
     require_parity,
     staging,
     torch_outputs,
@@ -259,6 +260,7 @@ def detr_graphs(cfg: DETRConfig, spec: Preprocessing) -> dict[str, GraphSpec]:
 def export(
     checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1, force: bool = False
 ) -> Manifest:
+    require_free(repository, name, version, force)  # before the work, not after it
     model, checkpoint = load_checkpoint(checkpoint_path, DETR, DETRConfig)
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     _, held_out = load_data(checkpoint["source"])

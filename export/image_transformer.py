@@ -28,6 +28,7 @@ from export.onnx_export import (
     check_parity,
     manifest_for,
     publish,
+    require_free,
     require_parity,
     staging,
     to_onnx,
@@ -325,6 +326,7 @@ def export(
 ) -> Manifest:
     """Export both graphs; `classifier` (default: the repository's `vit`) judges the generated digits."""
     classifier = classifier or repository / "vit"
+    require_free(repository, name, version, force)  # before the work, not after it
     model, checkpoint = load_checkpoint(checkpoint_path, ImageTransformer, ImageTransformerConfig)
     cfg = GenerationConfig.model_validate(checkpoint["config"])
     *_, test_x, test_y = load_split(checkpoint["source"]["seed"])

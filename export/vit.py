@@ -23,6 +23,7 @@ from export.onnx_export import (
     export_image_graph,
     manifest_for,
     publish,
+    require_free,
     require_parity,
     staging,
     torch_outputs,
@@ -228,6 +229,7 @@ def export(
     checkpoint_path: Path, repository: Path, name: str = "vit", version: int = 1, force: bool = False
 ) -> Manifest:
     """Export a checkpoint to `repository/name/version/`, only if it passes parity on held-out images."""
+    require_free(repository, name, version, force)  # before the work, not after it
     model, checkpoint = load_checkpoint(checkpoint_path, ViT, ViTConfig)
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     held_out = load_data(checkpoint["source"]).held_out
