@@ -43,9 +43,9 @@ check: lint test
 
 # retrain and re-export the shipped models from scratch
 models: $(VENV)/.dev
-	$(BIN)/python -m export vit
-	$(BIN)/python -m export detr
-	$(BIN)/python -m export imagetransformer  # after the ViT, which judges its digits
+	$(BIN)/python -m export vit --force
+	$(BIN)/python -m export detr --force
+	$(BIN)/python -m export imagetransformer --force  # after the ViT, which judges its digits
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.models

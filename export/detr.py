@@ -20,12 +20,13 @@ from export.criterion import SetCriterion
 from export.matcher import HungarianMatcher
 from export.onnx_export import (
     PARITY_BATCH,
+    Compared,
     ExportError,
     check_parity,
     export_image_graph,
-    float32_error,
     manifest_for,
     publish,
+    require_free,
     require_parity,
     staging,
     torch_outputs,
@@ -117,16 +118,34 @@ def evaluate(data: CocoData, logits: np.ndarray, boxes: np.ndarray, spec: Prepro
     return coco_map(data.annotations, found)
 
 
+def model_config(data: CocoData, image_size: int | None = None, channels: int | None = None) -> DETRConfig:
+    """96x96 unless `image_size` says otherwise; RGB if any image is in colour, unless `channels` says."""
+    cfg = DETRConfig(num_classes=len(data.classes))
+    cfg.image_size = image_size or cfg.image_size
+    if cfg.image_size % cfg.stride:
+        raise ValueError(f"--image-size {cfg.image_size}: a multiple of the backbone's stride {cfg.stride}")
+    cfg.in_channels = channels or (3 if any(image.mode == "RGB" for image in data.images) else 1)
+    return cfg
+
+
 def train(
-    source: dict[str, Any], out: Path, model_cfg: DETRConfig | None = None, cfg: TrainConfig | None = None
+    source: dict[str, Any],
+    out: Path,
+    model_cfg: DETRConfig | None = None,
+    cfg: TrainConfig | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
 ) -> dict[str, Any]:
     cfg = cfg or TrainConfig()
     train_data, held_out = load_data(source)
-    model_cfg = model_cfg or DETRConfig(num_classes=len(train_data.classes))
+    model_cfg = model_cfg or model_config(train_data, image_size, channels)
     size = (model_cfg.image_size, model_cfg.image_size)
-    unit_spec = Preprocessing(color_mode="L", size=size, resize="letterbox", fill=0, mean=[0.0], std=[1.0])
+    mode = "RGB" if model_cfg.in_channels == 3 else "L"
+    zeros, ones = [0.0] * model_cfg.in_channels, [1.0] * model_cfg.in_channels
+    unit_spec = Preprocessing(color_mode=mode, size=size, resize="letterbox", fill=0, mean=zeros, std=ones)
     units = np.stack([to_unit_array(image, unit_spec) for image in train_data.images])
-    spec = unit_spec.model_copy(update={"mean": [float(units.mean())], "std": [float(units.std())]})
+    stats = {"mean": units.mean(axis=(0, 2, 3)).tolist(), "std": units.std(axis=(0, 2, 3)).tolist()}
+    spec = unit_spec.model_copy(update=stats)
     x = torch.from_numpy(normalize(units, spec))
     targets = targets_for(train_data, spec)
 
@@ -134,7 +153,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     model = DETR(model_cfg)
     started = time.perf_counter()
-    _fit(model, x, targets, cfg, gen)
+    losses = _fit(model, x, targets, cfg, gen)
     seconds = time.perf_counter() - started
     quality = evaluate(held_out, *forward_all(model, inputs_for(held_out, spec)), spec)
     return save_checkpoint(
@@ -153,12 +172,14 @@ def train(
             "held_out_boxes": int(sum(len(b) for b in held_out.boxes)),
         },
         quality=quality,
+        losses=losses,
     )
 
 
 def _fit(
     model: DETR, x: torch.Tensor, targets: list[dict[str, torch.Tensor]], cfg: TrainConfig, gen: torch.Generator
-) -> None:
+) -> list[float]:
+    """Returns the mean weighted loss (final and auxiliary layers) of each epoch."""
     criterion = SetCriterion(
         model.config.num_classes,
         HungarianMatcher(class_weight=1.0, l1_weight=5.0, giou_weight=2.0),
@@ -177,10 +198,12 @@ def _fit(
         lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))),
     )
     progress = tqdm(range(cfg.epochs), desc="detr", unit="epoch")
+    history = []
     for _ in progress:
         model.train()
         order = torch.randperm(len(x), generator=gen)
         terms: list[dict[str, float]] = []
+        losses = []
         for i in range(0, len(x), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             outputs = model(x[idx], return_aux=True)
@@ -191,7 +214,10 @@ def _fit(
             optimizer.step()
             schedule.step()
             terms.append(final)
+            losses.append(loss.item())
         progress.set_postfix({k: f"{np.mean([t[k] for t in terms]):.3f}" for k in terms[0]})
+        history.append(float(np.mean(losses)))
+    return history
 
 
 class DETRForOnnx(torch.nn.Module):
@@ -231,7 +257,10 @@ def detr_graphs(cfg: DETRConfig, spec: Preprocessing) -> dict[str, GraphSpec]:
     }
 
 
-def export(checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1) -> Manifest:
+def export(
+    checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1, force: bool = False
+) -> Manifest:
+    require_free(repository, name, version, force)  # before the work, not after it
     model, checkpoint = load_checkpoint(checkpoint_path, DETR, DETRConfig)
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     _, held_out = load_data(checkpoint["source"])
@@ -242,20 +271,31 @@ def export(checkpoint_path: Path, repository: Path, name: str = "detr", version:
         # the attention graph, checked on a subset: its maps are large
         subset = inputs[: 2 * PARITY_BATCH]
         onnx_attention = export_image_graph(DETRForOnnx(model, attention=True), subset, staged, graphs["attention"])
-        ref_logits, ref_boxes = torch_outputs(DETRForOnnx(model), inputs)
-        ref_attention = torch_outputs(DETRForOnnx(model, attention=True), subset)
-        pairs = [(ref_boxes, onnx_boxes), *zip(ref_attention, onnx_attention, strict=True)]
-        error = float32_error(DETRForOnnx(model), torch.from_numpy(inputs))
-        parity = check_parity(ref_logits, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
+        compared = compare_outputs(model, inputs, [onnx_logits, onnx_boxes], graphs["main"])
+        compared += compare_outputs(model, subset, onnx_attention, graphs["attention"], attention=True)
+        parity = check_parity(compared, PARITY_BATCH)
         require_parity(parity)
+        ref_logits, ref_boxes = compared[0].float32, compared[1].float32
         require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
         onnx_quality = evaluate(held_out, onnx_logits, onnx_boxes, spec)
         manifest = manifest_for(
             checkpoint, name=name, version=version, task=DETECTION, architecture="detr", graphs=graphs,
             preprocessing=spec, quality={f"{k}_onnx": v for k, v in onnx_quality.items()}, parity=parity,
         )  # fmt: skip
-        publish(manifest, staged, repository)
+        publish(manifest, staged, repository, force)
     return manifest
+
+
+def compare_outputs(
+    model: DETR, inputs: np.ndarray, onnx: list[np.ndarray], spec: GraphSpec, attention: bool = False
+) -> list[Compared]:
+    """ONNX Runtime's outputs of one graph beside PyTorch's in float32 and float64."""
+    module = DETRForOnnx(model, attention=attention)
+    single, double = torch_outputs(module, inputs), torch_outputs(module, inputs, double=True)
+    graph = "attention" if attention else "main"
+    return [
+        Compared(f"{graph}.{t.name}", *arrays) for t, *arrays in zip(spec.outputs, onnx, single, double, strict=True)
+    ]
 
 
 def require_same_detections(

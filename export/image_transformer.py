@@ -23,14 +23,16 @@ from export.data import DIGITS_HELD_OUT
 from export.onnx_export import (
     BATCH,
     TRACED_BATCH,
+    Compared,
     ExportError,
     check_parity,
-    float32_error,
     manifest_for,
     publish,
+    require_free,
     require_parity,
     staging,
     to_onnx,
+    torch_outputs,
 )
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
 from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
@@ -96,8 +98,15 @@ def model_log_probs(model: ImageTransformer, pixels: torch.Tensor, labels: torch
 
 
 def train(
-    source: dict[str, Any], out: Path, model_cfg: ImageTransformerConfig | None = None, cfg: TrainConfig | None = None
+    source: dict[str, Any],
+    out: Path,
+    model_cfg: ImageTransformerConfig | None = None,
+    cfg: TrainConfig | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
 ) -> dict[str, Any]:
+    if image_size or channels:
+        raise SystemExit("the Image Transformer models the 8x8 grey digits: no --image-size or --channels")
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ImageTransformerConfig()
     train_x, train_y, test_x, test_y = load_split(source["seed"])
@@ -105,7 +114,7 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ImageTransformer(model_cfg)
     started = time.perf_counter()
-    _fit(model, train_x, train_y, cfg, gen)
+    losses = _fit(model, train_x, train_y, cfg, gen)
     seconds = time.perf_counter() - started
     baseline = marginal_baseline(train_x, train_y, model_cfg.levels, model_cfg.num_classes)
     quality = {
@@ -131,10 +140,14 @@ def train(
             "split": f"stratified, seed {source['seed']} (the ViT's split)",
         },
         quality=quality,
+        losses=losses,
     )
 
 
-def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> None:
+def _fit(
+    model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> list[float]:
+    """Returns the mean training loss (nats per pixel) of each epoch."""
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -144,6 +157,7 @@ def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     )
     no_label = model.config.num_classes
     progress = tqdm(range(cfg.epochs), desc="image transformer", unit="epoch")
+    history = []
     for _ in progress:
         model.train()
         order = torch.randperm(len(x), generator=gen)
@@ -160,6 +174,8 @@ def _fit(model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
             schedule.step()
             losses.append(loss.item())
         progress.set_postfix(bits_per_dim=f"{np.mean(losses) / math.log(2):.3f}")
+        history.append(float(np.mean(losses)))
+    return history
 
 
 class ScoreGraph(torch.nn.Module):
@@ -305,10 +321,12 @@ def export(
     repository: Path,
     name: str = "imagetransformer",
     version: int = 1,
+    force: bool = False,
     classifier: Path | None = None,
 ) -> Manifest:
     """Export both graphs; `classifier` (default: the repository's `vit`) judges the generated digits."""
     classifier = classifier or repository / "vit"
+    require_free(repository, name, version, force)  # before the work, not after it
     model, checkpoint = load_checkpoint(checkpoint_path, ImageTransformer, ImageTransformerConfig)
     cfg = GenerationConfig.model_validate(checkpoint["config"])
     *_, test_x, test_y = load_split(checkpoint["source"]["seed"])
@@ -319,16 +337,21 @@ def export(
             ort.InferenceSession(str(staged / specs[g].file), providers=["CPUExecutionProvider"])
             for g in ("main", "attention", "step")
         )
-        pixels, labels = test_x[:PARITY_BATCH], test_y[:PARITY_BATCH]
-        with torch.no_grad():
-            reference, ref_attention = (t.numpy() for t in AttentionGraph(model)(pixels, labels))
-        feeds = {"pixels": pixels.numpy(), "labels": labels.numpy()}
+        feeds = {"pixels": test_x[:PARITY_BATCH].numpy(), "labels": test_y[:PARITY_BATCH].numpy()}
+        single = torch_outputs(AttentionGraph(model), *feeds.values())
+        double = torch_outputs(AttentionGraph(model), *feeds.values(), double=True)
         onnx_logits, _ = score.run(None, feeds)
-        stepped = cached_logits(step, cfg, pixels.numpy(), labels.numpy())
+        stepped = cached_logits(step, cfg, *feeds.values())
         # the scoring graph against PyTorch, the cached steps against the full sequence, the attention graph
-        pairs = [(reference, stepped), *zip((reference, ref_attention), attention.run(None, feeds), strict=True)]
-        error = float32_error(model, pixels, labels)
-        parity = check_parity(reference, onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
+        compared = [
+            Compared("main.logits", onnx_logits, single[0], double[0]),
+            Compared("step.logits", stepped, single[0], double[0]),
+            *(
+                Compared(f"attention.{n}", *arrays)
+                for n, *arrays in zip(("logits", "attention"), attention.run(None, feeds), single, double, strict=True)
+            ),
+        ]
+        parity = check_parity(compared, PARITY_BATCH)
         require_parity(parity)
         (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
         onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))
@@ -343,5 +366,5 @@ def export(
             graphs=specs, preprocessing=preprocessing, parity=parity,
             quality={"bits_per_dim_onnx": onnx_bits, "vit_recognition_rate": rate},
         )  # fmt: skip
-        publish(manifest, staged, repository)
+        publish(manifest, staged, repository, force)
     return manifest

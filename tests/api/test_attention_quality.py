@@ -37,6 +37,7 @@ def test_cross_attention_mass_lies_near_the_box(client: TestClient) -> None:
     shares_array = np.array(shares)
     print(f"cross-attention share within {NEAR} cell of the box: median {np.median(shares_array):.2f}, "
           f"min {shares_array.min():.2f}, 10th percentile {np.quantile(shares_array, 0.1):.2f}")  # fmt: skip
-    # chance level (attention spread evenly) is the box's share of the image: about 15% here
-    assert np.median(shares_array) >= 0.5
-    assert (shares_array >= 0.25).mean() >= 0.9
+    # chance level (attention spread evenly) is the box's share of the image: about 15% here;
+    # measured median 0.84, 10th percentile 0.69, min 0.56
+    assert np.median(shares_array) >= 0.8
+    assert np.quantile(shares_array, 0.1) >= 0.65 and shares_array.min() >= 0.5

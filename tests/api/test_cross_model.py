@@ -20,4 +20,4 @@ def test_generated_digits_are_recognised_by_the_vit(client: TestClient) -> None:
         recognised += sum(r[0]["label"] == str(digit) for r in classified.json()["results"])
     rate = recognised / (10 * PER_LABEL)
     print(f"ViT recognises {rate:.0%} of the generated digits")
-    assert rate >= 0.8
+    assert rate >= 0.95  # measured 0.98 (seed 2026)

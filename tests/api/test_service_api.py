@@ -39,11 +39,13 @@ def test_models_lists_providers_and_quality(client: TestClient) -> None:
         assert model["state"] == "ready" and model["providers"] == ["CPUExecutionProvider"]
         assert model["labels"] == [str(d) for d in range(10)]
     assert models["vit"]["input_size"] == [32, 32] and models["detr"]["input_size"] == [96, 96]
-    assert models["vit"]["quality"]["top1"] >= 0.97
-    assert models["detr"]["quality"]["map50_onnx"] >= 0.95 and models["detr"]["quality"]["map_onnx"] >= 0.70
+    # the figures the manifests report (recomputed from the artifacts in test_shipped_quality.py and the
+    # e2e tests), just below their values: top1 0.986, mAP@.5 0.994, mAP 0.781, recognition 0.945
+    assert models["vit"]["quality"]["top1"] >= 0.98
+    assert models["detr"]["quality"]["map50_onnx"] >= 0.99 and models["detr"]["quality"]["map_onnx"] >= 0.77
     quality = models["imagetransformer"]["quality"]
     assert quality["bits_per_dim_onnx"] <= 0.8 * quality["baseline_bits_per_dim"]
-    assert quality["vit_recognition_rate"] >= 0.8
+    assert quality["vit_recognition_rate"] >= 0.94
 
 
 def test_openapi_documents_every_input_form(client: TestClient) -> None:

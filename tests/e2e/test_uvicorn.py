@@ -27,7 +27,7 @@ def test_every_held_out_digit_over_http(server: str) -> None:
     accuracy = correct / len(labels)
     print(f"held-out accuracy over HTTP: {accuracy:.4f} ({correct}/{len(labels)})")
     assert len(labels) >= 250
-    assert accuracy >= 0.97
+    assert accuracy >= 0.98  # measured 0.9861 (355/360)
 
 
 def test_models_report_providers_over_http(server: str) -> None:
@@ -40,7 +40,8 @@ def test_models_report_providers_over_http(server: str) -> None:
 
 
 def test_detection_map_over_http(server: str, tmp_path: Path) -> None:
-    """COCO mAP@.5 of the HTTP answers on 200 held-out scenes (digits the detector never trained on)."""
+    """COCO mAP (IoU .5, .75 and .5:.95) of the HTTP answers on 200 held-out scenes (digits the
+    detector never trained on)."""
     data = load_digits_data(seed=0)
     annotations = write_coco(tmp_path, data.held_out, data.classes, 200, seed=1, cfg=SceneConfig(), desc="scenes")
     scenes = load_coco(annotations)
@@ -56,4 +57,5 @@ def test_detection_map_over_http(server: str, tmp_path: Path) -> None:
             found += coco_detections(scenes, i, boxes, np.array([d["score"] for d in result]), labels)
     figures = coco_map(annotations, found)
     print(f"detection over HTTP, 200 held-out scenes: {figures}")
-    assert figures["map50"] >= 0.9
+    # measured mAP@.5 0.991, mAP@.75 0.974, mAP@[.5:.95] 0.786
+    assert figures["map50"] >= 0.98 and figures["map75"] >= 0.95 and figures["map"] >= 0.77

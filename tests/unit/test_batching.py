@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -106,20 +107,40 @@ def test_one_bad_request_fails_alone_not_its_batch() -> None:
     assert session.batches[0] == 4 and sorted(session.batches[1:]) == [1, 1, 1, 1]
 
 
+class GatedSession(DoublingSession):
+    """Holds each run until the test opens the gate: the order of events, not sleeps, decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def run(self, _: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            self.batches.append(len(feeds["x"]))
+        self.gate.wait(timeout=60)
+        return [feeds["x"] * 2, feeds["x"].sum(axis=1)]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
 def test_a_client_that_left_costs_no_run() -> None:
-    session = DoublingSession(delay=0.05)
+    session = GatedSession()
     batcher = Batcher("m", session, BatchPolicy(max_batch_size=1))  # type: ignore[arg-type]
 
     async def scenario() -> None:
         first = asyncio.ensure_future(batcher.run({"x": np.ones((1, 2))}))
         left = asyncio.ensure_future(batcher.run({"x": np.ones((1, 2))}))
-        await asyncio.sleep(0.01)  # the first runs; the second waits in the queue
+        await until(lambda: session.batches == [1])  # the first runs; the second waits in the queue
         left.cancel()
+        session.gate.set()
         await first
-        await asyncio.sleep(0.1)
+        await batcher.run({"x": np.ones((1, 2))})  # queued after the one that left: it ran first, or never
 
     run(scenario())
-    assert session.batches == [1] and batcher.queued_images == 0
+    assert session.batches == [1, 1] and batcher.queued_images == 0
 
 
 def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
