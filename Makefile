@@ -15,9 +15,9 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# everything: training/export (torch, CPU build) and the test tools
+# everything: training/export (torch, CPU build), the test tools, and Ray Serve (tests/deploy/)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,ray]'
 	touch $@ $(VENV)/.runtime
 
 # what the tests need from the system (Chromium, a compose client): installed with apt, or a
