@@ -15,9 +15,9 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# everything: training/export (torch, CPU build) and the test tools
+# everything: training/export (torch, CPU build), the test tools, and Ray Serve (tests/deploy/)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev,ray]'
 	touch $@ $(VENV)/.runtime
 
 # what the tests need from the system (Chromium, a compose client): installed with apt, or a
@@ -53,6 +53,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.generation
 	$(BIN)/python -m bench.fast_path
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.deploy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
