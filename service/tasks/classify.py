@@ -123,8 +123,10 @@ class ClassifyAttentionResponse(BaseModel):
     results: list[ClassAttention]
 
 
-def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions) -> np.ndarray:
-    """`[layers, heads, tokens, tokens]` (token 0 = CLS) -> the CLS row over the patch grid `[g, g]`."""
+def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions, prefix: int = 1) -> np.ndarray:
+    """`[layers, heads, tokens, tokens]` (token 0 = CLS, then `prefix - 1` more tokens before the patches,
+    such as DeiT's distillation token) -> the CLS row over the patch grid `[g, g]`. Rollout runs over
+    every token, the prefix ones included."""
     if options.head is not None:
         pick(attention[0], options.head, "head")  # range check
         attention = attention[:, options.head : options.head + 1]
@@ -132,14 +134,14 @@ def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions) -> np.ndar
         row = rollout(attention, options.fusion, options.discard_ratio)
     else:
         row = fuse_heads(pick(attention, options.layer, "layer"), options.fusion)
-    grid = math.isqrt(attention.shape[-1] - 1)
-    patches: np.ndarray = row[0, 1:].reshape(grid, grid)
+    grid = math.isqrt(attention.shape[-1] - prefix)
+    patches: np.ndarray = row[0, prefix:].reshape(grid, grid)
     return patches
 
 
 def attention(batch: Batch[ClassifyAttentionOptions]) -> ClassifyAttentionResponse:
     logits, maps = batch.outputs
-    grids = [cls_map(a, batch.options) for a in maps]
+    grids = [cls_map(a, batch.options, batch.manifest.prefix_tokens) for a in maps]
     best = [top[0] for top in top_k(logits, batch.manifest.labels, 1)]
     results = [ClassAttention(label=b.label, score=b.score, map=m.tolist()) for b, m in zip(best, grids, strict=True)]
     return ClassifyAttentionResponse(model=batch.model.name, method=batch.options.method, grid=grids[0].shape,
