@@ -81,7 +81,7 @@ def detections(
     cx, cy, w, h = boxes[keep].astype(np.float64).T
     corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
     if not spec.fixed_size:  # the input is the whole image, unpadded: as transformers, no clipping
-        return Found(corners * [original[0], original[1]] * 2, scores[keep], labels[keep], keep)
+        return Found(corners * ([original[0], original[1]] * 2), scores[keep], labels[keep], keep)
     height, width = spec.size
     xyxy = corners * [width, height, width, height]
     # input pixels -> original pixels, through the letterbox's per-axis scale

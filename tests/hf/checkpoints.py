@@ -69,7 +69,13 @@ def detr(folder: Path, seed: int = 2) -> Path:
                      encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
                      encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=12, **_labels(5))  # fmt: skip
     model = DetrForObjectDetection(cfg)
+    # random queries all look alike; sharper cross-attention and larger heads set them apart
     _spread_head(model.class_labels_classifier, 30.0)
+    _spread_head(model.bbox_predictor.layers[-1], 30.0)
+    _spread_head(model.model.query_position_embeddings, 30.0)
+    for layer in model.model.decoder.layers:
+        _spread_head(layer.encoder_attn.q_proj, 30.0)
+        _spread_head(layer.encoder_attn.k_proj, 30.0)
     model.save_pretrained(folder)
     DetrImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 100}).save_pretrained(folder)
     return folder
