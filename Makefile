@@ -17,7 +17,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 # everything: training/export (torch, CPU build) and the test tools
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,hf,dev]'
 	touch $@ $(VENV)/.runtime
 
 serve: $(VENV)/.runtime
