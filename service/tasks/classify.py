@@ -12,7 +12,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from service.attention import HeadFusion, enlarged, fuse_heads, overlay, pick, rollout
-from service.manifest import Manifest
+from service.imaging import resized_size
+from service.manifest import Manifest, Preprocessing
 from service.pipeline import Batch, ImagePipeline, ModelOptions
 from service.routes.v1 import image_route
 from service.schemas import Pair
@@ -148,9 +149,21 @@ def attention(batch: Batch[ClassifyAttentionOptions]) -> ClassifyAttentionRespon
                                      results=results)  # fmt: skip
 
 
+def seen(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """The part of the image the model saw: all of it, or what its centre crop kept."""
+    if spec.crop is None:
+        return image
+    (width, height), (crop_h, crop_w) = resized_size(*image.size, spec), spec.crop
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    x, y = image.width / width, image.height / height
+    return image.crop((round(max(left, 0) * x), round(max(top, 0) * y),
+                       round(min(left + crop_w, width) * x), round(min(top + crop_h, height) * y)))  # fmt: skip
+
+
 def draw_attention(batch: Batch[ClassifyAttentionOptions], answer: ClassifyAttentionResponse) -> Image.Image:
-    """The first image's map as a heatmap over it."""
-    return overlay(enlarged(batch.images[0].image, batch.options.scale), np.asarray(answer.results[0].map))
+    """The first image's map as a heatmap over the part of it the model saw."""
+    image = seen(batch.images[0].image, batch.manifest.preprocessing)
+    return overlay(enlarged(image, batch.options.scale), np.asarray(answer.results[0].map))
 
 
 ATTENTION = ImagePipeline(NAME, ClassifyAttentionOptions, attention, graph="attention", render=draw_attention)
