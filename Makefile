@@ -48,6 +48,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.generation
 	$(BIN)/python -m bench.fast_path
 	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench.hf
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

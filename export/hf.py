@@ -126,6 +126,8 @@ def preprocessing_of(processor: Any, task: str) -> Preprocessing:
     size, resample = dict(p.size or {}), RESAMPLE.get(int(p.resample))
     if not p.do_resize or resample is None:
         raise ExportError(f"unsupported image processor settings: do_resize={p.do_resize}, resample={p.resample}")
+    if getattr(p, "do_pad", False) and getattr(p, "pad_size", None):
+        raise ExportError(f"padding to a fixed pad_size ({p.pad_size}) is not supported: images run unpadded")
     recipe: dict[str, Any] = {"color_mode": "RGB", "resample": resample, "reduced_decode": False}
     if size.get("height") and size.get("width"):
         recipe |= {"resize": "stretch", "size": (size["height"], size["width"])}
