@@ -62,6 +62,7 @@ SUPPORTED: dict[str, Family] = {
     # transformers averages its two heads (CLS and distillation) into `logits`; so does the graph
     "DeiTForImageClassificationWithTeacher": Family(CLASSIFICATION, prefix_tokens=2),
     "DetrForObjectDetection": Family(DETECTION),
+    "BeitForImageClassification": Family(CLASSIFICATION, prefix_tokens=1),  # relative position bias: exports too
 }
 
 

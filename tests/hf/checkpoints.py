@@ -58,6 +58,20 @@ def deit(folder: Path, teacher: bool = False, seed: int = 1) -> Path:
     return folder
 
 
+def beit(folder: Path, seed: int = 3) -> Path:
+    import torch
+    from transformers import BeitConfig, BeitForImageClassification, BeitImageProcessorPil
+
+    torch.manual_seed(seed)
+    cfg = BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, use_relative_position_bias=True, **_labels(5))  # fmt: skip
+    model = BeitForImageClassification(cfg)
+    _spread_head(model.classifier, 40.0)
+    model.save_pretrained(folder)
+    BeitImageProcessorPil(size={"height": 32, "width": 32}, resample=3).save_pretrained(folder)
+    return folder
+
+
 def detr(folder: Path, seed: int = 2) -> Path:
     import torch
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessorPil, ResNetConfig

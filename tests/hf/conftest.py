@@ -23,8 +23,9 @@ MAKERS: dict[str, Callable[[Path], Path]] = {
     "hfdeit": checkpoints.deit,
     "hfdeitteacher": lambda folder: checkpoints.deit(folder, teacher=True),
     "hfdetr": checkpoints.detr,
+    "hfbeit": checkpoints.beit,
 }
-CLASSIFIERS = ["hfvit", "hfdeit", "hfdeitteacher"]
+CLASSIFIERS = ["hfvit", "hfdeit", "hfdeitteacher", "hfbeit"]
 
 
 @pytest.fixture(scope="session")

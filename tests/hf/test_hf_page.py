@@ -16,7 +16,7 @@ def test_choose_an_imported_model_on_the_page(browser: Browser, hf_server: str, 
     photo.write_bytes(photos()["china.jpeg"])
     page = browser.new_page(viewport={"width": 1100, "height": 1400})
     page.goto(hf_server + "/")
-    expect(page.locator("#classifier option")).to_have_count(3, timeout=20_000)
+    expect(page.locator("#classifier option")).to_have_count(4, timeout=20_000)
     assert page.locator("#detector option").all_inner_texts() == ["hfdetr (DetrForObjectDetection)"]
     page.select_option("#classifier", "hfdeit")
     page.set_input_files("#file", photo)

@@ -37,7 +37,7 @@ def test_rollout_equals_transformers_attention(hf_server: str, hf_pipelines: dic
     response = httpx2.post(f"{hf_server}/v1/classify/attention?model={model}", content=data, headers=JPEG, timeout=60)
     assert response.status_code == 200, response.text
     answer = response.json()
-    prefix = 1 if model == "hfvit" else 2
+    prefix = 2 if model.startswith("hfdeit") else 1
     attentions = transformers_attention(hf_pipelines[model], data).attentions
     stacked = np.stack([a[0].numpy() for a in attentions])  # [layers, heads, tokens, tokens]
     expected = rollout(stacked)[0, prefix:].reshape(4, 4)
@@ -99,5 +99,6 @@ def test_v2_views_and_models(hf_server: str) -> None:
     assert {name: m["architecture"] for name, m in models.items()} == {
         "hfvit": "ViTForImageClassification", "hfdeit": "DeiTForImageClassification",
         "hfdeitteacher": "DeiTForImageClassificationWithTeacher", "hfdetr": "DetrForObjectDetection",
+        "hfbeit": "BeitForImageClassification",
     }  # fmt: skip
     assert all(m["state"] == "ready" for m in models.values())
