@@ -50,7 +50,7 @@ COPY service ./service
 COPY models ./models
 COPY export ./export
 # the CPU build of the pinned torch (a plain PyPI install would pull the CUDA build)
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[train]"
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[train,hf]"
 CMD ["sh", "-c", "python -m export vit && python -m export detr && python -m export imagetransformer"]
 
 FROM ${CUDA_IMAGE} AS gpu

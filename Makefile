@@ -17,7 +17,7 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 
 # everything: training/export (torch, CPU build), the test tools, and Ray Serve (tests/deploy/)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,dev,ray]'
+	$(BIN)/pip install -q -e '.[train,hf,dev,ray]'
 	touch $@ $(VENV)/.runtime
 
 # what the tests need from the system (Chromium, a compose client): installed with apt, or a
@@ -54,6 +54,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.fast_path
 	$(BIN)/python -m bench.peers
 	$(BIN)/python -m bench.deploy
+	$(BIN)/python -m bench.hf
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

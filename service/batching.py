@@ -61,6 +61,11 @@ class Reservation:
             self.batcher.reserved -= self.size
 
 
+def _same_shapes(a: _Request, b: _Request) -> bool:
+    """Requests share a run only when their inputs agree past the batch axis (images kept at their own size)."""
+    return all(a.feeds[name].shape[1:] == b.feeds[name].shape[1:] for name in a.feeds)
+
+
 class Batcher:
     def __init__(
         self, name: str, session: ort.InferenceSession, policy: BatchPolicy, executor: Executor | None = None
@@ -154,7 +159,7 @@ class Batcher:
                     request = await asyncio.wait_for(self.queue.get(), remaining)
                 except TimeoutError:
                     break
-            if size + request.size > self.policy.max_batch_size:
+            if size + request.size > self.policy.max_batch_size or not _same_shapes(first, request):
                 self.held = request
                 break
             batch.append(request)

@@ -147,7 +147,7 @@ def decode_opened(opened: Opened, spec: Preprocessing | None = None) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if spec is not None and image.format in ("JPEG", "MPO"):
+            if spec is not None and spec.reduced_decode and image.format in ("JPEG", "MPO"):
                 return _decode_reduced(data, image, spec)
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
@@ -258,6 +258,51 @@ def letterbox_size(width: int, height: int, spec: Preprocessing) -> tuple[int, i
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+# Hugging Face image processors' size arithmetic, replicated to the pixel (transformers 5.x,
+# image_transforms.get_size_with_aspect_ratio, get_resize_output_image_size and center_crop) ------------
+
+
+def resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
+    """The (width, height) an image of this size is resized to, before any crop or padding."""
+    if spec.resize == "letterbox":
+        return letterbox_size(width, height, spec)
+    if spec.resize == "stretch":
+        return (spec.stretch_to or spec.size)[::-1]
+    assert spec.shortest_edge is not None  # the manifest checks it
+    if spec.longest_edge is None:  # get_resize_output_image_size(default_to_square=False)
+        short, long = sorted((width, height))
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    size, raw = spec.shortest_edge, None  # get_size_with_aspect_ratio
+    if max(height, width) / min(height, width) * size > spec.longest_edge:
+        raw = spec.longest_edge * min(height, width) / max(height, width)
+        size = int(round(raw))
+    if (height <= width and height == size) or (width <= height and width == size):
+        return width, height
+    if width < height:
+        return size, int((raw if raw is not None else size) * height / width)
+    return int((raw if raw is not None else size) * width / height), size
+
+
+def centre_crop(image: Image.Image, crop: tuple[int, int]) -> Image.Image:
+    """The centre (height, width) of the image; an image smaller than that is padded with zeros around it."""
+    (crop_h, crop_w), (width, height) = crop, image.size
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    if top >= 0 and left >= 0:
+        return image.crop((left, top, left + crop_w, top + crop_h))
+    new_h, new_w = max(crop_h, height), max(crop_w, width)
+    pad_top, pad_left = math.ceil((new_h - height) / 2), math.ceil((new_w - width) / 2)
+    canvas = Image.new(image.mode, (new_w, new_h), 0)
+    canvas.paste(image, (pad_left, pad_top))
+    top, left = top + pad_top, left + pad_left
+    return canvas.crop((max(0, left), max(0, top), min(new_w, left + crop_w), min(new_h, top + crop_h)))
+
+
+def input_size(image: Decoded, spec: Preprocessing) -> tuple[int, int]:
+    """(height, width) of this image's model input: `size`, or its own resized size (shortest_edge, no crop)."""
+    return spec.size if spec.fixed_size else resized_size(*image.size, spec)[::-1]
+
+
 def fit(
     image: Image.Image, spec: Preprocessing, size: tuple[int, int] | None = None, box: Box | None = None
 ) -> Image.Image:
@@ -266,6 +311,9 @@ def fit(
     if image.mode != spec.color_mode:
         image = image.convert(spec.color_mode)
     height, width = spec.size
+    if spec.resize == "shortest_edge" or spec.crop is not None:  # Hugging Face's recipes
+        resized = image.resize(resized_size(*(size or image.size), spec), RESAMPLE[spec.resample], box=box)
+        return centre_crop(resized, spec.crop) if spec.crop is not None else resized
     if spec.resize == "stretch":
         return image.resize((width, height), RESAMPLE[spec.resample], box=box)
     inner = image.resize(letterbox_size(*(size or image.size), spec), RESAMPLE[spec.resample], box=box)
@@ -278,7 +326,7 @@ def to_unit_array(
     image: Image.Image, spec: Preprocessing, size: tuple[int, int] | None = None, box: Box | None = None
 ) -> np.ndarray:
     """Resize and convert to `[channels, height, width]` float32 in [0, 1] (before normalisation)."""
-    array = np.asarray(fit(image, spec, size, box), dtype=np.float32) * np.float32(1 / 255)
+    array = np.asarray(fit(image, spec, size, box), dtype=np.float32) * np.float32(spec.rescale_factor)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -343,12 +391,12 @@ def preprocess_batch(images: list[Decoded], spec: Preprocessing) -> np.ndarray:
     """Decoded images -> one input batch `[N, channels, height, width]`: each resized straight into its
     slot, then the whole batch scaled and normalised in place (`preprocess`'s arithmetic, bit for bit,
     without temporaries per image and step)."""
-    batch = np.empty((len(images), spec.channels, *spec.size), dtype=np.float32)
+    batch = np.empty((len(images), spec.channels, *input_size(images[0], spec)), dtype=np.float32)
     for slot, d in zip(batch, images, strict=True):
         pixels = np.asarray(fit(d.image, spec, d.size, d.box))
         slot[...] = pixels if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     mean, std = _channel_stats(tuple(spec.mean), tuple(spec.std))
-    batch *= np.float32(1 / 255)
+    batch *= np.float32(spec.rescale_factor)
     batch -= mean
     batch /= std
     return batch

@@ -41,15 +41,27 @@ class Preprocessing(_Strict):
     """How an RGB image becomes the model's input tensor `[channels, height, width]`."""
 
     color_mode: Literal["L", "RGB"]
-    size: tuple[int, int] = Field(description="(height, width) of the model input")
+    size: tuple[int, int] = Field(
+        description="(height, width) of the model input (shortest_edge without crop: the largest it can be)"
+    )
     # stretch: resized to `size` whatever its aspect; letterbox: scaled to fit with its aspect kept,
-    # placed at the top left and padded with `fill` on the right or bottom
-    resize: Literal["stretch", "letterbox"] = "stretch"
+    # placed at the top left and padded with `fill` on the right or bottom; shortest_edge: as Hugging
+    # Face image processors do, the shorter side scaled to `shortest_edge` with the aspect kept (and
+    # the longer side capped at `longest_edge`): each image keeps its own size unless `crop` follows
+    resize: Literal["stretch", "letterbox", "shortest_edge"] = "stretch"
     fill: int = Field(0, ge=0, le=255, description="padding value (letterbox)")
     resample: Literal["nearest", "box", "bilinear", "bicubic", "lanczos"] = "bilinear"
-    # after scaling pixels to [0, 1]: (x - mean) / std, per channel
+    shortest_edge: int | None = Field(None, ge=1, description="shortest_edge: the shorter side's length")
+    longest_edge: int | None = Field(None, ge=1, description="shortest_edge: the longer side's cap")
+    crop: tuple[int, int] | None = Field(None, description="(height, width) of a centre crop after resizing")
+    stretch_to: tuple[int, int] | None = Field(None, description="stretch with crop: (height, width) before it")
+    # pixels (0..255) times this, then (x - mean) / std, per channel
+    rescale_factor: float = Field(1 / 255, gt=0)
     mean: list[float]
     std: list[float]
+    # JPEGs may decode at reduced scale where the input is much smaller (see service.imaging); an
+    # imported model decodes in full, so that it sees the pixels its own library would
+    reduced_decode: bool = True
 
     @model_validator(mode="after")
     def _channels_agree(self) -> Preprocessing:
@@ -58,7 +70,16 @@ class Preprocessing(_Strict):
             raise ValueError(f"mean and std need {channels} value(s) for color_mode {self.color_mode}")
         if any(s <= 0 for s in self.std):
             raise ValueError("std must be positive")
+        if self.resize == "shortest_edge" and self.shortest_edge is None:
+            raise ValueError("resize shortest_edge needs `shortest_edge`")
+        if self.crop is not None and tuple(self.crop) != tuple(self.size):
+            raise ValueError("after a centre crop the model input `size` is the crop's")
         return self
+
+    @property
+    def fixed_size(self) -> bool:
+        """Every image becomes an input of `size` (else each keeps its own resized size)."""
+        return self.resize != "shortest_edge" or self.crop is not None
 
     @property
     def channels(self) -> int:
@@ -117,6 +138,10 @@ class Manifest(_Strict):
     training: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict, description="the model's config dataclass")
     serving: BatchPolicy = Field(default_factory=BatchPolicy)
+    # the attention graphs' layout: tokens before the patches (ViT's CLS; DeiT's CLS and distillation),
+    # and a detector's input pixels per feature cell (None: a square grid over the square input)
+    prefix_tokens: int = Field(1, ge=0)
+    feature_stride: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _has_main_graph(self) -> Manifest:

@@ -5,6 +5,7 @@ answer to their format. Nothing here knows HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -50,6 +51,27 @@ def model_inputs(batch: Batch[Any]) -> dict[str, np.ndarray]:
     return {spec.name: preprocess_batch(batch.images, batch.manifest.preprocessing)}
 
 
+# A preprocess gives the graph's inputs for the whole request, or one set per image where the images'
+# inputs differ in size (a detector that keeps each image's aspect): each then runs on its own, and
+# may share a batch with other requests' images of its size.
+Feeds = dict[str, np.ndarray] | list[dict[str, np.ndarray]]
+
+
+def ragged(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-image outputs (batch axis 1 each) -> one array: stacked where their shapes agree, else an
+    object array of the per-image arrays (indexing either by image gives that image's output)."""
+    if all(part.shape == parts[0].shape for part in parts):
+        return np.concatenate(parts)
+    joined = np.empty(len(parts), dtype=object)
+    for i, part in enumerate(parts):
+        joined[i] = part[0]
+    return joined
+
+
+def _float32(output: np.ndarray) -> np.ndarray:
+    return output.astype(np.float32) if output.dtype == np.float16 else output
+
+
 # Images this small decode faster on the event loop than a hop to a worker thread costs: a body up to
 # INLINE_BYTES has its headers read there, and decodes there when they promise at most INLINE_PIXELS
 # (decoding work follows the pixels, whatever the compressed size: a 50 KB PNG can hold 40 Mpx).
@@ -65,7 +87,7 @@ class ImagePipeline(Generic[Opts, A]):
     options: type[Opts]
     postprocess: Callable[[Batch[Opts]], A]  # the graph's outputs -> the answer
     graph: str = "main"
-    preprocess: Callable[[Batch[Opts]], dict[str, np.ndarray]] = model_inputs  # decoded images -> the graph's inputs
+    preprocess: Callable[[Batch[Opts]], Feeds] = model_inputs  # decoded images -> the graph's inputs
     render: Callable[[Batch[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
 
     async def __call__(
@@ -86,15 +108,21 @@ class ImagePipeline(Generic[Opts, A]):
                     feeds = await limits.run(self._prepare, batch, opened, limits, claim, full_size)
                 else:  # a few thousand pixels: not worth the budget's lock
                     feeds = self._prepare(batch, opened, None, None, full_size)
-            # the stages after the graph compute in float32 whatever precision the graph ran in
-            outputs = await model.run(feeds, graph=self.graph)
-            batch.outputs = [o.astype(np.float32) if o.dtype == np.float16 else o for o in outputs]
+            batch.outputs = await self._run(model, feeds)
             with timed("postprocess"):
                 return batch, self.postprocess(batch)
 
+    async def _run(self, model: ServedModel, feeds: Feeds) -> list[np.ndarray]:
+        """The graph's outputs, in float32 whatever precision the graph ran in (the stages after it
+        compute in float32); per-image feeds run each on its own, sharing batches with images of its size."""
+        if isinstance(feeds, dict):
+            return [_float32(o) for o in await model.run(feeds, graph=self.graph)]
+        runs = await asyncio.gather(*(model.run(feed, graph=self.graph) for feed in feeds))
+        return [ragged([_float32(run[k]) for run in runs]) for k in range(len(runs[0]))]
+
     def _open_and_prepare(
         self, batch: Batch[Opts], images: list[bytes], limits: ImageLimits, claim: Claim, full_size: bool
-    ) -> dict[str, np.ndarray]:
+    ) -> Feeds:
         return self._prepare(batch, open_all(images, limits), limits, claim, full_size)
 
     def _prepare(
@@ -104,7 +132,7 @@ class ImagePipeline(Generic[Opts, A]):
         limits: ImageLimits | None,
         claim: Claim | None,
         full_size: bool,
-    ) -> dict[str, np.ndarray]:
+    ) -> Feeds:
         if limits is not None and claim is not None:  # waits here, in a worker thread, for room
             limits.budget.take(sum(image.pixels for image in images), claim)
         batch.images = decode_all(images, None if full_size else batch.manifest.preprocessing, claim)

@@ -12,7 +12,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from service.attention import HeadFusion, enlarged, fuse_heads, overlay, pick, rollout
-from service.manifest import Manifest
+from service.imaging import resized_size
+from service.manifest import Manifest, Preprocessing
 from service.pipeline import Batch, ImagePipeline, ModelOptions
 from service.routes.v1 import image_route
 from service.schemas import Pair
@@ -123,8 +124,10 @@ class ClassifyAttentionResponse(BaseModel):
     results: list[ClassAttention]
 
 
-def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions) -> np.ndarray:
-    """`[layers, heads, tokens, tokens]` (token 0 = CLS) -> the CLS row over the patch grid `[g, g]`."""
+def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions, prefix: int = 1) -> np.ndarray:
+    """`[layers, heads, tokens, tokens]` (token 0 = CLS, then `prefix - 1` more tokens before the patches,
+    such as DeiT's distillation token) -> the CLS row over the patch grid `[g, g]`. Rollout runs over
+    every token, the prefix ones included."""
     if options.head is not None:
         pick(attention[0], options.head, "head")  # range check
         attention = attention[:, options.head : options.head + 1]
@@ -132,23 +135,35 @@ def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions) -> np.ndar
         row = rollout(attention, options.fusion, options.discard_ratio)
     else:
         row = fuse_heads(pick(attention, options.layer, "layer"), options.fusion)
-    grid = math.isqrt(attention.shape[-1] - 1)
-    patches: np.ndarray = row[0, 1:].reshape(grid, grid)
+    grid = math.isqrt(attention.shape[-1] - prefix)
+    patches: np.ndarray = row[0, prefix:].reshape(grid, grid)
     return patches
 
 
 def attention(batch: Batch[ClassifyAttentionOptions]) -> ClassifyAttentionResponse:
     logits, maps = batch.outputs
-    grids = [cls_map(a, batch.options) for a in maps]
+    grids = [cls_map(a, batch.options, batch.manifest.prefix_tokens) for a in maps]
     best = [top[0] for top in top_k(logits, batch.manifest.labels, 1)]
     results = [ClassAttention(label=b.label, score=b.score, map=m.tolist()) for b, m in zip(best, grids, strict=True)]
     return ClassifyAttentionResponse(model=batch.model.name, method=batch.options.method, grid=grids[0].shape,
                                      results=results)  # fmt: skip
 
 
+def seen(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """The part of the image the model saw: all of it, or what its centre crop kept."""
+    if spec.crop is None:
+        return image
+    (width, height), (crop_h, crop_w) = resized_size(*image.size, spec), spec.crop
+    left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    x, y = image.width / width, image.height / height
+    return image.crop((round(max(left, 0) * x), round(max(top, 0) * y),
+                       round(min(left + crop_w, width) * x), round(min(top + crop_h, height) * y)))  # fmt: skip
+
+
 def draw_attention(batch: Batch[ClassifyAttentionOptions], answer: ClassifyAttentionResponse) -> Image.Image:
-    """The first image's map as a heatmap over it."""
-    return overlay(enlarged(batch.images[0].image, batch.options.scale), np.asarray(answer.results[0].map))
+    """The first image's map as a heatmap over the part of it the model saw."""
+    image = seen(batch.images[0].image, batch.manifest.preprocessing)
+    return overlay(enlarged(image, batch.options.scale), np.asarray(answer.results[0].map))
 
 
 ATTENTION = ImagePipeline(NAME, ClassifyAttentionOptions, attention, graph="attention", render=draw_attention)

@@ -5,6 +5,10 @@ Image-size policy: the graph takes a fixed square input; each image is letterbox
 to fit with its aspect kept, at the top left, padded). A fixed shape lets requests of any size share
 a batch and keeps ONNX Runtime's kernels static; boxes are mapped back through the same scale.
 Thresholding and top-k happen here, outside the graph.
+
+An imported DETR (export/hf.py) resizes as its image processor does instead (`shortest_edge`): each
+image keeps its aspect and its own input size, runs unpadded (pixel_mask all ones, exactly what
+transformers' pipeline computes for one image), and shares a batch only with images of its size.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import APIRouter
@@ -21,9 +25,9 @@ from pydantic import BaseModel, Field
 
 from service.attention import MAX_PICTURE_PIXELS, check_picture, enlarged, heads, overlay, pick
 from service.errors import ServiceError
-from service.imaging import letterbox_size
+from service.imaging import preprocess_batch, resized_size
 from service.manifest import Manifest, Preprocessing
-from service.pipeline import Batch, ImagePipeline, ModelOptions
+from service.pipeline import Batch, Feeds, ImagePipeline, ModelOptions, model_inputs
 from service.routes.v1 import image_route
 from service.schemas import FloatPair, Pair
 from service.tasks.base import Task, TensorView
@@ -75,8 +79,11 @@ def detections(
     keep = np.flatnonzero(scores >= threshold)
     keep = keep[np.argsort(-scores[keep], kind="stable")][:limit]
     cx, cy, w, h = boxes[keep].astype(np.float64).T
+    corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
+    if not spec.fixed_size:  # the input is the whole image, unpadded: as transformers, no clipping
+        return Found(corners * ([original[0], original[1]] * 2), scores[keep], labels[keep], keep)
     height, width = spec.size
-    xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1) * [width, height, width, height]
+    xyxy = corners * [width, height, width, height]
     # input pixels -> original pixels, through the letterbox's per-axis scale
     scale_x, scale_y = input_scale(original, spec)
     xyxy = np.clip(xyxy / np.array([scale_x, scale_y] * 2), 0, [original[0], original[1]] * 2)
@@ -85,8 +92,7 @@ def detections(
 
 def input_scale(original: tuple[int, int], spec: Preprocessing) -> tuple[float, float]:
     """Model-input pixels per original pixel, along x and y."""
-    height, width = spec.size
-    inner_w, inner_h = letterbox_size(*original, spec) if spec.resize == "letterbox" else (width, height)
+    inner_w, inner_h = resized_size(*original, spec)
     return inner_w / original[0], inner_h / original[1]
 
 
@@ -146,7 +152,16 @@ def check_manifest(manifest: Manifest) -> None:
         )
 
 
-DETECT = ImagePipeline(NAME, DetectOptions, detect, render=draw_boxes)
+def detect_inputs(batch: Batch[Any]) -> Feeds:
+    """The manifest's recipe; images kept at their own size (shortest_edge) each get their own input."""
+    spec = batch.manifest.preprocessing
+    if spec.fixed_size:
+        return model_inputs(batch)
+    name = batch.manifest.graphs[batch.graph].inputs[0].name
+    return [{name: preprocess_batch([image], spec)} for image in batch.images]
+
+
+DETECT = ImagePipeline(NAME, DetectOptions, detect, render=draw_boxes, preprocess=detect_inputs)
 
 
 def as_tensors(answer: DetectResponse) -> dict[str, np.ndarray]:
@@ -195,21 +210,30 @@ class DetectAttentionResponse(BaseModel):
 
 
 class Cells(NamedTuple):
-    """How the square feature grid covers one image: the grid's side, the rows and cols covering the
-    image (the rest is letterbox padding), and a cell's width and height in original pixels."""
+    """How the feature grid covers one image: the grid's rows and cols, those covering the image (the
+    rest is letterbox padding), and a cell's width and height in original pixels."""
 
-    side: int
+    grid_rows: int
+    grid_cols: int
     rows: int
     cols: int
     width: float
     height: float
 
 
-def cells(spec: Preprocessing, count: int, original: tuple[int, int]) -> Cells:
-    side = math.isqrt(count)
+def cells(manifest: Manifest, count: int, original: tuple[int, int]) -> Cells:
+    """A square grid of `count` cells over the square input, or (with a feature stride) one cell per
+    stride x stride input pixels over this image's own input."""
+    spec, stride = manifest.preprocessing, manifest.feature_stride
     scale_x, scale_y = input_scale(original, spec)
-    cell_w, cell_h = spec.size[1] / side / scale_x, spec.size[0] / side / scale_y
-    return Cells(side, min(side, math.ceil(original[1] / cell_h)), min(side, math.ceil(original[0] / cell_w)),
+    if stride is None:
+        rows = cols = math.isqrt(count)
+        cell_w, cell_h = spec.size[1] / cols / scale_x, spec.size[0] / rows / scale_y
+    else:
+        width, height = resized_size(*original, spec)
+        rows, cols = math.ceil(height / stride), math.ceil(width / stride)
+        cell_w, cell_h = stride / scale_x, stride / scale_y
+    return Cells(rows, cols, min(rows, math.ceil(original[1] / cell_h)), min(cols, math.ceil(original[0] / cell_w)),
                  cell_w, cell_h)  # fmt: skip
 
 
@@ -220,12 +244,12 @@ def image_attention(batch: Batch[DetectAttentionOptions], i: int) -> tuple[Image
     """One image's detections with their queries' cross-attention, and the encoder's at `point`."""
     logits, boxes, encoder, decoder = batch.outputs
     options, spec, size = batch.options, batch.manifest.preprocessing, batch.images[i].size
-    grid = cells(spec, decoder.shape[-1], size)
+    grid = cells(batch.manifest, decoder[i].shape[-1], size)
     found = detections(logits[i], boxes[i], size, spec, options.threshold, options.max_detections)
     cross = heads(pick(decoder[i], options.layer, "layer"), options.head)  # [queries, cells]
     items, panels = [], list[Panel]()
     for d, q in zip(as_response(found, batch.manifest.labels), found.queries, strict=True):
-        grid_map = cross[q].reshape(grid.side, grid.side)
+        grid_map = cross[q].reshape(grid.grid_rows, grid.grid_cols)
         items.append(DetectionAttention(**d.model_dump(), attention=grid_map[: grid.rows, : grid.cols].tolist()))
         panels.append((grid_map, d.box, f"{d.label} {d.score:.2f}"))
     point = None
@@ -234,8 +258,9 @@ def image_attention(batch: Batch[DetectAttentionOptions], i: int) -> tuple[Image
         if not (0 <= x < size[0] and 0 <= y < size[1]):
             raise ServiceError(422, "invalid_request", f"point {x},{y} is outside the {size[0]}x{size[1]} image")
         row, col = int(y // grid.height), int(x // grid.width)
-        cell_map = heads(pick(encoder[i], options.encoder_layer, "encoder_layer"), options.head)[row * grid.side + col]
-        grid_map = cell_map.reshape(grid.side, grid.side)
+        encoder_map = heads(pick(encoder[i], options.encoder_layer, "encoder_layer"), options.head)
+        cell_map = encoder_map[row * grid.grid_cols + col]
+        grid_map = cell_map.reshape(grid.grid_rows, grid.grid_cols)
         point = EncoderAttention(point=(x, y), cell=(row, col), map=grid_map[: grid.rows, : grid.cols].tolist())
         panels.append((grid_map, None, f"encoder @ {x:g},{y:g}"))
     return ImageAttention(detections=items, encoder=point), panels
@@ -243,16 +268,18 @@ def image_attention(batch: Batch[DetectAttentionOptions], i: int) -> tuple[Image
 
 def detect_attention(batch: Batch[DetectAttentionOptions]) -> DetectAttentionResponse:
     results = [image_attention(batch, i)[0] for i in range(len(batch.images))]
-    first = cells(batch.manifest.preprocessing, batch.outputs[3].shape[-1], batch.images[0].size)
+    first = cells(batch.manifest, batch.outputs[3][0].shape[-1], batch.images[0].size)
     return DetectAttentionResponse(model=batch.model.name, grid=(first.rows, first.cols),
                                    cell=(first.width, first.height), results=results)  # fmt: skip
 
 
-def image_map(grid_map: np.ndarray, spec: Preprocessing, original: tuple[int, int]) -> np.ndarray:
+def image_map(grid_map: np.ndarray, manifest: Manifest, original: tuple[int, int]) -> np.ndarray:
     """A map over the whole (letterboxed) feature grid -> the same map over the original image."""
-    full = Image.fromarray(grid_map.astype(np.float32), mode="F").resize(spec.size[::-1], Image.Resampling.BILINEAR)
-    inner = letterbox_size(*original, spec) if spec.resize == "letterbox" else spec.size[::-1]
-    return np.asarray(full.crop((0, 0, *inner)).resize(original, Image.Resampling.BILINEAR))
+    spec, stride = manifest.preprocessing, manifest.feature_stride
+    rows, cols = grid_map.shape
+    covered = spec.size[::-1] if stride is None else (cols * stride, rows * stride)  # input pixels under the grid
+    full = Image.fromarray(grid_map.astype(np.float32), mode="F").resize(covered, Image.Resampling.BILINEAR)
+    return np.asarray(full.crop((0, 0, *resized_size(*original, spec))).resize(original, Image.Resampling.BILINEAR))
 
 
 def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionResponse) -> Image.Image:
@@ -262,7 +289,7 @@ def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionRespo
     check_picture((image.width * scale + 4) * max(len(wanted), 1), image.height * scale)
     panels = []
     for grid_map, box, title in wanted:
-        panel = overlay(enlarged(image, scale), image_map(grid_map, batch.manifest.preprocessing, image.size))
+        panel = overlay(enlarged(image, scale), image_map(grid_map, batch.manifest, image.size))
         draw = ImageDraw.Draw(panel)
         if box is not None:
             corners = [v * scale for v in (box.xmin, box.ymin, box.xmax, box.ymax)]
@@ -277,7 +304,8 @@ def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionRespo
     return strip
 
 
-ATTENTION = ImagePipeline(NAME, DetectAttentionOptions, detect_attention, graph="attention", render=draw_attention)
+ATTENTION = ImagePipeline(NAME, DetectAttentionOptions, detect_attention, graph="attention", render=draw_attention,
+                          preprocess=detect_inputs)  # fmt: skip
 
 router = APIRouter(tags=["detection"])
 image_route(router, "/v1/detect", DETECT, DetectResponse,

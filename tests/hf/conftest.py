@@ -1,0 +1,70 @@
+"""Tiny Hugging Face checkpoints (ViT, DeiT, DeiT with teacher, DETR) imported by `export.hf` into one
+temporary repository, served by a real `python -m service` process, and transformers' own pipelines
+over the same folders to compare with."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.settings import PROJECT_ROOT
+from tests.e2e.conftest import running_server
+from tests.hf import checkpoints
+
+pytest.importorskip("transformers")
+
+MAKERS: dict[str, Callable[[Path], Path]] = {
+    "hfvit": checkpoints.vit,
+    "hfdeit": checkpoints.deit,
+    "hfdeitteacher": lambda folder: checkpoints.deit(folder, teacher=True),
+    "hfdetr": checkpoints.detr,
+    "hfbeit": checkpoints.beit,
+}
+CLASSIFIERS = ["hfvit", "hfdeit", "hfdeitteacher", "hfbeit"]
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+    return {name: make(root / name) for name, make in MAKERS.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_repository(tmp_path_factory: pytest.TempPathFactory, hf_folders: dict[str, Path]) -> Path:
+    """Every checkpoint imported: DeiT with teacher by the real command line, the others in-process."""
+    from export import hf
+
+    repository = tmp_path_factory.mktemp("hf_repository")
+    for name, folder in hf_folders.items():
+        if name == "hfdeitteacher":
+            command = [sys.executable, "-m", "export.hf", str(folder), "--name", name, "--repository", str(repository)]
+            done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            hf.main([str(folder), "--name", name, "--repository", str(repository)])
+    return repository
+
+
+@pytest.fixture(scope="session")
+def hf_server(tmp_path_factory: pytest.TempPathFactory, hf_repository: Path) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("hf_server")
+    with running_server(folder, VITSERVE_MODEL_REPOSITORY=str(hf_repository)) as running:
+        yield running.url
+
+
+@pytest.fixture(scope="session")
+def hf_pipelines(hf_folders: dict[str, Path]) -> dict[str, Any]:
+    """transformers' own pipelines over the same local folders (PIL image processors: no torchvision)."""
+    from transformers import AutoImageProcessor, pipeline
+
+    pipes = {}
+    for name, folder in hf_folders.items():
+        task = "object-detection" if name == "hfdetr" else "image-classification"
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        pipes[name] = pipeline(task, model=str(folder), image_processor=processor, device="cpu")
+    return pipes

@@ -1,0 +1,104 @@
+"""Everything else works for imported models: attention routes (rollout over CLS and DeiT's distillation
+token; DETR's per-query cross-attention on each image's own grid), /v2 raw and image views, /v1/models."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from service.attention import rollout
+from tests.hf.conftest import CLASSIFIERS
+from tests.hf.photos import decoded, photos
+
+JPEG = {"content-type": "image/jpeg"}
+
+
+def transformers_attention(pipe: Any, data: bytes, **kwargs: Any) -> Any:
+    import torch
+
+    folder = pipe.model.config._name_or_path  # the same local folder, with attention probabilities to give
+    model = type(pipe.model).from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    with torch.no_grad():
+        inputs = pipe.image_processor(images=decoded(data), return_tensors="pt")
+        return model(**inputs, output_attentions=True, **kwargs)
+
+
+@pytest.mark.parametrize("model", CLASSIFIERS)
+def test_rollout_equals_transformers_attention(hf_server: str, hf_pipelines: dict[str, Any], model: str) -> None:
+    """The map is the CLS row of the rollout over every token (DeiT's distillation token included) of
+    transformers' own attention probabilities, over the patches only."""
+    data = photos()["china.jpeg"]
+    response = httpx2.post(f"{hf_server}/v1/classify/attention?model={model}", content=data, headers=JPEG, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    prefix = 2 if model.startswith("hfdeit") else 1
+    attentions = transformers_attention(hf_pipelines[model], data).attentions
+    stacked = np.stack([a[0].numpy() for a in attentions])  # [layers, heads, tokens, tokens]
+    expected = rollout(stacked)[0, prefix:].reshape(4, 4)
+    assert answer["grid"] == [4, 4]
+    np.testing.assert_allclose(answer["results"][0]["map"], expected, atol=1e-5)
+    top = httpx2.post(f"{hf_server}/v1/classify?model={model}&top_k=1", content=data, headers=JPEG).json()
+    assert answer["results"][0]["label"] == top["results"][0][0]["label"]
+    png = httpx2.post(f"{hf_server}/v1/classify/attention?model={model}&render=true", content=data, headers=JPEG)
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+def test_detr_cross_attention_on_each_images_own_grid(hf_server: str, hf_pipelines: dict[str, Any]) -> None:
+    names = ["china.jpeg", "portrait.jpeg"]
+    files = [("file", (name, photos()[name], "image/jpeg")) for name in names]
+    response = httpx2.post(f"{hf_server}/v1/detect/attention?model=hfdetr&threshold=0.3&point=100,100",
+                           files=files, timeout=60)  # fmt: skip
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    for name, result in zip(names, answer["results"], strict=True):
+        image = decoded(photos()[name])
+        out = transformers_attention(hf_pipelines["hfdetr"], photos()[name])
+        _, _, height, width = (
+            hf_pipelines["hfdetr"].image_processor(images=image, return_tensors="pt")["pixel_values"].shape
+        )
+        rows, cols = math.ceil(height / 8), math.ceil(width / 8)
+        cross = out.cross_attentions[-1][0].mean(0).numpy()  # [queries, cells]: heads averaged, last layer
+        scores = out.logits[0].softmax(-1)[:, :-1].max(-1).values.numpy()
+        queries = [q for q in np.argsort(-scores, kind="stable") if scores[q] >= 0.3]
+        assert len(result["detections"]) == len(queries) > 0
+        for detection, q in zip(result["detections"], queries, strict=True):
+            np.testing.assert_allclose(detection["attention"], cross[q].reshape(rows, cols), atol=1e-5)
+        assert np.asarray(result["encoder"]["map"]).shape == (rows, cols)
+    assert answer["grid"] == [8, 12]  # china: 427x640 -> 64x95 input -> 8x12 cells of 8 pixels
+    png = httpx2.post(f"{hf_server}/v1/detect/attention?model=hfdetr&threshold=0.9&render=true",
+                      content=photos()["wide.jpeg"], headers=JPEG, timeout=60)  # fmt: skip
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+def test_v2_views_and_models(hf_server: str) -> None:
+    client = triton.InferenceServerClient(hf_server.removeprefix("http://"))
+    names = ["china.jpeg", "flower.png"]
+    images = triton.InferInput("image", [len(names)], "BYTES")
+    images.set_data_from_numpy(np.array([photos()[n] for n in names], dtype=object))
+    result = client.infer("hfdeit_image", [images], parameters={"top_k": 3})
+    for name, labels in zip(names, result.as_numpy("label"), strict=True):
+        kind = "image/jpeg" if name.endswith("jpeg") else "image/png"
+        v1 = httpx2.post(f"{hf_server}/v1/classify?model=hfdeit&top_k=3", content=photos()[name],
+                         headers={"content-type": kind}).json()  # fmt: skip
+        assert [label.decode() for label in labels] == [p["label"] for p in v1["results"][0]]
+    (found, _) = client.infer("hfdetr_image", [images]).as_numpy("detections")
+    assert json.loads(found) == httpx2.post(f"{hf_server}/v1/detect?model=hfdetr", content=photos()["china.jpeg"],
+                                            headers=JPEG).json()["results"][0]  # fmt: skip
+    metadata = client.get_model_metadata("hfdetr")
+    assert metadata["inputs"] == [{"name": "pixel_values", "datatype": "FP32", "shape": [-1, 3, -1, -1]}]
+    raw = triton.InferInput("pixel_values", [1, 3, 32, 32], "FP32")
+    raw.set_data_from_numpy(np.zeros((1, 3, 32, 32), dtype=np.float32))
+    assert client.infer("hfvit", [raw]).as_numpy("logits").shape == (1, 7)
+    models = {m["name"]: m for m in httpx2.get(f"{hf_server}/v1/models").json()["models"]}
+    assert {name: m["architecture"] for name, m in models.items()} == {
+        "hfvit": "ViTForImageClassification", "hfdeit": "DeiTForImageClassification",
+        "hfdeitteacher": "DeiTForImageClassificationWithTeacher", "hfdetr": "DetrForObjectDetection",
+        "hfbeit": "BeitForImageClassification",
+    }  # fmt: skip
+    assert all(m["state"] == "ready" for m in models.values())
