@@ -10,7 +10,6 @@ service's preprocessing against the image processor's, and the graphs' outputs a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -28,15 +27,16 @@ from export.onnx_export import (
     BATCH,
     OPSET,
     PARITY_BATCH,
+    Compared,
     ExportError,
     check_parity,
     export_image_graph,
-    float32_error,
     library_versions,
     publish,
     require_parity,
     staging,
     to_onnx,
+    torch_outputs,
 )
 from service.imaging import Decoded, preprocess_batch
 from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
@@ -239,26 +239,25 @@ def preprocessing_error(processor: Any, spec: Preprocessing, photos: list[Image.
     return worst
 
 
-@torch.no_grad()
-def reference(module: torch.nn.Module, inputs: np.ndarray) -> list[np.ndarray]:
-    out = module(torch.from_numpy(inputs))
-    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
-
-
 def classifier_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs: dict[str, GraphSpec]) -> Any:
+    """Every output of both graphs against PyTorch in float32 and float64, on photos and their flips."""
     photos = sample_photos()
     inputs = preprocess_batch([Decoded(p, p.size) for p in photos], spec)
     inputs = np.concatenate([inputs, inputs[:, :, ::-1].copy(), inputs[:, :, :, ::-1].copy()])  # flips: more cases
     (onnx_logits,) = export_image_graph(Classifier(ckpt.model), inputs, staged, graphs["main"])
     onnx_attention = export_image_graph(Classifier(ckpt.model, attention=True), inputs, staged, graphs["attention"])
-    ref = reference(Classifier(ckpt.model, attention=True), inputs)
-    error = float32_error(Classifier(ckpt.model), torch.from_numpy(inputs))
-    pairs = list(zip(ref, onnx_attention, strict=True))
-    return check_parity(ref[0], onnx_logits, PARITY_BATCH, extra=pairs, float32_error=error)
+    reference = Classifier(ckpt.model, attention=True)
+    single, double = torch_outputs(reference, inputs), torch_outputs(reference, inputs, double=True)
+    names = [f"attention.{t.name}" for t in graphs["attention"].outputs]
+    compared = [Compared("main.logits", onnx_logits, single[0], double[0])] + [
+        Compared(name, *arrays) for name, *arrays in zip(names, onnx_attention, single, double, strict=True)
+    ]
+    return check_parity(compared, PARITY_BATCH)
 
 
 def detector_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs: dict[str, GraphSpec]) -> Any:
-    """Each photo at its own input size, through graphs traced with a dynamic height and width."""
+    """Each photo at its own input size, through graphs traced with a dynamic height and width; every
+    output against PyTorch in float32 and float64 (outputs of different sizes compared flattened)."""
     inputs = [preprocess_batch([Decoded(p, p.size)], spec) for p in sample_photos()]
     sessions = {}
     for graph, attention in (("main", False), ("attention", True)):
@@ -268,27 +267,21 @@ def detector_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs:
                 staged / spec_.file, ["pixel_values"], [t.name for t in spec_.outputs],
                 dynamic_shapes={"pixel_values": {0: BATCH, 2: height, 3: width}})  # fmt: skip
         sessions[graph] = ort.InferenceSession(str(staged / spec_.file), providers=["CPUExecutionProvider"])
-    ref_logits, onnx_logits, pairs = [], [], list[tuple[np.ndarray, np.ndarray]]()
+    reference = Detector(ckpt.model, attention=True)
+    names = ["main.logits", "main.boxes", *(f"attention.{t.name}" for t in graphs["attention"].outputs)]
+    parts: dict[str, list[tuple[np.ndarray, ...]]] = {name: [] for name in names}
     for x in [*inputs, np.concatenate([inputs[0]] * 3)]:  # one at a time, and a batch of three
-        ref = reference(Detector(ckpt.model, attention=True), x)
         main, full = (sessions[graph].run(None, {"pixel_values": x}) for graph in ("main", "attention"))
-        ref_logits.append(ref[0].reshape(-1, ref[0].shape[-1]))
-        onnx_logits.append(main[0].reshape(-1, main[0].shape[-1]))
-        pairs += [(ref[1], main[1]), *zip(ref, full, strict=True)]
-    error = float32_error_everywhere(Detector(ckpt.model, attention=True), inputs[:2])
-    return check_parity(np.concatenate(ref_logits), np.concatenate(onnx_logits), 1, extra=pairs, float32_error=error)
+        single, double = torch_outputs(reference, x), torch_outputs(reference, x, double=True)
+        for name, *arrays in zip(names, [*main, *full], [*single[:2], *single], [*double[:2], *double], strict=True):
+            parts[name].append(tuple(arrays))
+    logits_width = parts["main.logits"][0][0].shape[-1]
 
+    def joined(name: str, which: int) -> np.ndarray:  # logits keep their classes axis, for the argmax
+        shape = (-1, logits_width) if name == "main.logits" else (-1,)
+        return np.concatenate([arrays[which].reshape(shape) for arrays in parts[name]])
 
-@torch.no_grad()
-def float32_error_everywhere(module: torch.nn.Module, inputs: list[np.ndarray]) -> float:
-    """PyTorch float32 against float64 on the same inputs, over every output (a deep detector's boxes
-    and attention carry float32 noise too: ONNX Runtime cannot be held closer than PyTorch itself)."""
-    exact = copy.deepcopy(module).double()
-    worst = 0.0
-    for x in inputs:
-        single, double = module(torch.from_numpy(x)), exact(torch.from_numpy(x).double())
-        worst = max(worst, *(float((a.double() - b).abs().max()) for a, b in zip(single, double, strict=True)))
-    return worst
+    return check_parity([Compared(name, *(joined(name, i) for i in range(3))) for name in names], 1)
 
 
 def feature_stride(ckpt: Checkpoint) -> int:
