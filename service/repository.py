@@ -129,6 +129,12 @@ def warm_sizes(policy: BatchPolicy) -> list[int]:
     return sorted({*sizes, policy.max_batch_size})
 
 
+def is_fp16(model: ServedModel, spec: GraphSpec) -> bool:
+    """A float16 model: converted at export (its manifest says), or float16 at its inputs or outputs."""
+    converted = model.manifest is not None and model.manifest.precision == "float16"
+    return converted or any(t.dtype == "float16" for t in [*spec.inputs, *spec.outputs])
+
+
 def latest_version(model_dir: Path) -> Path:
     versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     if not versions:
@@ -142,11 +148,12 @@ OPTIONAL_GRAPHS = {"attention"}
 
 def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
     """A session for one of the model's graphs, checked against its manifest and warmed up, with its batcher."""
-    session = create_session(model.path / spec.file, settings)
-    check_graph(session, spec)
     batched = settings.batching and batchable(spec)
+    sizes = warm_sizes(policy) if batched and graph != "attention" else [1]
+    session = create_session(model.path / spec.file, settings, spec, sizes, fp16=is_fp16(model, spec))
+    check_graph(session, spec)
     if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
-        warm_up(session, spec, warm_sizes(policy) if batched and graph != "attention" else [1])
+        warm_up(session, spec, sizes)
     model.sessions[graph] = session
     if batched:
         model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy, model.executor)

@@ -39,6 +39,21 @@ class Settings(BaseSettings):
         description='CUDA execution provider options, JSON with any value type (e.g. {"device_id": 1, '
         '"gpu_mem_limit": 8589934592}), used when the session runs on CUDA',
     )
+    tensorrt: bool = Field(
+        False,
+        description="TensorRT execution provider first (then CUDA, then CPU); with device=cuda, refuse to start "
+        "where onnxruntime lacks it (unless cuda_fallback)",
+    )
+    trt_cache_dir: Path | None = Field(
+        None, description="TensorRT engine and timing caches, so a restart does not rebuild (default: "
+        "<model_repository>/.trt_cache)",
+    )  # fmt: skip
+    trt_fp16: bool = Field(False, description="TensorRT may run layers in float16 (always on for fp16 models)")
+    cuda_graphs: bool = Field(
+        False,
+        description="CUDA graphs (enable_cuda_graph) for graphs whose input shapes are all fixed; graphs with a "
+        "batch axis are left without, with a warning",
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per operator (0: one per core but one, which the event loop keeps)"
     )
