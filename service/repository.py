@@ -23,6 +23,7 @@ from service.batching import Batcher, Reservation
 from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
 from service.runtime import create_session, on_cuda, run
+from service.sampling import DeviceCache, GenerationConfig, Step, device_steps
 from service.settings import Settings
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
@@ -84,6 +85,14 @@ class ServedModel:
         with context.timed("inference"):
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, run, session, feeds, on_cuda(session))
+
+    def device_steps(self, cfg: GenerationConfig, batch: int, graph: str = "step") -> Step | None:
+        """Steps with the cache on the session's device, for a generation that would step alone: no
+        batcher, or no other generation holding room on it (else steps are shared, through the host)."""
+        batcher = self.batchers.get(graph)
+        if batcher is not None and (batcher.reserved or batcher.queued_images):
+            return None
+        return device_steps(DeviceCache(self.sessions[graph], cfg, batch), self.executor)
 
 
 def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:

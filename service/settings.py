@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description='per-model overrides of the manifest\'s batching, JSON: {"vit": {"max_batch_size": 64, '
         '"max_queue_delay_ms": 5, "max_queue_size": 512}}',
     )
+    device_cache: bool = Field(
+        True,
+        description="a generation stepping alone keeps its key/value cache on the session's device between steps "
+        "(I/O binding); generations stepping together share steps with the cache on the host",
+    )
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
