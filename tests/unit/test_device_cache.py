@@ -1,12 +1,12 @@
 """Generation's key/value cache kept on the session's device between steps (I/O binding), exercised on
-the CPU provider: the same images as the host-side cache, and used only by a generation stepping alone."""
+VITSERVE_DEVICE's provider (the CPU here; CUDA under bench/gpu.sh): the same images as the host-side
+cache, and used only by a generation stepping alone."""
 
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
-from fastapi.testclient import TestClient
 
 from service.repository import load_model
 from service.sampling import DeviceCache, GenerationConfig, device_steps, finished, sample, sample_rows
@@ -18,7 +18,7 @@ GENERATOR = SHIPPED_REPOSITORY / "imagetransformer"
 
 
 def test_device_cache_gives_the_images_of_the_host_cache() -> None:
-    model = load_model(GENERATOR, Settings(device="cpu", warmup=False), manifest_checks(TASKS))
+    model = load_model(GENERATOR, Settings(warmup=False), manifest_checks(TASKS))
     assert model.manifest is not None
     cfg = GenerationConfig.model_validate(model.manifest.config)
     session = model.sessions["step"]
@@ -35,7 +35,7 @@ def test_device_cache_gives_the_images_of_the_host_cache() -> None:
 
 
 def test_only_a_generation_stepping_alone_keeps_its_cache_on_the_device() -> None:
-    model = load_model(GENERATOR, Settings(device="cpu", warmup=False), manifest_checks(TASKS))
+    model = load_model(GENERATOR, Settings(warmup=False), manifest_checks(TASKS))
     assert model.manifest is not None
     cfg = GenerationConfig.model_validate(model.manifest.config)
     assert model.device_steps(cfg, 2) is not None
@@ -43,14 +43,15 @@ def test_only_a_generation_stepping_alone_keeps_its_cache_on_the_device() -> Non
     assert reservation is not None and model.device_steps(cfg, 2) is None
     reservation.release()
     assert model.device_steps(cfg, 2) is not None
-    unbatched = load_model(GENERATOR, Settings(device="cpu", warmup=False, batching=False), manifest_checks(TASKS))
+    unbatched = load_model(GENERATOR, Settings(warmup=False, batching=False), manifest_checks(TASKS))
     assert unbatched.device_steps(cfg, 2) is not None
 
 
-def test_the_service_answers_the_same_images_either_way(client: TestClient) -> None:
+def test_the_service_answers_the_same_images_either_way() -> None:
     body = {"label": "5", "num_images": 3, "seed": 11, "scale": 1}
-    with_device = client.post("/v1/generate", json=body)
-    for host_client in client_for(Settings(model_repository=SHIPPED_REPOSITORY, device="cpu", device_cache=False)):
-        with_host = host_client.post("/v1/generate", json=body)
-        assert with_device.status_code == with_host.status_code == 200
-        assert with_device.json()["images"] == with_host.json()["images"]
+    answers = []
+    for device_cache in (True, False):
+        for client in client_for(Settings(model_repository=SHIPPED_REPOSITORY, device_cache=device_cache)):
+            answers.append(client.post("/v1/generate", json=body))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].json()["images"] == answers[1].json()["images"]
