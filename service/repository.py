@@ -159,7 +159,8 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     """A session for one of the model's graphs, checked against its manifest and warmed up, with its batcher."""
     batched = settings.batching and batchable(spec)
     sizes = warm_sizes(policy) if batched and graph != "attention" else [1]
-    session = create_session(model.path / spec.file, settings, spec, sizes, fp16=is_fp16(model, spec))
+    largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
+    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
     check_graph(session, spec)
     if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
         warm_up(session, spec, sizes)

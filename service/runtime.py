@@ -92,10 +92,14 @@ def trt_cache_dir(settings: Settings, path: Path) -> Path:
     return root / path.parent.parent.name / path.parent.name
 
 
-def tensorrt_options(spec: GraphSpec | None, batch_sizes: Sequence[int], cache: Path, fp16: bool) -> dict[str, str]:
+def tensorrt_options(
+    spec: GraphSpec | None, batch_sizes: Sequence[int], cache: Path, fp16: bool, largest: int = 0
+) -> dict[str, str]:
     """Engine and timing caches on disk (a restart loads the engines instead of building them for
-    minutes), float16 layers where allowed, and one optimisation profile spanning the warmed batch
-    sizes, tuned for the largest (a full batch is what load brings; a lone image is fast anyway)."""
+    minutes), float16 layers where allowed, and one optimisation profile from the smallest warmed
+    batch to `largest` (the biggest run the service can make: a lone request may exceed the batch
+    size, and outside its profile an engine cannot run), tuned for the largest warmed batch (a full
+    batch is what load brings; a lone image is fast anyway)."""
     options = {
         "trt_engine_cache_enable": "1",
         "trt_engine_cache_path": str(cache),
@@ -106,11 +110,10 @@ def tensorrt_options(spec: GraphSpec | None, batch_sizes: Sequence[int], cache: 
     dims = {d for t in spec.inputs for d in t.shape if isinstance(d, str)} if spec else set()
     if spec is None or dims != {"batch"}:  # no batch axis, or axes we know no sizes of: TensorRT builds per shape
         return options
-    low, high = min(batch_sizes), max(batch_sizes)
     return options | {
-        "trt_profile_min_shapes": profile_shapes(spec, low),
-        "trt_profile_opt_shapes": profile_shapes(spec, high),
-        "trt_profile_max_shapes": profile_shapes(spec, high),
+        "trt_profile_min_shapes": profile_shapes(spec, min(batch_sizes)),
+        "trt_profile_opt_shapes": profile_shapes(spec, max(batch_sizes)),
+        "trt_profile_max_shapes": profile_shapes(spec, max(largest, *batch_sizes)),
     }
 
 
@@ -128,7 +131,7 @@ def cuda_options(settings: Settings, spec: GraphSpec | None, path: Path) -> dict
 
 def session_provider_options(
     providers: list[str], path: Path, settings: Settings, spec: GraphSpec | None, batch_sizes: Sequence[int],
-    fp16: bool,
+    fp16: bool, largest: int = 0,
 ) -> list[dict[str, str]]:  # fmt: skip
     """Each requested provider's options, in the same order."""
     per_provider = []
@@ -136,7 +139,7 @@ def session_provider_options(
         if provider == TENSORRT:
             cache = trt_cache_dir(settings, path)
             cache.mkdir(parents=True, exist_ok=True)
-            per_provider.append(tensorrt_options(spec, batch_sizes, cache, fp16 or settings.trt_fp16))
+            per_provider.append(tensorrt_options(spec, batch_sizes, cache, fp16 or settings.trt_fp16, largest))
         else:
             per_provider.append(cuda_options(settings, spec, path) if provider == CUDA else {})
     return per_provider
@@ -144,10 +147,10 @@ def session_provider_options(
 
 def create_session(
     path: Path, settings: Settings, spec: GraphSpec | None = None, batch_sizes: Sequence[int] = (1,),
-    fp16: bool = False,
+    fp16: bool = False, largest: int = 0,
 ) -> ort.InferenceSession:  # fmt: skip
-    """A session on the best provider asked for; `spec` and `batch_sizes` shape TensorRT's profiles,
-    `fp16` (a float16 model) turns on TensorRT's float16 layers."""
+    """A session on the best provider asked for; `spec`, `batch_sizes` and `largest` (batch) shape
+    TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
     options.intra_op_num_threads = settings.intra_op_threads or inference_threads(settings.workers)
@@ -158,7 +161,7 @@ def create_session(
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = requested_providers(settings.device, settings.tensorrt)
-    per_provider = session_provider_options(providers, path, settings, spec, batch_sizes, fp16)
+    per_provider = session_provider_options(providers, path, settings, spec, batch_sizes, fp16, largest)
     session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
     if session.get_providers()[0] != providers[0]:
         message = f"{path.name}: asked for {providers[0]} but the session runs on {session.get_providers()}"

@@ -58,10 +58,10 @@ def test_tensorrt_is_not_asked_for_where_onnxruntime_lacks_it(monkeypatch: pytes
 
 def test_profiles_span_the_warmed_batch_sizes_of_every_batched_input() -> None:
     sizes = warm_sizes(VIT.serving)  # 1, 2, 4, ..., 32
-    options = tensorrt_options(VIT.main, sizes, Path("/cache"), fp16=False)
+    options = tensorrt_options(VIT.main, sizes, Path("/cache"), fp16=False, largest=VIT.serving.max_queue_size)
     assert options["trt_profile_min_shapes"] == "pixel_values:1x1x32x32"
-    assert options["trt_profile_opt_shapes"] == "pixel_values:32x1x32x32"
-    assert options["trt_profile_max_shapes"] == "pixel_values:32x1x32x32"
+    assert options["trt_profile_opt_shapes"] == "pixel_values:32x1x32x32"  # tuned for a full batch
+    assert options["trt_profile_max_shapes"] == "pixel_values:256x1x32x32"  # valid for any run the queue allows
     assert options["trt_engine_cache_enable"] == "1" and options["trt_engine_cache_path"] == "/cache"
     assert options["trt_timing_cache_enable"] == "1" and options["trt_fp16_enable"] == "0"
     step = tensorrt_options(GENERATOR.graphs["step"], [1, 2, 4], Path("/cache"), fp16=True)
@@ -144,3 +144,21 @@ def test_fixed_binding_reuses_its_buffers_and_answers_as_run() -> None:
         feeds = {"pixel_values": rng.normal(size=(4, 1, 32, 32)).astype(np.float32)}
         np.testing.assert_allclose(fixed.run(feeds)[0], run(session, feeds, io_binding=False)[0], rtol=0, atol=1e-6)
     assert [fixed.inputs["pixel_values"].data_ptr(), fixed.outputs[0].data_ptr()] == pointers
+
+
+def test_each_graph_is_given_its_warmed_sizes_and_the_largest_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.repository as repository
+    from service.tasks import TASKS, manifest_checks
+
+    seen: dict[str, tuple[list[int], bool, int]] = {}
+    real = repository.create_session
+
+    def spy(path: Path, settings: Settings, spec: object, sizes: list[int], fp16: bool, largest: int) -> object:
+        seen[path.name] = (list(sizes), fp16, largest)
+        return real(path, settings, spec, sizes, fp16, largest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repository, "create_session", spy)
+    model = repository.load_model(SHIPPED / "vit", Settings(device="cpu", warmup=False), manifest_checks(TASKS))
+    assert model.state == "ready", model.reason
+    assert seen["model.onnx"] == ([1, 2, 4, 8, 16, 32], False, 256)
+    assert seen["attention.onnx"] == ([1], False, 256)  # on request only: warmed once
