@@ -124,7 +124,7 @@ def warm_up(session: ort.InferenceSession, spec: GraphSpec, batch_sizes: list[in
         feeds = {
             t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in spec.inputs
         }
-        session.run(None, feeds)
+        run(session, feeds, on_cuda(session))  # the path requests take (a CUDA graph is captured here)
 
 
 def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
