@@ -91,3 +91,17 @@ def test_generation_gate_is_bits_per_dim_within_0_01(tiny_generator_repository: 
     for client in client_for(Settings(model_repository=tmp_path, device="cpu")):
         response = client.post("/v1/generate", json={"num_images": 2, "seed": 1, "scale": 1})
         assert response.status_code == 200, response.text
+
+
+def test_the_generator_exports_in_fp16_through_the_whole_path(
+    tiny_generator_repository: Path, tiny_repository: Path, tmp_path: Path
+) -> None:
+    from export import image_transformer
+
+    checkpoint = tiny_generator_repository.parent / "tinygen.pt"  # written by the fixture
+    manifest = export_fp16(image_transformer, checkpoint, tmp_path, "halfgen", classifier=tiny_repository / TINY_NAME)
+    assert manifest.precision == "float16" and manifest.fp16_gate is not None
+    assert read_manifest(tmp_path / "halfgen" / "1").fp16_gate == manifest.fp16_gate
+    assert {"score.onnx", "attention.onnx", "step.onnx", "manifest.json"} <= {
+        p.name for p in (tmp_path / "halfgen" / "1").iterdir()
+    }
