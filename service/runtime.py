@@ -139,7 +139,8 @@ def session_provider_options(
         if provider == TENSORRT:
             cache = trt_cache_dir(settings, path)
             cache.mkdir(parents=True, exist_ok=True)
-            per_provider.append(tensorrt_options(spec, batch_sizes, cache, fp16 or settings.trt_fp16, largest))
+            options = tensorrt_options(spec, batch_sizes, cache, fp16 or settings.trt_fp16, largest)
+            per_provider.append({"device_id": str(settings.cuda_options.get("device_id", 0)), **options})  # CUDA's GPU
         else:
             per_provider.append(cuda_options(settings, spec, path) if provider == CUDA else {})
     return per_provider

@@ -90,6 +90,7 @@ def test_the_cache_lives_under_the_repository_per_model_version(tmp_path: Path) 
     assert trt_cache_dir(settings.model_copy(update={"trt_cache_dir": Path("/x")}), path) == Path("/x/vit/3")
     trt, cuda, cpu = session_provider_options([TENSORRT, CUDA, CPU], path, settings, VIT.main, [1, 32], fp16=False)
     assert trt["trt_fp16_enable"] == "1"  # the setting, for a float32 model
+    assert trt["device_id"] == cuda["device_id"]  # TensorRT on CUDA's GPU
     assert (tmp_path / ".trt_cache" / "vit" / "3").is_dir() and cuda["device_id"] == "0" and cpu == {}
 
 
