@@ -157,8 +157,8 @@ def generation_rows(device: str, num_images: int, repeats: int) -> list[dict[str
     policy = json.dumps({"imagetransformer": {"max_batch_size": max(num_images, 32)}})
     env = {"VITSERVE_DEVICE": device, "VITSERVE_BATCH_POLICY": policy}
     with (
-        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "true"}, start_s=180) as on_device,
-        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "false"}, start_s=180) as on_host,
+        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "on"}, start_s=180) as on_device,
+        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "off"}, start_s=180) as on_host,
     ):
         answers = {
             url: httpx2.post(f"{url}/v1/generate", json=body, timeout=600).json() for url in (on_device, on_host)

@@ -86,10 +86,13 @@ class ServedModel:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, run, session, feeds, on_cuda(session))
 
-    def device_steps(self, cfg: GenerationConfig, batch: int, graph: str = "step") -> Step | None:
-        """Steps with the cache on the session's device, for a generation that would step alone: no
-        batcher, or no other generation holding room on it (else steps are shared, through the host)."""
+    def device_steps(self, cfg: GenerationConfig, batch: int, mode: str = "on", graph: str = "step") -> Step | None:
+        """Steps with the cache on the session's device (`mode` on, or auto and on a GPU), for a
+        generation that would step alone: no batcher, or no other generation holding room on it (else
+        steps are shared, through the host)."""
         batcher = self.batchers.get(graph)
+        if mode == "off" or (mode == "auto" and not on_cuda(self.sessions[graph])):
+            return None
         if batcher is not None and (batcher.reserved or batcher.queued_images):
             return None
         return device_steps(DeviceCache(self.sessions[graph], cfg, batch), self.executor)

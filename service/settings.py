@@ -76,10 +76,11 @@ class Settings(BaseSettings):
         description='per-model overrides of the manifest\'s batching, JSON: {"vit": {"max_batch_size": 64, '
         '"max_queue_delay_ms": 5, "max_queue_size": 512}}',
     )
-    device_cache: bool = Field(
-        True,
+    device_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
         description="a generation stepping alone keeps its key/value cache on the session's device between steps "
-        "(I/O binding); generations stepping together share steps with the cache on the host",
+        "(I/O binding); auto: when the session runs on a GPU (on the CPU there is no bus to spare, and the "
+        "binding costs a little); generations stepping together share steps with the cache on the host",
     )
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")

@@ -43,6 +43,8 @@ def test_only_a_generation_stepping_alone_keeps_its_cache_on_the_device() -> Non
     assert reservation is not None and model.device_steps(cfg, 2) is None
     reservation.release()
     assert model.device_steps(cfg, 2) is not None
+    assert model.device_steps(cfg, 2, mode="off") is None
+    assert model.device_steps(cfg, 2, mode="auto") is None  # on the CPU: no bus to spare
     unbatched = load_model(GENERATOR, Settings(warmup=False, batching=False), manifest_checks(TASKS))
     assert unbatched.device_steps(cfg, 2) is not None
 
@@ -50,7 +52,7 @@ def test_only_a_generation_stepping_alone_keeps_its_cache_on_the_device() -> Non
 def test_the_service_answers_the_same_images_either_way() -> None:
     body = {"label": "5", "num_images": 3, "seed": 11, "scale": 1}
     answers = []
-    for device_cache in (True, False):
+    for device_cache in ("on", "off"):
         for client in client_for(Settings(model_repository=SHIPPED_REPOSITORY, device_cache=device_cache)):
             answers.append(client.post("/v1/generate", json=body))
     assert [a.status_code for a in answers] == [200, 200]
