@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(args: list[str], env: dict[str, str]) -> Iterator[str]:
+def server(args: list[str], env: dict[str, str], start_s: float = 30.0) -> Iterator[str]:
     port = free_port()
     command = [sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)]
     environment = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **env}
@@ -59,7 +59,7 @@ def server(args: list[str], env: dict[str, str]) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(int(start_s * 10)):
             try:
                 if httpx2.post(f"{url}/v1/classify", content=DIGITS[0], headers=HEADERS, timeout=5).status_code == 200:
                     break

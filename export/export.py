@@ -1,6 +1,8 @@
-"""`python -m export.export MODEL [--checkpoint PATH] [--repository DIR] [--name NAME] [--version N] [--force]`:
-export a trained checkpoint to the model repository, only if ONNX Runtime matches PyTorch on held-out
-images; an existing version is refused without --force."""
+"""`python -m export.export MODEL [--checkpoint PATH] [--repository DIR] [--name NAME] [--version N] [--force]
+[--fp16]`: export a trained checkpoint to the model repository, only if ONNX Runtime matches PyTorch on
+held-out images; an existing version is refused without --force. With --fp16 the graphs are converted
+to float16 (float32 inputs and outputs) and published only if they pass a quality gate against the
+float32 graphs on held-out data (export/fp16.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from export.fp16 import export_fp16
 from export.train import MODELS, RUNS
 from service.settings import PROJECT_ROOT
 
@@ -21,11 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, checkpoint: Path) -> None:
-    manifest = MODELS[args.model].export(
-        checkpoint, args.repository, name=args.name or args.model, version=args.version, force=args.force
-    )
+    name, module = args.name or args.model, MODELS[args.model]
+    if getattr(args, "fp16", False):
+        # the Image Transformer's digits are judged by the ViT of the repository it is published to
+        judge = {"classifier": args.repository / "vit"} if args.model == "imagetransformer" else {}
+        manifest = export_fp16(module, checkpoint, args.repository, name, args.version, args.force, **judge)
+    else:
+        manifest = module.export(checkpoint, args.repository, name=name, version=args.version, force=args.force)
     published = {"published": f"{args.repository}/{manifest.name}/{manifest.version}"}
-    print(json.dumps({**published, "quality": manifest.quality, "parity": manifest.parity.model_dump()}))
+    gate = {"fp16_gate": manifest.fp16_gate.model_dump()} if manifest.fp16_gate else {}
+    print(json.dumps({**published, "quality": manifest.quality, "parity": manifest.parity.model_dump(), **gate}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--checkpoint", type=Path, help="default runs/<model>/checkpoint.pt")
     add_arguments(parser)
+    parser.add_argument("--fp16", action="store_true", help="float16 graphs, gated on held-out quality")
     args = parser.parse_args(argv)
     run(args, args.checkpoint or RUNS / args.model / "checkpoint.pt")
 

@@ -112,6 +112,17 @@ class Parity(_Strict):
     outputs: list[OutputParity] = Field(default_factory=list)
 
 
+class QualityGate(_Strict):
+    """A float16 conversion measured against its float32 graphs on held-out data (in place of the
+    parity gate, which float16 cannot meet): the figure, both ways, and the most it may differ by."""
+
+    metric: str = Field(description="argmax_agreement (at least `bound`), map or bits_per_dim (within `bound`)")
+    float32: float
+    float16: float
+    bound: float
+    samples: int
+
+
 class BatchPolicy(_Strict):
     """Dynamic batching defaults for a model; settings can override them per model."""
 
@@ -142,6 +153,8 @@ class Manifest(_Strict):
     # and a detector's input pixels per feature cell (None: a square grid over the square input)
     prefix_tokens: int = Field(1, ge=0)
     feature_stride: int | None = Field(None, ge=1)
+    precision: Literal["float32", "float16"] = Field("float32", description="of the graphs' weights and math")
+    fp16_gate: QualityGate | None = Field(None, description="the float16 conversion's quality gate, if converted")
 
     @model_validator(mode="after")
     def _has_main_graph(self) -> Manifest:

@@ -23,6 +23,7 @@ from service.batching import Batcher, Reservation
 from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
 from service.runtime import create_session, on_cuda, run
+from service.sampling import DeviceCache, GenerationConfig, Step, device_steps
 from service.settings import Settings
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
@@ -85,6 +86,17 @@ class ServedModel:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, run, session, feeds, on_cuda(session))
 
+    def device_steps(self, cfg: GenerationConfig, batch: int, mode: str = "on", graph: str = "step") -> Step | None:
+        """Steps with the cache on the session's device (`mode` on, or auto and on a GPU), for a
+        generation that would step alone: no batcher, or no other generation holding room on it (else
+        steps are shared, through the host)."""
+        batcher = self.batchers.get(graph)
+        if mode == "off" or (mode == "auto" and not on_cuda(self.sessions[graph])):
+            return None
+        if batcher is not None and (batcher.reserved or batcher.queued_images):
+            return None
+        return device_steps(DeviceCache(self.sessions[graph], cfg, batch), self.executor)
+
 
 def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
     """The ONNX graph must have exactly the inputs and outputs its manifest promises."""
@@ -115,7 +127,7 @@ def warm_up(session: ort.InferenceSession, spec: GraphSpec, batch_sizes: list[in
         feeds = {
             t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in spec.inputs
         }
-        session.run(None, feeds)
+        run(session, feeds, on_cuda(session))  # the path requests take (a CUDA graph is captured here)
 
 
 def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
@@ -127,6 +139,12 @@ def warm_sizes(policy: BatchPolicy) -> list[int]:
     """1, 2, 4, ... up to max_batch_size, and max_batch_size itself."""
     sizes = [2**i for i in range(policy.max_batch_size.bit_length()) if 2**i <= policy.max_batch_size]
     return sorted({*sizes, policy.max_batch_size})
+
+
+def is_fp16(model: ServedModel, spec: GraphSpec) -> bool:
+    """A float16 model: converted at export (its manifest says), or float16 at its inputs or outputs."""
+    converted = model.manifest is not None and model.manifest.precision == "float16"
+    return converted or any(t.dtype == "float16" for t in [*spec.inputs, *spec.outputs])
 
 
 def latest_version(model_dir: Path) -> Path:
@@ -142,11 +160,13 @@ OPTIONAL_GRAPHS = {"attention"}
 
 def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
     """A session for one of the model's graphs, checked against its manifest and warmed up, with its batcher."""
-    session = create_session(model.path / spec.file, settings)
-    check_graph(session, spec)
     batched = settings.batching and batchable(spec)
+    sizes = warm_sizes(policy) if batched and graph != "attention" else [1]
+    largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
+    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
+    check_graph(session, spec)
     if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
-        warm_up(session, spec, warm_sizes(policy) if batched and graph != "attention" else [1])
+        warm_up(session, spec, sizes)
     model.sessions[graph] = session
     if batched:
         model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy, model.executor)

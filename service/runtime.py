@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from service.manifest import GraphSpec
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -22,6 +26,7 @@ OPTIMIZATION = {
 EXECUTION_MODE = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 
 
 def inference_threads(workers: int = 1) -> int:
@@ -35,25 +40,31 @@ class DeviceUnavailable(RuntimeError):
 
 
 def check_device(settings: Settings) -> None:
-    """At start: device=cuda needs onnxruntime's CUDA provider, unless `cuda_fallback` allows the CPU."""
+    """At start: device=cuda needs onnxruntime's CUDA provider, and tensorrt=true its TensorRT provider,
+    unless `cuda_fallback` allows serving without them."""
     available = ort.get_available_providers()
-    if settings.device != "cuda" or CUDA in available:
+    needed = [TENSORRT] if settings.tensorrt and settings.device != "cpu" else []
+    needed += [CUDA] if settings.device == "cuda" else []
+    missing = [p for p in needed if p not in available]
+    if not missing:
         return
     message = (
-        f"VITSERVE_DEVICE=cuda, but this onnxruntime offers only {available}: install onnxruntime-gpu (see the "
-        "README's GPU section) on a host with an NVIDIA driver, or set VITSERVE_CUDA_FALLBACK=true"
+        f"VITSERVE_DEVICE={settings.device}{' with VITSERVE_TENSORRT=true' if settings.tensorrt else ''} needs "
+        f"{missing}, but this onnxruntime offers only {available}: install onnxruntime-gpu (see the README's GPU "
+        "section) on a host with an NVIDIA driver (and TensorRT's libraries), or set VITSERVE_CUDA_FALLBACK=true"
     )
     if not settings.cuda_fallback:
         raise DeviceUnavailable(message)
-    log.warning("%s; serving on the CPU", message)
+    log.warning("%s; serving without them", message)
 
 
-def requested_providers(device: str) -> list[str]:
+def requested_providers(device: str, tensorrt: bool = False) -> list[str]:
     """The providers to ask for, best first. CPU is always last, so a model still loads if CUDA fails;
     the caller reports the providers the session really uses, never assumes them."""
-    if device == "cpu" or CUDA not in ort.get_available_providers():
+    available = ort.get_available_providers()
+    if device == "cpu" or CUDA not in available:
         return [CPU]
-    return [CUDA, CPU]
+    return [TENSORRT] * (tensorrt and TENSORRT in available) + [CUDA, CPU]
 
 
 def provider_options(options: dict[str, str | int | float | bool]) -> dict[str, str]:
@@ -61,7 +72,86 @@ def provider_options(options: dict[str, str | int | float | bool]) -> dict[str, 
     return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in options.items()}
 
 
-def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
+def fixed_shapes(spec: GraphSpec) -> bool:
+    return all(isinstance(d, int) for t in spec.inputs for d in t.shape)
+
+
+def profile_shapes(spec: GraphSpec, batch: int) -> str:
+    """TensorRT's shapes at one batch size, e.g. "pixel_values:8x3x224x224,labels:8" (inputs of fixed
+    shape need no profile)."""
+    return ",".join(
+        f"{t.name}:" + "x".join(str(batch if d == "batch" else d) for d in t.shape)
+        for t in spec.inputs
+        if "batch" in t.shape
+    )
+
+
+def trt_cache_dir(settings: Settings, path: Path) -> Path:
+    """One folder per model version: engines are keyed by the graph, and a new version starts afresh."""
+    root = settings.trt_cache_dir or settings.model_repository / ".trt_cache"
+    return root / path.parent.parent.name / path.parent.name
+
+
+def tensorrt_options(
+    spec: GraphSpec | None, batch_sizes: Sequence[int], cache: Path, fp16: bool, largest: int = 0
+) -> dict[str, str]:
+    """Engine and timing caches on disk (a restart loads the engines instead of building them for
+    minutes), float16 layers where allowed, and one optimisation profile from the smallest warmed
+    batch to `largest` (the biggest run the service can make: a lone request may exceed the batch
+    size, and outside its profile an engine cannot run), tuned for the largest warmed batch (a full
+    batch is what load brings; a lone image is fast anyway)."""
+    options = {
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(cache),
+        "trt_fp16_enable": "1" if fp16 else "0",
+    }
+    dims = {d for t in spec.inputs for d in t.shape if isinstance(d, str)} if spec else set()
+    if spec is None or dims != {"batch"}:  # no batch axis, or axes we know no sizes of: TensorRT builds per shape
+        return options
+    return options | {
+        "trt_profile_min_shapes": profile_shapes(spec, min(batch_sizes)),
+        "trt_profile_opt_shapes": profile_shapes(spec, max(batch_sizes)),
+        "trt_profile_max_shapes": profile_shapes(spec, max(largest, *batch_sizes)),
+    }
+
+
+def cuda_options(settings: Settings, spec: GraphSpec | None, path: Path) -> dict[str, str]:
+    """The CUDA settings, with CUDA graphs where the graph's shapes are fixed: a captured graph replays
+    one shape only, and padding batches to the warmed sizes is not implemented."""
+    options = provider_options(settings.cuda_options)
+    if settings.cuda_graphs and spec is not None and fixed_shapes(spec):
+        options["enable_cuda_graph"] = "1"
+    elif settings.cuda_graphs:
+        log.warning("%s: no CUDA graphs, its inputs have a batch axis (batches would need padding to fixed "
+                    "sizes, which the batcher does not do)", path.name)  # fmt: skip
+    return options
+
+
+def session_provider_options(
+    providers: list[str], path: Path, settings: Settings, spec: GraphSpec | None, batch_sizes: Sequence[int],
+    fp16: bool, largest: int = 0,
+) -> list[dict[str, str]]:  # fmt: skip
+    """Each requested provider's options, in the same order."""
+    per_provider = []
+    for provider in providers:
+        if provider == TENSORRT:
+            cache = trt_cache_dir(settings, path)
+            cache.mkdir(parents=True, exist_ok=True)
+            options = tensorrt_options(spec, batch_sizes, cache, fp16 or settings.trt_fp16, largest)
+            per_provider.append({"device_id": str(settings.cuda_options.get("device_id", 0)), **options})  # CUDA's GPU
+        else:
+            per_provider.append(cuda_options(settings, spec, path) if provider == CUDA else {})
+    return per_provider
+
+
+def create_session(
+    path: Path, settings: Settings, spec: GraphSpec | None = None, batch_sizes: Sequence[int] = (1,),
+    fp16: bool = False, largest: int = 0,
+) -> ort.InferenceSession:  # fmt: skip
+    """A session on the best provider asked for; `spec`, `batch_sizes` and `largest` (batch) shape
+    TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
     options.intra_op_num_threads = settings.intra_op_threads or inference_threads(settings.workers)
@@ -71,8 +161,8 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
     spin = "1" if settings.spin_wait else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    providers = requested_providers(settings.device)
-    per_provider = [provider_options(settings.cuda_options) if p == CUDA else {} for p in providers]
+    providers = requested_providers(settings.device, settings.tensorrt)
+    per_provider = session_provider_options(providers, path, settings, spec, batch_sizes, fp16, largest)
     session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
     if session.get_providers()[0] != providers[0]:
         message = f"{path.name}: asked for {providers[0]} but the session runs on {session.get_providers()}"
@@ -83,7 +173,8 @@ def create_session(path: Path, settings: Settings) -> ort.InferenceSession:
 
 
 def on_cuda(session: ort.InferenceSession) -> bool:
-    return bool(session.get_providers()[0] == CUDA)
+    """On the GPU: CUDA, or TensorRT (which hands CUDA what it cannot build)."""
+    return bool(session.get_providers()[0] in (TENSORRT, CUDA))
 
 
 def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding: bool) -> list[np.ndarray]:
@@ -91,6 +182,8 @@ def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding:
     and copied to the host once, after the run; inputs go from host memory straight to the device."""
     if not io_binding:
         return list(session.run(None, feeds))
+    if cuda_graph(session):
+        return fixed_binding(session).run(feeds)
     device, device_id = session_device(session)
     binding = session.io_binding()
     for name, array in feeds.items():
@@ -101,8 +194,59 @@ def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding:
     return [value.numpy() for value in binding.get_outputs()]
 
 
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+               "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}  # fmt: skip
+
+
+class FixedBinding:
+    """I/O binding to device buffers allocated once. A CUDA graph replays the addresses it captured,
+    so every run copies its inputs into the same buffers and reads the same output buffers; one run
+    at a time (the lock), since the buffers are shared."""
+
+    def __init__(self, session: ort.InferenceSession, shapes: dict[str, list[int]] | None = None) -> None:
+        """`shapes` of the inputs and outputs where the graph's own are not fixed (tests)."""
+        device, device_id = session_device(session)
+        self.session = session
+        self.binding = session.io_binding()
+        self.lock = threading.Lock()
+        self.inputs: dict[str, ort.OrtValue] = {}
+        self.outputs: list[ort.OrtValue] = []
+        shapes = shapes or {}
+        for arg in session.get_inputs():
+            shape, dtype = shapes.get(arg.name, arg.shape), NUMPY_TYPES[arg.type]
+            self.inputs[arg.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
+            self.binding.bind_ortvalue_input(arg.name, self.inputs[arg.name])
+        for arg in session.get_outputs():
+            shape, dtype = shapes.get(arg.name, arg.shape), NUMPY_TYPES[arg.type]
+            self.outputs.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id))
+            self.binding.bind_ortvalue_output(arg.name, self.outputs[-1])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with self.lock:
+            for name, array in feeds.items():
+                self.inputs[name].update_inplace(np.ascontiguousarray(array))
+            self.session.run_with_iobinding(self.binding)
+            return [value.numpy() for value in self.outputs]
+
+
+_fixed: weakref.WeakKeyDictionary[ort.InferenceSession, FixedBinding] = weakref.WeakKeyDictionary()
+_fixed_lock = threading.Lock()
+
+
+def fixed_binding(session: ort.InferenceSession) -> FixedBinding:
+    with _fixed_lock:
+        if session not in _fixed:
+            _fixed[session] = FixedBinding(session)
+        return _fixed[session]
+
+
+def cuda_graph(session: ort.InferenceSession) -> bool:
+    return on_cuda(session) and session.get_provider_options().get(CUDA, {}).get("enable_cuda_graph") == "1"
+
+
 def session_device(session: ort.InferenceSession) -> tuple[str, int]:
     """Where a session's tensors live: ("cuda", its device id) or ("cpu", 0)."""
     if not on_cuda(session):
         return "cpu", 0
-    return "cuda", int(session.get_provider_options()[CUDA].get("device_id", 0))
+    first = session.get_providers()[0]
+    return "cuda", int(session.get_provider_options()[first].get("device_id", 0))

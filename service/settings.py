@@ -39,6 +39,21 @@ class Settings(BaseSettings):
         description='CUDA execution provider options, JSON with any value type (e.g. {"device_id": 1, '
         '"gpu_mem_limit": 8589934592}), used when the session runs on CUDA',
     )
+    tensorrt: bool = Field(
+        False,
+        description="TensorRT execution provider first (then CUDA, then CPU); with device=cuda, refuse to start "
+        "where onnxruntime lacks it (unless cuda_fallback)",
+    )
+    trt_cache_dir: Path | None = Field(
+        None, description="TensorRT engine and timing caches, so a restart does not rebuild (default: "
+        "<model_repository>/.trt_cache)",
+    )  # fmt: skip
+    trt_fp16: bool = Field(False, description="TensorRT may run layers in float16 (always on for fp16 models)")
+    cuda_graphs: bool = Field(
+        False,
+        description="CUDA graphs (enable_cuda_graph) for graphs whose input shapes are all fixed; graphs with a "
+        "batch axis are left without, with a warning",
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per operator (0: one per core but one, which the event loop keeps)"
     )
@@ -60,6 +75,12 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='per-model overrides of the manifest\'s batching, JSON: {"vit": {"max_batch_size": 64, '
         '"max_queue_delay_ms": 5, "max_queue_size": 512}}',
+    )
+    device_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="a generation stepping alone keeps its key/value cache on the session's device between steps "
+        "(I/O binding); auto: when the session runs on a GPU (on the CPU there is no bus to spare, and the "
+        "binding costs a little); generations stepping together share steps with the cache on the host",
     )
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")

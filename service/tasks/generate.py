@@ -170,11 +170,12 @@ async def generate(
     limits: ImageLimits = request.app.state.image_limits
     prime = await limits.run(_prime, body, model.manifest, cfg, limits)
     seed = secrets.randbits(63) if body.seed is None else body.seed
+    steps = model.device_steps(cfg, body.num_images, settings.device_cache)  # before reserving
     # every step's queue room, held from here to the end: 503 now, rather than a failure half-way
     reservation = model.reserve(body.num_images, "step")
     rows = sample_rows(
         lambda feeds: model.run(feeds, graph="step", reservation=reservation), cfg, labels,
-        np.random.default_rng(seed), body.temperature, body.top_k, prime,
+        np.random.default_rng(seed), body.temperature, body.top_k, prime, steps,
     )  # fmt: skip
 
     def finish(images: np.ndarray) -> GenerateResponse:

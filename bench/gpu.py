@@ -1,0 +1,209 @@
+"""`python -m bench.gpu [--device cuda|cpu] [--size b16|tiny] [--json PATH]`: what the GPU options buy
+(bench/gpu.sh runs it on a fresh GPU machine). Three tables, one markdown block, naming the device:
+
+- raw ONNX Runtime, a random-weight ViT-B/16 (224x224, 16x16 patches, 12 layers, 768 wide) exported
+  with export/onnx_export.py: float32, float16 (export/fp16.py's conversion) and TensorRT, at batch
+  1, 32 and 128, run as the service runs them (I/O binding on a GPU); images/s;
+- the service (`python -m service`) serving that ViT as a classification model, JPEG photos
+  (scikit-learn's sample images at 1920x1440) in, at concurrency 1, 32 and 128; requests/s, p50, p99;
+- generation with the shipped Image Transformer: images/s at num_images 64 with the key/value cache
+  on the device (DeviceCache) against the host cache through the batcher, same seed, same images.
+
+`--size tiny` shrinks every figure's model and load so the whole runs in a minute on a CPU.
+The served ViT is a benchmark artifact: its manifest is written here, with no parity check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from bench.common import interleaved, report
+from bench.peers.load import load
+from bench.peers.photos import photos
+from bench.peers.servers import raw
+from bench.service import server
+from export.fp16 import to_fp16
+from export.onnx_export import OPSET, to_onnx
+from models.vit import ViT, ViTConfig
+from service.manifest import GraphSpec, Manifest, Parity, Preprocessing, TensorSpec, write_manifest
+from service.runtime import CPU, CUDA, TENSORRT, on_cuda, run, tensorrt_options
+
+SIZES: dict[str, dict[str, Any]] = {
+    "b16": {"vit": ViTConfig(image_size=224, patch_size=16, in_channels=3, num_classes=1000, dim=768, depth=12,
+                             heads=12, mlp_dim=3072, dropout=0.0),
+            "batches": [1, 32, 128], "concurrency": [1, 32, 128], "num_images": 64, "seconds": 10.0},
+    "tiny": {"vit": ViTConfig(image_size=32, patch_size=8, in_channels=3, num_classes=10, dim=32, depth=2, heads=2,
+                              mlp_dim=64, dropout=0.0),
+             "batches": [1, 8], "concurrency": [1, 8], "num_images": 8, "seconds": 2.0},
+}  # fmt: skip
+NAME = "vitbench"
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return f"CPU ({len(os.sched_getaffinity(0))} cores)"
+    try:
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown GPU (no nvidia-smi)"
+
+
+def export_vit(cfg: ViTConfig, folder: Path) -> tuple[Path, Path]:
+    """The ViT with random weights, traced by the export path; and its float16 conversion."""
+    torch.manual_seed(0)
+    example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    full, half = folder / "model.onnx", folder / "model_fp16.onnx"
+    to_onnx(ViT(cfg).eval(), (example,), full, ["pixel_values"], ["logits"])
+    onnx.save(to_fp16(onnx.load(full)), half)
+    return full, half
+
+
+def image_spec(cfg: ViTConfig) -> GraphSpec:
+    image = TensorSpec(name="pixel_values", dtype="float32", shape=["batch", 3, cfg.image_size, cfg.image_size])
+    logits = TensorSpec(name="logits", dtype="float32", shape=["batch", cfg.num_classes])
+    return GraphSpec(file="model.onnx", inputs=[image], outputs=[logits])
+
+
+def providers(cfg: ViTConfig, device: str, kind: str, batches: list[int], cache: Path) -> list[Any]:
+    """CPU; or CUDA; or TensorRT with the service's options (float16, one profile over `batches`)."""
+    if device == "cpu":
+        return [CPU]
+    cuda = (CUDA, {"device_id": "0"})
+    if kind != "tensorrt":
+        return [cuda, CPU]
+    cache.mkdir(parents=True, exist_ok=True)
+    return [(TENSORRT, tensorrt_options(image_spec(cfg), batches, cache, fp16=True)), cuda, CPU]
+
+
+def raw_rows(
+    cfg: ViTConfig, files: tuple[Path, Path], device: str, batches: list[int], repeats: int
+) -> list[dict[str, Any]]:
+    variants = {"fp32": files[0], "fp16": files[1]}
+    if device == "cuda":
+        variants["tensorrt (fp16)"] = files[0]
+    rows = []
+    for name, path in variants.items():
+        kind = "tensorrt" if name.startswith("tensorrt") else "plain"
+        try:
+            chosen = providers(cfg, device, kind, batches, path.parent / "trt")
+            session = ort.InferenceSession(str(path), providers=chosen)
+        except Exception as exc:  # TensorRT's libraries missing, say: the row says so
+            rows.append({"variant": name, "providers": f"failed: {str(exc)[:80]}"})
+            continue
+        rows.append({"variant": name, "providers": session.get_providers()[0], **throughput(session, cfg, batches,
+                                                                                              repeats)})  # fmt: skip
+    return rows
+
+
+def throughput(session: ort.InferenceSession, cfg: ViTConfig, batches: list[int], repeats: int) -> dict[str, float]:
+    """Images/s at each batch size, run as the service runs it (I/O binding on a GPU)."""
+    row = {}
+    for batch in batches:
+        shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        feeds = {"pixel_values": np.random.default_rng(0).random(shape, dtype=np.float32)}
+        seconds = interleaved({"run": lambda f=feeds: run(session, f, on_cuda(session))}, repeats, warmup=3)
+        row[f"batch {batch} images/s"] = batch / seconds["run"]
+    return row
+
+
+def repository(cfg: ViTConfig, model: Path, root: Path, max_batch: int) -> Path:
+    """A one-model repository serving the benchmark ViT (ImageNet's mean and std, 1,000 or 10 labels)."""
+    folder = root / NAME / "1"
+    folder.mkdir(parents=True)
+    shutil.copy(model, folder / "model.onnx")
+    manifest = Manifest(
+        name=NAME, version=1, task="classification", architecture="vit", graphs={"main": image_spec(cfg)},
+        preprocessing=Preprocessing(color_mode="RGB", size=(cfg.image_size, cfg.image_size), resample="bilinear",
+                                    mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        labels=[f"class {i}" for i in range(cfg.num_classes)], data={"name": "random weights (benchmark)"},
+        quality={}, opset=OPSET, versions={"onnxruntime": ort.__version__},
+        parity=Parity(max_abs_diff=0.0, tolerance=0.0, batch_size=0, traced_batch_size=2, argmax_equal=True),
+        serving={"max_batch_size": max_batch, "max_queue_size": 4 * max_batch},
+    )  # fmt: skip
+    write_manifest(manifest, folder)
+    return root
+
+
+def service_rows(root: Path, device: str, concurrency: list[int], seconds: float) -> list[dict[str, Any]]:
+    requests = [raw("/v1/classify")(jpeg, "image/jpeg") for jpeg in photos()]
+    env = {"VITSERVE_MODEL_REPOSITORY": str(root), "VITSERVE_DEVICE": device}
+    rows = []
+    with server(["-m", "service"], env, start_s=180) as url:  # CUDA's start and warm-up at 8 batch sizes
+        for c in concurrency:
+            result = load(url, requests, c, seconds, warmup=1.0)
+            rows.append({"concurrency": c, "requests/s": result.rate, "p50 ms": result.p50, "p99 ms": result.p99,
+                         "errors": result.errors})  # fmt: skip
+    return rows
+
+
+def generation_rows(device: str, num_images: int, repeats: int) -> list[dict[str, Any]]:
+    """The shipped Image Transformer served twice side by side, the key/value cache on the device and
+    on the host (VITSERVE_DEVICE_CACHE), taking turns: one request of `num_images` at a time."""
+    body = {"num_images": num_images, "seed": 0, "scale": 1}
+    policy = json.dumps({"imagetransformer": {"max_batch_size": max(num_images, 32)}})
+    env = {"VITSERVE_DEVICE": device, "VITSERVE_BATCH_POLICY": policy}
+    with (
+        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "on"}, start_s=180) as on_device,
+        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "off"}, start_s=180) as on_host,
+    ):
+        answers = {
+            url: httpx2.post(f"{url}/v1/generate", json=body, timeout=600).json() for url in (on_device, on_host)
+        }
+        if answers[on_device]["images"] != answers[on_host]["images"]:
+            raise AssertionError("the device cache and the host cache drew different images")
+        seconds = interleaved(
+            {url: lambda url=url: httpx2.post(f"{url}/v1/generate", json=body, timeout=600) for url in answers},
+            repeats,
+        )
+        provider = httpx2.get(f"{on_device}/v1/models").json()["models"]
+    providers = next(m["providers"][0] for m in provider if m["name"] == "imagetransformer")
+    return [{"num_images": num_images, "device cache images/s": num_images / seconds[on_device],
+             "host cache images/s": num_images / seconds[on_host], "ratio": seconds[on_host] / seconds[on_device],
+             "provider": providers}]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--size", choices=sorted(SIZES), default="b16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-images", type=int, help="generation's num_images (default: 64, tiny: 8)")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/gpu.json"))
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    if args.device == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where no system copy is installed
+    tables: dict[str, list[dict[str, Any]]] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        files = export_vit(size["vit"], Path(tmp))
+        tables["raw ONNX Runtime"] = raw_rows(size["vit"], files, args.device, size["batches"], args.repeats)
+        root = repository(size["vit"], files[0], Path(tmp) / "repository", max(size["concurrency"]))
+        tables["service, JPEG photos"] = service_rows(root, args.device, size["concurrency"], size["seconds"])
+    tables["generation"] = generation_rows(args.device, args.num_images or size["num_images"], args.repeats)
+    print(f"\n## {device_name(args.device)}, ViT {args.size}, onnxruntime {ort.__version__}, "
+          f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
+    for title, rows in tables.items():
+        print(f"### {title}\n")
+        report(title, rows, None)
+        print()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": device_name(args.device), "size": args.size, **tables}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
