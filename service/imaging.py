@@ -263,7 +263,14 @@ def letterbox_size(width: int, height: int, spec: Preprocessing) -> tuple[int, i
 
 
 def resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
-    """The (width, height) an image of this size is resized to, before any crop or padding."""
+    """The (width, height) an image of this size is resized to, before any crop or padding; no side
+    under 1 (transformers' arithmetic gives 0 for a short side under 1/192 of a 96-pixel edge, and
+    then fails)."""
+    new_width, new_height = _resized_size(width, height, spec)
+    return max(1, new_width), max(1, new_height)
+
+
+def _resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int]:
     if spec.resize == "letterbox":
         return letterbox_size(width, height, spec)
     if spec.resize == "stretch":

@@ -3,6 +3,7 @@ token; DETR's per-query cross-attention on each image's own grid), /v2 raw and i
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any
@@ -11,6 +12,7 @@ import httpx2
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 
 from service.attention import rollout
 from tests.hf.conftest import CLASSIFIERS
@@ -102,3 +104,32 @@ def test_v2_views_and_models(hf_server: str) -> None:
         "hfbeit": "BeitForImageClassification",
     }  # fmt: skip
     assert all(m["state"] == "ready" for m in models.values())
+
+
+def test_free_axes_of_a_raw_detr_tensor_are_bounded(hf_server: str) -> None:
+    """The raw view of a detector that keeps each image's size takes height and width of at least 1
+    and at most its preprocessing's longest side: a 1 x 400,000 tensor (5 MB) took 5 GB, and a zero
+    height gave 500."""
+    metadata = httpx2.get(f"{hf_server}/v2/models/hfdetr").json()
+    assert metadata["inputs"][0]["shape"] == [-1, 3, -1, -1]
+    for height, width, status in ((1, 400_000, 400), (0, 64, 400), (64, 0, 400), (2, 64, 200)):
+        tensor = np.zeros((1, 3, height, width), dtype=np.float32)
+        body = {"inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": list(tensor.shape),
+                            "parameters": {"binary_data_size": tensor.nbytes}}]}  # fmt: skip
+        header = json.dumps(body).encode()
+        response = httpx2.post(f"{hf_server}/v2/models/hfdetr/infer", content=header + tensor.tobytes(),
+                               headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)  # fmt: skip
+        assert response.status_code == status, (height, width, response.text[:200])
+        if status == 400:
+            assert "axis" in response.json()["error"]
+
+
+def test_a_very_long_thin_image_is_detected_not_500(hf_server: str) -> None:
+    """transformers' size arithmetic gives a short side of 0 past about 192:1 (and fails); the
+    service keeps it at 1 pixel."""
+    for size in ((192, 1), (1, 193), (20_000, 100)):
+        out = io.BytesIO()
+        Image.new("RGB", size, (120, 80, 40)).save(out, format="PNG")
+        response = httpx2.post(f"{hf_server}/v1/detect?model=hfdetr", content=out.getvalue(),
+                               headers={"content-type": "image/png"}, timeout=60)  # fmt: skip
+        assert response.status_code == 200, (size, response.text[:200])
