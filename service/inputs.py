@@ -60,8 +60,6 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
     }
 }
 
-Options = TypeVar("Options", bound=BaseModel)
-
 
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     """The encoded images of a request, and any options sent in its body."""
@@ -107,12 +105,17 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
     return images, options
 
 
-def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+def _within_json_cap(body: bytes) -> None:
+    """413 for a JSON body of more values than MAX_JSON_VALUES, before it is parsed (see service.codec)."""
     try:
         check_json_values(body)
     except CodecError as exc:
-        message = f"the JSON body holds more than {MAX_JSON_VALUES} values; images go as base64 strings"
+        message = f"the JSON body holds more than {MAX_JSON_VALUES} values"
         raise ServiceError(413, "json_too_large", message) from exc
+
+
+def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    _within_json_cap(body)
     try:
         payload = json.loads(body)
     # ValueError: also a number of over 4,300 digits; RecursionError: nested too deep
@@ -135,11 +138,7 @@ def json_body(model: type[Model]) -> Callable[[Request], Awaitable[Model]]:
 
     async def read(request: Request) -> Model:
         body = await request.body()
-        try:
-            check_json_values(body)
-        except CodecError as exc:
-            message = f"the JSON body holds more than {MAX_JSON_VALUES} values"
-            raise ServiceError(413, "json_too_large", message) from exc
+        _within_json_cap(body)
         try:
             if len(body) <= INLINE_BYTES:
                 return model.model_validate_json(body)
@@ -175,14 +174,3 @@ def wants_png(request: Request, render: bool, count: int) -> bool:
     if wanted and count != 1:
         raise ServiceError(422, "render_needs_one_image", "a PNG answer takes exactly one image")
     return wanted
-
-
-def merge_options(cls: type[Options], query: Options, body: dict[str, Any]) -> Options:
-    """Query-string options overlaid by the body's (a form field or JSON key wins), validated together."""
-    merged = {**query.model_dump(exclude_unset=True), **body}
-    try:
-        return cls.model_validate(merged)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from exc

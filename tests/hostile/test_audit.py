@@ -161,10 +161,10 @@ def rle8_bmp(width: int, height: int) -> bytes:
 def test_dear_decoders_count_as_more_passes_and_webp_twice() -> None:
     """Pillow's BMP RLE decoder is Python (40 passes: a 300 KB file held 3.6 s of CPU), raw TIFF
     strips cost a Python call each, and WebP holds several RGBA copies while it decodes."""
-    from service.imaging import RLE_PASSES, open_image
+    from service.imaging import RLE_PASSES, decode_image, open_image
 
     rle = open_image(rle8_bmp(64, 64), 10**8)
-    assert rle.passes == RLE_PASSES and np.asarray(decode_image_bytes(rle8_bmp(64, 64))).shape == (64, 64)
+    assert rle.passes == RLE_PASSES and np.asarray(decode_image(rle8_bmp(64, 64), 10**8)).shape == (64, 64)
     strips = io.BytesIO()
     Image.new("L", (600, 4000)).save(strips, "TIFF", tiffinfo={278: 1})  # one row per strip: 4,000 strips
     assert open_image(strips.getvalue(), 10**8).passes == 1 + 4000 * 4096 // (600 * 4000) + 1
@@ -176,9 +176,3 @@ def test_dear_decoders_count_as_more_passes_and_webp_twice() -> None:
 def test_a_big_rle_bitmap_is_over_the_decode_budget(client: TestClient) -> None:
     response = client.post("/v1/classify", content=rle8_bmp(6000, 6000), headers={"content-type": "image/bmp"})
     assert response.status_code == 413 and response.json()["error"]["code"] == "decode_budget"
-
-
-def decode_image_bytes(data: bytes) -> Image.Image:
-    from service.imaging import decode_image
-
-    return decode_image(data, 10**8)
