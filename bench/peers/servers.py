@@ -93,6 +93,7 @@ class Server:
     encode: Encoder
     top1: Callable[[Any], tuple[str, float]]
     env: Callable[[], dict[str, str]] = field(default=dict)
+    cwd: Path | None = None  # where it runs (default the project root): another checkout, say
 
 
 SERVERS = {
@@ -122,7 +123,7 @@ def running(server: Server, probe: Request) -> Iterator[str]:
     env = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **server.env()}
     command = [python, *server.args, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=server.cwd or ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
