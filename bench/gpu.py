@@ -6,8 +6,9 @@
   1, 32 and 128, run as the service runs them (I/O binding on a GPU); images/s;
 - the service (`python -m service`) serving that ViT as a classification model, JPEG photos
   (scikit-learn's sample images at 1920x1440) in, at concurrency 1, 32 and 128; requests/s, p50, p99;
-- generation with the shipped Image Transformer: images/s at num_images 64 with the key/value cache
-  on the device (DeviceCache) against the host cache through the batcher, same seed, same images.
+- generation with the shipped Image Transformer: images/s at num_images 64 with the key/value caches
+  in the device's pool (the pooled step graph, `VITSERVE_DEVICE_CACHE=on`) against the host cache,
+  both through the batcher, same seed (and whether the images came out the same).
 
 `--size tiny` shrinks every figure's model and load so the whole runs in a minute on a CPU.
 The served ViT is a benchmark artifact: its manifest is written here, with no parity check."""
@@ -163,8 +164,7 @@ def generation_rows(device: str, num_images: int, repeats: int) -> list[dict[str
         answers = {
             url: httpx2.post(f"{url}/v1/generate", json=body, timeout=600).json() for url in (on_device, on_host)
         }
-        if answers[on_device]["images"] != answers[on_host]["images"]:
-            raise AssertionError("the device cache and the host cache drew different images")
+        same = answers[on_device]["images"] == answers[on_host]["images"]  # kernels may differ in the last bit
         seconds = interleaved(
             {url: lambda url=url: httpx2.post(f"{url}/v1/generate", json=body, timeout=600) for url in answers},
             repeats,
@@ -173,7 +173,7 @@ def generation_rows(device: str, num_images: int, repeats: int) -> list[dict[str
     providers = next(m["providers"][0] for m in provider if m["name"] == "imagetransformer")
     return [{"num_images": num_images, "device cache images/s": num_images / seconds[on_device],
              "host cache images/s": num_images / seconds[on_host], "ratio": seconds[on_host] / seconds[on_device],
-             "provider": providers}]  # fmt: skip
+             "same images": same, "provider": providers}]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

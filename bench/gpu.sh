@@ -29,11 +29,11 @@ libs=$(find "$site/nvidia" "$site/tensorrt_libs" -maxdepth 2 -type d \( -name li
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 python -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
 
-# the tests whose Settings follow VITSERVE_DEVICE (sessions, I/O binding, the device cache, TensorRT's
+# the tests whose Settings follow VITSERVE_DEVICE (sessions, I/O binding, the cache pool, TensorRT's
 # options and its refusal), then the fp16 serving tests (on the CPU provider of onnxruntime-gpu)
 export VITSERVE_DEVICE=cuda
 tests=0
 timeout 180 python -m pytest -q tests/unit/test_runtime.py tests/unit/test_tensorrt.py \
-    tests/unit/test_device_cache.py tests/api/test_fp16.py || tests=$?
+    tests/unit/test_cache_pool.py tests/unit/test_cuda_graphs.py tests/api/test_fp16.py || tests=$?
 timeout 330 python -m bench.gpu --device cuda --json bench/results/gpu.json "$@"
 exit "$tests"   # the measurements are printed either way; a failed test still fails the script

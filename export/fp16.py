@@ -21,8 +21,10 @@ import onnxruntime as ort
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from export.onnx_export import ExportError, publish, require_free
+from export.pooled import write_pooled
 from service.imaging import preprocess
 from service.manifest import Manifest, QualityGate, write_manifest
+from service.sampling import POOLED_GRAPH
 
 Convert = Callable[[onnx.ModelProto], onnx.ModelProto]
 # the float32 graph's outputs and the float16 graph's, on the same held-out feeds -> their two figures
@@ -120,8 +122,11 @@ def convert_artifact(
     ExportError, leaving `target` incomplete, when the gate fails. For any exporter or importer."""
     manifest = Manifest.model_validate_json((staged / "manifest.json").read_text())
     held_out = held_out or HELD_OUT[manifest.task](manifest)
-    for spec in manifest.graphs.values():
-        onnx.save(convert(onnx.load(staged / spec.file)), target / spec.file)
+    for name, spec in manifest.graphs.items():
+        if name != POOLED_GRAPH:  # rebuilt below: converted, its whole pools would be cast every step
+            onnx.save(convert(onnx.load(staged / spec.file)), target / spec.file)
+    if POOLED_GRAPH in manifest.graphs:
+        write_pooled(manifest.graphs["step"], target)
     result = gate(held_out, staged / manifest.main.file, target / manifest.main.file)
     if not passed(result):
         raise ExportError(

@@ -34,9 +34,10 @@ from export.onnx_export import (
     to_onnx,
     torch_outputs,
 )
+from export.pooled import write_pooled
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
 from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
-from service.sampling import GenerationConfig, cache_names, sample
+from service.sampling import POOLED_GRAPH, GenerationConfig, cache_names, sample
 from service.tasks.generate import NAME as GENERATION
 from service.tasks.generate import levels_to_image
 
@@ -355,6 +356,7 @@ def export(
         require_parity(parity)
         (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
         onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))
+        specs[POOLED_GRAPH] = write_pooled(specs["step"], staged)  # checked against the step graph
         rate = recognition_rate(step, cfg, classifier)
         if rate is None:
             raise ExportError(f"no ready ViT at {classifier} to judge the generated digits: export the ViT first")

@@ -214,7 +214,8 @@ def publish(manifest: Manifest, staged: Path, repository: Path, force: bool = Fa
     the repository. An existing version is replaced only with `force`: refused, nothing is written."""
     require_free(repository, manifest.name, manifest.version, force)
     write_manifest(manifest, staged)
-    served = load_model(staged.parent, Settings(device="cpu", warmup=True), manifest_checks(TASKS))
+    every_graph = Settings(device="cpu", warmup=True, device_cache="on")
+    served = load_model(staged.parent, every_graph, manifest_checks(TASKS))
     if served.state != "ready":
         raise ExportError(f"the service cannot load the exported model: {served.reason}")
     target = repository / manifest.name / str(manifest.version)

@@ -15,12 +15,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 
 from service import context
 from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy
-from service.runtime import on_cuda, run
+from service.runtime import GraphRun
 
 log = logging.getLogger("service")
 
@@ -67,13 +66,10 @@ def _same_shapes(a: _Request, b: _Request) -> bool:
 
 
 class Batcher:
-    def __init__(
-        self, name: str, session: ort.InferenceSession, policy: BatchPolicy, executor: Executor | None = None
-    ) -> None:
+    def __init__(self, name: str, run: GraphRun, policy: BatchPolicy, executor: Executor | None = None) -> None:
         self.name = name
-        self.session = session
+        self.run_graph = run  # feeds -> outputs, in the executor (a session's run, or a CachePool's)
         self.executor = executor  # where runs happen (None: asyncio's default executor)
-        self.io_binding = on_cuda(session)
         self.policy = policy
         self.queue: asyncio.Queue[_Request] = asyncio.Queue()
         self.queued_images = 0  # images waiting, but for those of reservations
@@ -119,7 +115,7 @@ class Batcher:
 
     def _timed_run(self, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
         started = time.perf_counter()
-        return run(self.session, feeds, self.io_binding), time.perf_counter() - started
+        return self.run_graph(feeds), time.perf_counter() - started
 
     def _run_inline(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs, seconds = self._timed_run(feeds)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -19,11 +20,11 @@ import numpy as np
 import onnxruntime as ort
 
 from service import context
-from service.batching import Batcher, Reservation
+from service.batching import Batcher, Overloaded, Reservation
 from service.errors import ServiceError, quoted
-from service.manifest import BatchPolicy, GraphSpec, Manifest, read_manifest
-from service.runtime import create_session, on_cuda, run
-from service.sampling import DeviceCache, GenerationConfig, Step, device_steps
+from service.manifest import BatchPolicy, GraphSpec, Manifest, TensorSpec, read_manifest
+from service.runtime import CPU, GraphRun, create_session, cuda_graph, requested_providers, runner
+from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, NoFreeSlots, Step, host_steps, pooled_steps
 from service.settings import Settings
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
@@ -51,6 +52,8 @@ class ServedModel:
     reason: str | None = None
     manifest: Manifest | None = None
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    runs: dict[str, GraphRun] = field(default_factory=dict)  # each graph's run, as requests take it
+    cache_pool: CachePool | None = None  # generation's caches on the device (the pooled step graph)
     batchers: dict[str, Batcher] = field(default_factory=dict)
     # inference threads of this model's own, one per graph: runs never queue behind image decoding
     executor: ThreadPoolExecutor | None = None
@@ -81,21 +84,41 @@ class ServedModel:
         feeds = self._as_declared(feeds, graph)
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds, reservation)
-        session = self.sessions[graph]
         with context.timed("inference"):
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, run, session, feeds, on_cuda(session))
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.runs[graph], feeds)
 
-    def device_steps(self, cfg: GenerationConfig, batch: int, mode: str = "on", graph: str = "step") -> Step | None:
-        """Steps with the cache on the session's device (`mode` on, or auto and on a GPU), for a
-        generation that would step alone: no batcher, or no other generation holding room on it (else
-        steps are shared, through the host)."""
-        batcher = self.batchers.get(graph)
-        if mode == "off" or (mode == "auto" and not on_cuda(self.sessions[graph])):
-            return None
-        if batcher is not None and (batcher.reserved or batcher.queued_images):
-            return None
-        return device_steps(DeviceCache(self.sessions[graph], cfg, batch), self.executor)
+    def decoding(self, cfg: GenerationConfig, batch: int) -> Decoding:
+        """Steps for a generation of `batch` images, sharing runs with other generations: with the
+        caches in the device's pool where the model has one, else on the host. It holds its queue
+        room (503 here if there is none: never a stream broken off half-way) and its slots until
+        released."""
+        graph = POOLED_GRAPH if self.cache_pool is not None else "step"
+        reservation = self.reserve(batch, graph)
+        run = partial(self.run, graph=graph, reservation=reservation)
+        if self.cache_pool is None:
+            return Decoding(host_steps(run, cfg, batch), [reservation.release] if reservation else [])
+        pool = self.cache_pool
+        try:
+            slots = pool.acquire(batch)
+        except NoFreeSlots:  # only without batching: the batcher's queue room bounds the slots in use
+            if reservation:
+                reservation.release()
+            raise Overloaded(self.name, len(pool.free)) from None
+        releases: list[Callable[[], None]] = [partial(pool.release, slots)]
+        return Decoding(pooled_steps(run, slots), releases + ([reservation.release] if reservation else []))
+
+
+@dataclass
+class Decoding:
+    """A generation's steps (tokens -> logits), and what it holds until `release` (idempotent)."""
+
+    step: Step
+    releases: list[Callable[[], None]]
+
+    def release(self) -> None:
+        releases, self.releases = self.releases, []
+        for release in releases:
+            release()
 
 
 def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
@@ -116,18 +139,25 @@ def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
                 raise ValueError(f"{spec.file}: {kind} {a.name} has shape {a.shape}, the manifest says {p.shape}")
 
 
+def fed(spec: GraphSpec) -> list[TensorSpec]:
+    """The inputs requests feed: all but a pool (axis "capacity"), which its runner binds itself."""
+    return [t for t in spec.inputs if "capacity" not in t.shape]
+
+
 def batchable(spec: GraphSpec) -> bool:
-    """Requests can share a run when every input has the batch as its first axis."""
-    return all(t.shape and t.shape[0] == "batch" for t in spec.inputs)
+    """Requests can share a run when every input they feed has the batch as its first axis."""
+    return all(t.shape and t.shape[0] == "batch" for t in fed(spec))
 
 
-def warm_up(session: ort.InferenceSession, spec: GraphSpec, batch_sizes: list[int]) -> None:
-    """Runs on zeros at each batch size the batcher forms, so no request pays for a first run."""
+def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int = 1) -> None:
+    """Runs on zeros at each batch size the batcher forms, so no request pays for a first run (with
+    CUDA graphs, twice: ONNX Runtime captures a graph on its second run)."""
     for batch in batch_sizes:
         feeds = {
-            t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in spec.inputs
+            t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in fed(spec)
         }
-        run(session, feeds, on_cuda(session))  # the path requests take (a CUDA graph is captured here)
+        for _ in range(times):
+            run(feeds)
 
 
 def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
@@ -154,8 +184,17 @@ def latest_version(model_dir: Path) -> Path:
     return max(versions, key=lambda p: int(p.name))
 
 
-# Graphs a model serves without when they fail to load: only the routes that need them answer 503.
-OPTIONAL_GRAPHS = {"attention"}
+# Graphs a model serves without when they fail to load: only the routes that need them answer 503
+# (without its pooled step, a generation model decodes through the host, as with device_cache off).
+OPTIONAL_GRAPHS = {"attention", POOLED_GRAPH}
+
+
+def wanted(graph: str, settings: Settings) -> bool:
+    """The pooled step graph is loaded where its cache pool is asked for: `device_cache` on, or auto
+    and on a GPU (on the CPU the host's cache costs no bus; the step graph serves then)."""
+    if graph != POOLED_GRAPH or settings.device_cache == "on":
+        return True
+    return settings.device_cache == "auto" and requested_providers(settings.device)[0] != CPU
 
 
 def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
@@ -165,11 +204,16 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
     session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
     check_graph(session, spec)
+    run, pool = runner(session, sizes), None
+    if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
+        pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
+        run = pool.run
     if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
-        warm_up(session, spec, sizes)
-    model.sessions[graph] = session
+        warm_up(run, spec, sizes, times=2 if cuda_graph(session) else 1)
+    model.sessions[graph], model.runs[graph] = session, run
+    model.cache_pool = pool or model.cache_pool
     if batched:
-        model.batchers[graph] = Batcher(f"{model.name}/{graph}", session, policy, model.executor)
+        model.batchers[graph] = Batcher(f"{model.name}/{graph}", run, policy, model.executor)
 
 
 def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
@@ -190,6 +234,8 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
         policy = batch_policy(manifest, settings)
         model.executor = ThreadPoolExecutor(len(manifest.graphs), thread_name_prefix=f"infer-{model.name}")
         for graph, spec in manifest.graphs.items():
+            if not wanted(graph, settings):
+                continue
             try:
                 load_graph(model, graph, spec, settings, policy)
             except Exception as exc:
@@ -200,7 +246,9 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
     except Exception as exc:  # any other failure takes down this model only
         model.reason = _reason(exc, model_dir.parent)
         model.sessions.clear()
+        model.runs.clear()
         model.batchers.clear()
+        model.cache_pool = None
         if model.executor is not None:
             model.executor.shutdown(wait=False)
             model.executor = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +72,15 @@ def provider_options(options: dict[str, str | int | float | bool]) -> dict[str, 
     return {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in options.items()}
 
 
-def fixed_shapes(spec: GraphSpec) -> bool:
-    return all(isinstance(d, int) for t in spec.inputs for d in t.shape)
+# the named axes a replayed CUDA graph can fix: the batch (padded to a warmed size) and a pool's capacity
+REPLAYABLE_AXES = {"batch", "capacity"}
+
+
+def replayable(spec: GraphSpec) -> bool:
+    """A graph CUDA graphs can replay: every axis fixed, but the batch (runs are padded to warmed
+    sizes) and a cache pool's capacity (its buffers are allocated once)."""
+    axes = {d for t in [*spec.inputs, *spec.outputs] for d in t.shape if isinstance(d, str)}
+    return axes <= REPLAYABLE_AXES
 
 
 def profile_shapes(spec: GraphSpec, batch: int) -> str:
@@ -118,14 +125,13 @@ def tensorrt_options(
 
 
 def cuda_options(settings: Settings, spec: GraphSpec | None, path: Path) -> dict[str, str]:
-    """The CUDA settings, with CUDA graphs where the graph's shapes are fixed: a captured graph replays
-    one shape only, and padding batches to the warmed sizes is not implemented."""
+    """The CUDA settings, with CUDA graphs where the graph can be replayed (a captured graph replays
+    one shape at the addresses it captured: see `Replays`)."""
     options = provider_options(settings.cuda_options)
-    if settings.cuda_graphs and spec is not None and fixed_shapes(spec):
+    if settings.cuda_graphs and spec is not None and replayable(spec):
         options["enable_cuda_graph"] = "1"
     elif settings.cuda_graphs:
-        log.warning("%s: no CUDA graphs, its inputs have a batch axis (batches would need padding to fixed "
-                    "sizes, which the batcher does not do)", path.name)  # fmt: skip
+        log.warning("%s: no CUDA graphs, it has axes other than the batch whose sizes vary by request", path.name)
     return options
 
 
@@ -163,7 +169,14 @@ def create_session(
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     providers = requested_providers(settings.device, settings.tensorrt)
     per_provider = session_provider_options(providers, path, settings, spec, batch_sizes, fp16, largest)
-    session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
+    except Exception as exc:  # ONNX Runtime refuses CUDA graphs for a graph with nodes off the GPU
+        if not any(p.get("enable_cuda_graph") == "1" for p in per_provider):
+            raise
+        log.warning("%s: no CUDA graphs, ONNX Runtime refused them (%s)", path.name, str(exc)[:300])
+        per_provider = [{k: v for k, v in p.items() if k != "enable_cuda_graph"} for p in per_provider]
+        session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
     if session.get_providers()[0] != providers[0]:
         message = f"{path.name}: asked for {providers[0]} but the session runs on {session.get_providers()}"
         if settings.device == "cuda" and not settings.cuda_fallback:  # CUDA listed but unusable (no driver, libs)
@@ -177,71 +190,128 @@ def on_cuda(session: ort.InferenceSession) -> bool:
     return bool(session.get_providers()[0] in (TENSORRT, CUDA))
 
 
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding: bool) -> list[np.ndarray]:
+# a graph's feeds -> its outputs, on the host: a session's run, or a runner that binds more itself
+GraphRun = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def run(
+    session: ort.InferenceSession, feeds: dict[str, np.ndarray], io_binding: bool, options: ort.RunOptions | None = None
+) -> list[np.ndarray]:
     """session.run, or with I/O binding (used on CUDA): outputs are bound on the session's own device
     and copied to the host once, after the run; inputs go from host memory straight to the device."""
     if not io_binding:
-        return list(session.run(None, feeds))
-    if cuda_graph(session):
-        return fixed_binding(session).run(feeds)
-    device, device_id = session_device(session)
+        return list(session.run(None, feeds, options))
+    binding = bind(session, feeds)
+    for output in session.get_outputs():
+        binding.bind_output(output.name, *session_device(session))
+    session.run_with_iobinding(binding, options)
+    return [value.numpy() for value in binding.get_outputs()]
+
+
+def bind(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> ort.IOBinding:
+    """A binding with `feeds` bound from host memory."""
     binding = session.io_binding()
     for name, array in feeds.items():
         binding.bind_cpu_input(name, np.ascontiguousarray(array))
-    for output in session.get_outputs():
-        binding.bind_output(output.name, device, device_id)
-    session.run_with_iobinding(binding)
-    return [value.numpy() for value in binding.get_outputs()]
+    return binding
 
 
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}  # fmt: skip
 
 
-class FixedBinding:
-    """I/O binding to device buffers allocated once. A CUDA graph replays the addresses it captured,
-    so every run copies its inputs into the same buffers and reads the same output buffers; one run
-    at a time (the lock), since the buffers are shared."""
+def graph_options(graph_id: int) -> ort.RunOptions:
+    """Run options naming the CUDA graph a run captures or replays (-1: none, an ordinary run)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
-    def __init__(self, session: ort.InferenceSession, shapes: dict[str, list[int]] | None = None) -> None:
-        """`shapes` of the inputs and outputs where the graph's own are not fixed (tests)."""
-        device, device_id = session_device(session)
+
+Bound = dict[str, ort.OrtValue]  # inputs and outputs bound to buffers of the caller's (a cache pool's)
+
+
+class FixedBinding:
+    """I/O binding to device buffers allocated once, for one batch size. A CUDA graph replays the
+    addresses it captured, so every run copies its inputs into the same buffers and reads the same
+    output buffers. `bound` inputs and outputs are bound as given (a cache pool's, fixed already)."""
+
+    def __init__(
+        self, session: ort.InferenceSession, batch: int, graph_id: int = -1, bound: Bound | None = None
+    ) -> None:
+        device = session_device(session)
         self.session = session
         self.binding = session.io_binding()
-        self.lock = threading.Lock()
-        self.inputs: dict[str, ort.OrtValue] = {}
-        self.outputs: list[ort.OrtValue] = []
-        shapes = shapes or {}
-        for arg in session.get_inputs():
-            shape, dtype = shapes.get(arg.name, arg.shape), NUMPY_TYPES[arg.type]
-            self.inputs[arg.name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
-            self.binding.bind_ortvalue_input(arg.name, self.inputs[arg.name])
-        for arg in session.get_outputs():
-            shape, dtype = shapes.get(arg.name, arg.shape), NUMPY_TYPES[arg.type]
-            self.outputs.append(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id))
-            self.binding.bind_ortvalue_output(arg.name, self.outputs[-1])
+        self.options = graph_options(graph_id)
+        bound = bound or {}
+
+        def value(arg: ort.NodeArg) -> ort.OrtValue:
+            if arg.name in bound:
+                return bound[arg.name]
+            shape = [batch if isinstance(d, str) else d for d in arg.shape]
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, NUMPY_TYPES[arg.type], *device)
+
+        self.inputs = {arg.name: value(arg) for arg in session.get_inputs()}
+        for name, input_value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, input_value)
+        outputs = {arg.name: value(arg) for arg in session.get_outputs()}
+        for name, output_value in outputs.items():
+            self.binding.bind_ortvalue_output(name, output_value)
+        self.outputs = [v for name, v in outputs.items() if name not in bound]  # the pools' stay where they are
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs but the bound ones, for `feeds` of exactly this binding's batch size."""
+        for name, array in feeds.items():
+            self.inputs[name].update_inplace(np.ascontiguousarray(array))
+        self.session.run_with_iobinding(self.binding, self.options)
+        return [value.numpy() for value in self.outputs]
+
+
+def padded(array: np.ndarray, size: int, fill: int | None = None) -> np.ndarray:
+    """`array` grown to `size` rows: copies of its last row, or rows of `fill`."""
+    extra = size - len(array)
+    if extra == 0:
+        return array
+    rows = np.full((extra, *array.shape[1:]), fill, array.dtype) if fill is not None else array[-1:].repeat(extra, 0)
+    return np.concatenate([array, rows])
+
+
+class Replays:
+    """A graph run through CUDA graphs, one captured per warmed batch size: a run is padded to the
+    smallest warmed size that holds it and cut back after, so every run replays a captured graph. A
+    run larger than every warmed size (a lone request over max_batch_size) runs as usual, uncaptured
+    (`fallback`). `fill` gives padding rows a value instead of copies of the last row (a cache pool's
+    spare slot). One run at a time: the buffers are shared."""
+
+    def __init__(
+        self, session: ort.InferenceSession, sizes: Sequence[int], fallback: GraphRun,
+        bound: dict[str, ort.OrtValue] | None = None, fill: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
+        self.bindings = {
+            size: FixedBinding(session, size, graph_id, bound) for graph_id, size in enumerate(sorted(sizes))
+        }
+        self.fallback = fallback
+        self.fill = fill or {}
+        self.lock = threading.Lock()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = len(next(iter(feeds.values())))
+        size = next((size for size in self.bindings if size >= rows), None)
+        if size is None:
+            return self.fallback(feeds)
         with self.lock:
-            for name, array in feeds.items():
-                self.inputs[name].update_inplace(np.ascontiguousarray(array))
-            self.session.run_with_iobinding(self.binding)
-            return [value.numpy() for value in self.outputs]
-
-
-_fixed: weakref.WeakKeyDictionary[ort.InferenceSession, FixedBinding] = weakref.WeakKeyDictionary()
-_fixed_lock = threading.Lock()
-
-
-def fixed_binding(session: ort.InferenceSession) -> FixedBinding:
-    with _fixed_lock:
-        if session not in _fixed:
-            _fixed[session] = FixedBinding(session)
-        return _fixed[session]
+            outputs = self.bindings[size].run({n: padded(a, size, self.fill.get(n)) for n, a in feeds.items()})
+        return [output[:rows] for output in outputs]
 
 
 def cuda_graph(session: ort.InferenceSession) -> bool:
     return on_cuda(session) and session.get_provider_options().get(CUDA, {}).get("enable_cuda_graph") == "1"
+
+
+def runner(session: ort.InferenceSession, sizes: Sequence[int] = (1,)) -> GraphRun:
+    """The session's run as requests take it: with I/O binding on a GPU, through CUDA graphs at
+    `sizes` (the warmed batch sizes) where they are enabled."""
+    plain = partial(run, session, io_binding=on_cuda(session), options=graph_options(-1))
+    return Replays(session, sizes, plain) if cuda_graph(session) else plain
 
 
 def session_device(session: ort.InferenceSession) -> tuple[str, int]:

@@ -1,28 +1,27 @@
 """Autoregressive sampling over an exported decoding-step graph with a key/value cache (numpy only).
 
 The step graph (exported by export/image_transformer.py) takes `previous` `[batch]` (the pixel
-before this position, or the start token), `position` `[]`, `labels` `[batch]` and
+before this position, or the start token), `position` `[batch]`, `labels` `[batch]` and
 `past_key_values.N.key` / `.value` `[batch, heads, memory, head_dim]`, and gives `logits`
 `[batch, levels]` and `present.N.key` / `.value`: the names Hugging Face Optimum uses.
 
-The cache lives on the host between steps, so steps of concurrent requests can be concatenated into
-one batch (the batcher), or, for a generation running alone, on the session's device (`DeviceCache`:
-on a GPU, no cache crosses the bus).
+Steps of concurrent requests share runs (the batcher). The cache lives either on the host, fed to
+the step graph and taken back at every step, or, with the pooled step graph, on the session's device
+(`CachePool`: on a GPU, no cache crosses the bus).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 
 import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
-from service import context
-from service.runtime import NUMPY_TYPES, session_device
+from service.runtime import NUMPY_TYPES, Bound, GraphRun, Replays, bind, cuda_graph, graph_options, session_device
 
 
 class GenerationConfig(BaseModel):
@@ -49,6 +48,11 @@ class GenerationConfig(BaseModel):
         return self.heads, self.memory, self.dim // self.heads
 
 
+# the step graph's cache inputs and outputs, and the pooled step graph's (export/pooled.py)
+PAST, PRESENT, POOL, UPDATED, SLOTS = "past_key_values.", "present.", "pool.", "pool_updated.", "slots"
+POOLED_GRAPH = "pooled_step"
+
+
 def cache_names(cfg: GenerationConfig, prefix: str) -> list[str]:
     """`past_key_values.0.key, past_key_values.0.value, ...` (or `present.`)."""
     return [f"{prefix}.{layer}.{kind}" for layer in range(cfg.layers) for kind in ("key", "value")]
@@ -67,20 +71,15 @@ def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float, top
     return chosen
 
 
-StepRunner = Callable[[dict[str, np.ndarray]], Awaitable[list[np.ndarray]]]
 # the tokens of one step (`previous`, `position`, `labels`) -> its logits; the cache is the step's own
 Step = Callable[[dict[str, np.ndarray]], Awaitable[np.ndarray]]
-
-# a step expected to take less than this runs on the event loop when its request is the only one in
-# flight (as the batcher does): two thread hops a step would cost more than they save
-INLINE_STEP_S = 0.001
+# a graph's feeds -> its outputs (the service's batcher, or a session)
+Runner = Callable[[dict[str, np.ndarray]], Awaitable[list[np.ndarray]]]
 
 
-def host_steps(run: StepRunner, cfg: GenerationConfig, batch: int) -> Step:
-    """Steps through `run` (the batcher) with the cache in host memory, fed back each step."""
-    cache = {
-        name: np.zeros((batch, *cfg.cache_shape), dtype=np.float32) for name in cache_names(cfg, "past_key_values")
-    }
+def host_steps(run: Runner, cfg: GenerationConfig, batch: int) -> Step:
+    """Steps of the step graph through `run`, with the cache in host memory, fed back each step."""
+    cache = {name: np.zeros((batch, *cfg.cache_shape), dtype=np.float32) for name in cache_names(cfg, PAST[:-1])}
 
     async def step(tokens: dict[str, np.ndarray]) -> np.ndarray:
         nonlocal cache
@@ -91,65 +90,83 @@ def host_steps(run: StepRunner, cfg: GenerationConfig, batch: int) -> Step:
     return step
 
 
-class DeviceCache:
-    """One generation's key/value cache kept on the session's device between steps (I/O binding): each
-    step's `present.*` outputs, left where they were computed, are bound as the next step's
-    `past_key_values.*`; only the tokens go in and the logits come out."""
-
-    def __init__(self, session: ort.InferenceSession, cfg: GenerationConfig, batch: int) -> None:
-        self.session = session
-        self.device = session_device(session)
-        types = {arg.name: NUMPY_TYPES[arg.type] for arg in session.get_inputs()}
-        self.past = cache_names(cfg, "past_key_values")
-        zeros: list[np.ndarray] = [np.zeros((batch, *cfg.cache_shape), dtype=types[name]) for name in self.past]
-        self.cache = [ort.OrtValue.ortvalue_from_numpy(z, *self.device) for z in zeros]
-        self.outputs = [arg.name for arg in session.get_outputs()]  # logits, then present.* in cache order
-        self.seconds = float("inf")  # the last step's run time
-
-    def step(self, tokens: dict[str, np.ndarray]) -> np.ndarray:
-        started = time.perf_counter()
-        binding = self.session.io_binding()
-        for name, array in tokens.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
-        for name, value in zip(self.past, self.cache, strict=True):
-            binding.bind_ortvalue_input(name, value)
-        for name in self.outputs:
-            binding.bind_output(name, *self.device)
-        self.session.run_with_iobinding(binding)
-        logits, *self.cache = binding.get_outputs()
-        self.seconds = time.perf_counter() - started
-        return np.asarray(logits.numpy())
-
-
-def device_steps(cache: DeviceCache, executor: Executor | None) -> Step:
-    """Steps over a DeviceCache on `executor`, or on the loop when they are quick and nobody waits."""
+def pooled_steps(run: Runner, slots: np.ndarray) -> Step:
+    """Steps of the pooled graph through `run` (a CachePool's batcher): the images' caches are the
+    pool's rows `slots`, so only the tokens go in and the logits come out."""
 
     async def step(tokens: dict[str, np.ndarray]) -> np.ndarray:
-        with context.timed("inference"):
-            if cache.seconds < INLINE_STEP_S and context.in_flight() <= 1:
-                return cache.step(tokens)
-            return await asyncio.get_running_loop().run_in_executor(executor, cache.step, tokens)
+        (logits,) = await run({**tokens, SLOTS: slots})
+        return logits
 
     return step
 
 
+class NoFreeSlots(RuntimeError):
+    """More images than the pool has free slots."""
+
+
+class CachePool:
+    """The key/value caches of every image being generated, kept on the session's device for the
+    pooled step graph (see export/pooled.py): one pool per cache tensor, `[capacity + 1, heads,
+    memory, head_dim]`, bound as both input and output of every run, so the graph updates the stepped
+    rows in place. An image holds a slot from its generation's first step to its last; the graph
+    resets a slot's cache at position 0, so whatever an earlier generation left there is never read.
+    The last row is no one's: rows that pad a run to a CUDA graph's size write there."""
+
+    def __init__(self, session: ort.InferenceSession, capacity: int, sizes: Sequence[int] = (1,)) -> None:
+        self.session = session
+        self.device = session_device(session)
+        self.capacity = capacity
+        self.free = list(range(capacity))
+        self.lock = threading.Lock()
+        self.bound: Bound = {}
+        for arg in session.get_inputs():
+            if arg.name.startswith(POOL):
+                rows = np.zeros((capacity + 1, *arg.shape[1:]), dtype=NUMPY_TYPES[arg.type])
+                pool = ort.OrtValue.ortvalue_from_numpy(rows, *self.device)
+                self.bound |= {arg.name: pool, UPDATED + arg.name.removeprefix(POOL): pool}
+        self.outputs = [arg.name for arg in session.get_outputs() if not arg.name.startswith(UPDATED)]
+        plain = partial(self._run, options=graph_options(-1))
+        # tokens and slots -> the outputs but the pools
+        self.run: GraphRun = (
+            Replays(session, sizes, plain, self.bound, fill={SLOTS: capacity}) if cuda_graph(session) else plain
+        )
+
+    def acquire(self, count: int) -> np.ndarray:
+        """`count` free slots, held until released."""
+        if count > len(self.free):
+            raise NoFreeSlots(f"{count} slots asked for, {len(self.free)} free")
+        slots, self.free = self.free[:count], self.free[count:]
+        return np.array(slots, dtype=np.int64)
+
+    def release(self, slots: np.ndarray) -> None:
+        self.free.extend(int(s) for s in slots)
+
+    def _run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> list[np.ndarray]:
+        binding = bind(self.session, feeds)
+        for name in self.outputs:
+            binding.bind_output(name, *self.device)
+        for name, pool in self.bound.items():
+            (binding.bind_ortvalue_input if name.startswith(POOL) else binding.bind_ortvalue_output)(name, pool)
+        with self.lock:  # one run at a time updates the pools (without batching, threads could overlap)
+            self.session.run_with_iobinding(binding, options)
+        return [value.numpy() for value in binding.get_outputs()[: len(self.outputs)]]
+
+
 async def sample_rows(
-    run: StepRunner,
+    step: Step,
     cfg: GenerationConfig,
     labels: np.ndarray,
     rng: np.random.Generator,
     temperature: float = 1.0,
     top_k: int | None = None,
     prime: np.ndarray | None = None,
-    steps: Step | None = None,
 ) -> AsyncIterator[tuple[int, np.ndarray]]:
-    """Decode `len(labels)` images together, one step-graph run per pixel (`run` is the service's
-    batcher, so concurrent requests share steps; `steps`, if given, runs them instead, e.g. with a
-    DeviceCache). `prime` `[batch, known, width]` fixes the first `known` rows (image completion).
-    Yields (row, images so far `[batch, height, width]`) after each row; the last yield holds the
-    finished images."""
+    """Decode `len(labels)` images together, one `step` per pixel (through the service's batcher, so
+    concurrent requests share steps). `prime` `[batch, known, width]` fixes the first `known` rows
+    (image completion). Yields (row, images so far `[batch, height, width]`) after each row; the
+    last yield holds the finished images."""
     batch = len(labels)
-    step = steps or host_steps(run, cfg, batch)
     images = np.zeros((batch, cfg.height, cfg.width), dtype=np.int64)
     known = 0 if prime is None else prime.shape[1] * cfg.width
     if prime is not None:
@@ -172,7 +189,8 @@ def sample(session: ort.InferenceSession, cfg: GenerationConfig, labels: np.ndar
     async def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(session.run(None, feeds))
 
-    return asyncio.run(finished(sample_rows(run, cfg, labels, np.random.default_rng(seed))))
+    step = host_steps(run, cfg, len(labels))
+    return asyncio.run(finished(sample_rows(step, cfg, labels, np.random.default_rng(seed))))
 
 
 async def finished(rows: AsyncIterator[tuple[int, np.ndarray]]) -> np.ndarray:

@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     trt_fp16: bool = Field(False, description="TensorRT may run layers in float16 (always on for fp16 models)")
     cuda_graphs: bool = Field(
         False,
-        description="CUDA graphs (enable_cuda_graph) for graphs whose input shapes are all fixed; graphs with a "
-        "batch axis are left without, with a warning",
+        description="CUDA graphs (enable_cuda_graph): one captured per warmed batch size, each run padded to the "
+        "smallest that holds it; graphs with other varying axes (an imported DETR's image size) run without",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per operator (0: one per core but one, which the event loop keeps)"
@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     )
     device_cache: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="a generation stepping alone keeps its key/value cache on the session's device between steps "
-        "(I/O binding); auto: when the session runs on a GPU (on the CPU there is no bus to spare, and the "
-        "binding costs a little); generations stepping together share steps with the cache on the host",
+        description="generation's key/value caches in a pool on the session's device (the pooled step graph, "
+        "updated in place: only tokens and logits cross the bus, steps still shared across requests); auto: on "
+        "a GPU (on the CPU the host's cache is as fast); off: the cache goes through the host every step",
     )
     warmup: bool = Field(True, description="run each model once at every start before readiness turns green")
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")

@@ -170,20 +170,15 @@ async def generate(
     limits: ImageLimits = request.app.state.image_limits
     prime = await limits.run(_prime, body, model.manifest, cfg, limits)
     seed = secrets.randbits(63) if body.seed is None else body.seed
-    steps = model.device_steps(cfg, body.num_images, settings.device_cache)  # before reserving
-    # every step's queue room, held from here to the end: 503 now, rather than a failure half-way
-    reservation = model.reserve(body.num_images, "step")
-    rows = sample_rows(
-        lambda feeds: model.run(feeds, graph="step", reservation=reservation), cfg, labels,
-        np.random.default_rng(seed), body.temperature, body.top_k, prime, steps,
-    )  # fmt: skip
+    decoding = model.decoding(cfg, body.num_images)  # 503 here, before the 200, if there is no room
+    rows = sample_rows(decoding.step, cfg, labels, np.random.default_rng(seed), body.temperature, body.top_k, prime)
 
     def finish(images: np.ndarray) -> GenerateResponse:
         pngs = [png_base64(levels_to_image(img, cfg.levels, body.scale)) for img in images]
         size = (cfg.height * body.scale, cfg.width * body.scale)
         return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
 
-    release = reservation.release if reservation else lambda: None
+    release = decoding.release
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
         events = _events(rows, cfg, partial(limits.run, finish), release)
         # the background task releases the room too, should the stream never start

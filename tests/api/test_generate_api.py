@@ -18,9 +18,11 @@ from tests.conftest import TINY_GENERATOR, client_for
 from tests.helpers import held_out_digits, png_bytes
 
 
-@pytest.fixture(scope="module")
-def gen_client(tiny_generator_repository: Path) -> Iterator[TestClient]:
-    yield from client_for(Settings(model_repository=tiny_generator_repository, device="cpu", max_images_per_request=16))
+@pytest.fixture(scope="module", params=["off", "on"], ids=["host_cache", "cache_pool"])
+def gen_client(tiny_generator_repository: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """Every test with the caches on the host, then in the pool of the pooled step graph."""
+    yield from client_for(Settings(model_repository=tiny_generator_repository, device="cpu", max_images_per_request=16,
+                                   device_cache=request.param))  # fmt: skip
 
 
 def pngs(body: dict) -> list[np.ndarray]:  # type: ignore[type-arg]
@@ -66,7 +68,6 @@ def test_a_stream_that_cannot_finish_ends_with_an_error_event(
     from service.repository import ServedModel
 
     run, steps = ServedModel.run, 0
-    monkeypatch.setattr(ServedModel, "device_steps", lambda *args: None)  # every step through ServedModel.run
 
     async def failing(
         self: ServedModel, feeds: dict[str, np.ndarray], graph: str = "main", reservation: object = None
@@ -149,13 +150,17 @@ def test_score_gives_bits_per_dimension(gen_client: TestClient) -> None:
     )
 
 
-def test_under_load_a_stream_is_refused_up_front_or_finishes(tiny_generator_repository: Path) -> None:
+@pytest.mark.parametrize("device_cache", ["off", "on"])
+def test_under_load_a_stream_is_refused_up_front_or_finishes(
+    tiny_generator_repository: Path, device_cache: str
+) -> None:
     """Each generation holds queue room for all its steps from before its 200: with a queue of 6
     images and 16 concurrent streams of 2, some get 503 at once and every other one runs to `done`."""
     from concurrent.futures import ThreadPoolExecutor
 
     policy = {TINY_GENERATOR: {"max_queue_size": 6, "max_batch_size": 6}}
-    settings = Settings(model_repository=tiny_generator_repository, device="cpu", batch_policy=policy)
+    settings = Settings(model_repository=tiny_generator_repository, device="cpu", batch_policy=policy,
+                        device_cache=device_cache)  # type: ignore[arg-type]  # fmt: skip
     for client in client_for(settings):
 
         def stream(seed: int, client: TestClient = client) -> tuple[int, str]:
@@ -171,4 +176,6 @@ def test_under_load_a_stream_is_refused_up_front_or_finishes(tiny_generator_repo
         assert all(last == "event: done" for status, last in outcomes if status == 200), outcomes
         assert any(status == 503 for status, _ in outcomes) and any(status == 200 for status, _ in outcomes)
         model = client.app.state.registry.models[TINY_GENERATOR]  # type: ignore[attr-defined]
-        assert model.batchers["step"].reserved == 0  # every reservation released
+        graph = "pooled_step" if device_cache == "on" else "step"
+        assert model.batchers[graph].reserved == 0  # every reservation released
+        assert model.cache_pool is None or len(model.cache_pool.free) == model.cache_pool.capacity  # every slot

@@ -88,9 +88,10 @@ def test_generation_gate_is_bits_per_dim_within_0_01(tiny_generator_repository: 
     gate = read_manifest(target).fp16_gate
     assert gate is not None and gate.metric == "bits_per_dim" and gate.bound == 0.01
     assert abs(gate.float16 - gate.float32) <= 0.01 and gate.float32 > 1
-    for client in client_for(Settings(model_repository=tmp_path, device="cpu")):
-        response = client.post("/v1/generate", json={"num_images": 2, "seed": 1, "scale": 1})
-        assert response.status_code == 200, response.text
+    for device_cache in ("off", "on"):  # the float16 step graph, and the pooled one built from it
+        for client in client_for(Settings(model_repository=tmp_path, device="cpu", device_cache=device_cache)):
+            response = client.post("/v1/generate", json={"num_images": 2, "seed": 1, "scale": 1})
+            assert response.status_code == 200, response.text
 
 
 def test_the_generator_exports_in_fp16_through_the_whole_path(
@@ -102,6 +103,6 @@ def test_the_generator_exports_in_fp16_through_the_whole_path(
     manifest = export_fp16(image_transformer, checkpoint, tmp_path, "halfgen", classifier=tiny_repository / TINY_NAME)
     assert manifest.precision == "float16" and manifest.fp16_gate is not None
     assert read_manifest(tmp_path / "halfgen" / "1").fp16_gate == manifest.fp16_gate
-    assert {"score.onnx", "attention.onnx", "step.onnx", "manifest.json"} <= {
+    assert {"score.onnx", "attention.onnx", "step.onnx", "pooled_step.onnx", "manifest.json"} <= {
         p.name for p in (tmp_path / "halfgen" / "1").iterdir()
     }

@@ -21,8 +21,8 @@ class ShapeSession:
         self.shapes: list[tuple[int, ...]] = []
         self.lock = threading.Lock()
 
-    def get_providers(self) -> list[str]:
-        return ["CPUExecutionProvider"]
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:  # the batcher's run
+        return self.run(None, feeds)
 
     def run(self, _: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self.lock:

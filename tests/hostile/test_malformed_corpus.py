@@ -78,14 +78,10 @@ def test_an_inference_failure_fails_its_request_alone(
     model = small_client.app.state.registry.models["vit"]  # type: ignore[attr-defined]
     batcher = model.batchers["main"]
 
-    class Broken:
-        def run(self, *_: object) -> list[np.ndarray]:
-            raise RuntimeError("ONNX Runtime fell over")
+    def broken(_: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise RuntimeError("ONNX Runtime fell over")
 
-        def get_providers(self) -> list[str]:
-            return ["CPUExecutionProvider"]
-
-    monkeypatch.setattr(batcher, "session", Broken())
+    monkeypatch.setattr(batcher, "run_graph", broken)
     failed = small_client.post("/v1/classify", content=png_bytes(DIGIT), headers={**PNG, "x-request-id": "boom-1"})
     assert failed.status_code == 500
     assert failed.json()["error"] == {
