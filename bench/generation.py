@@ -1,8 +1,10 @@
-"""`python -m bench.generation [--repeats N] [--json PATH]`: sampling with the key/value cache (one
+"""`python -m bench.generation [--repeats N] [--json PATH] [--pool-only]`: sampling with the key/value cache (one
 step-graph run per pixel) against full recomputation (the whole prefix through the scoring graph
 for every pixel), images per second at num_images 1 and 16, same sampler, same model; then the
 real service answering 8 concurrent single-image requests, with their decoding steps batched
-together and without."""
+together and without; then the service's two caches, in the device's pool (the pooled step graph)
+and on the host, in one process taking turns, at several shapes of load (on a CPU, where there is
+no bus to spare, this is the pool's overhead; bench.gpu measures it on a GPU)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ import onnxruntime as ort
 from bench.common import interleaved, report
 from bench.service import server
 from service.manifest import read_manifest
-from service.sampling import GenerationConfig, choose, sample
-from service.settings import PROJECT_ROOT
+from service.repository import ServedModel, load_model
+from service.sampling import GenerationConfig, choose, finished, sample, sample_rows
+from service.settings import PROJECT_ROOT, Settings
+from service.tasks import TASKS, manifest_checks
 
 MODEL = PROJECT_ROOT / "model_repository" / "imagetransformer" / "1"
 
@@ -70,12 +74,55 @@ def service_rows(concurrency: int, seconds: float, repeats: int) -> list[dict[st
              "step batching off images/s": off, "ratio": on / off}]  # fmt: skip
 
 
+async def generations(model: ServedModel, cfg: GenerationConfig, num_images: int, concurrency: int) -> float:
+    """Seconds for `concurrency` generations of `num_images` at once, through the model's batcher."""
+
+    async def one(seed: int) -> None:
+        decoding = model.decoding(cfg, num_images)
+        try:
+            labels = np.full(num_images, seed % cfg.num_classes)
+            await finished(sample_rows(decoding.step, cfg, labels, np.random.default_rng(seed)))
+        finally:
+            decoding.release()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(seed) for seed in range(concurrency)))
+    return time.perf_counter() - started
+
+
+def pool_rows(repeats: int) -> list[dict[str, object]]:
+    """The cache pool against the host cache, same model, turns taken, medians."""
+    models = {
+        mode: load_model(MODEL.parent, Settings(device_cache=mode), manifest_checks(TASKS)) for mode in ("on", "off")
+    }
+    cfg = GenerationConfig.model_validate(read_manifest(MODEL).config)
+    rows: list[dict[str, object]] = []
+
+    async def measure() -> None:
+        for num_images, concurrency in ((1, 1), (64, 1), (1, 16), (8, 8)):
+            seconds: dict[str, list[float]] = {"on": [], "off": []}
+            for _ in range(repeats):
+                for mode, model in models.items():
+                    seconds[mode].append(await generations(model, cfg, num_images, concurrency))
+            pool, host = (statistics.median(seconds[m]) for m in ("on", "off"))
+            images = num_images * concurrency
+            rows.append({"num_images": num_images, "concurrent requests": concurrency, "pool images/s": images / pool,
+                         "host cache images/s": images / host, "pool / host": host / pool})  # fmt: skip
+
+    asyncio.run(measure())
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.generation", description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each timed service run")
     parser.add_argument("--json", type=Path, default=Path("bench/results/generation.json"))
+    parser.add_argument("--pool-only", action="store_true", help="only the cache pool against the host cache")
     args = parser.parse_args(argv)
+    if args.pool_only:
+        report("generation_pool", pool_rows(args.repeats), args.json.with_name("generation_pool.json"))
+        return
     manifest = read_manifest(MODEL)
     cfg = GenerationConfig.model_validate(manifest.config)
     score, step = (ort.InferenceSession(str(MODEL / manifest.graphs[g].file), providers=["CPUExecutionProvider"])
@@ -101,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     report("generation", rows, args.json)
     print()
     report("generation_service", service_rows(8, args.seconds, 3), args.json.with_name("generation_service.json"))
+    print()
+    report("generation_pool", pool_rows(args.repeats), args.json.with_name("generation_pool.json"))
 
 
 if __name__ == "__main__":
