@@ -216,8 +216,9 @@ def publish(manifest: Manifest, staged: Path, repository: Path, force: bool = Fa
     write_manifest(manifest, staged)
     every_graph = Settings(device="cpu", warmup=True, device_cache="on")
     served = load_model(staged.parent, every_graph, manifest_checks(TASKS))
-    if served.state != "ready":
-        raise ExportError(f"the service cannot load the exported model: {served.reason}")
+    if served.state != "ready" or served.failed_graphs:  # an optional graph too: every graph must load
+        reason = served.reason or "; ".join(f"{graph}: {why}" for graph, why in served.failed_graphs.items())
+        raise ExportError(f"the service cannot load the exported model: {reason}")
     target = repository / manifest.name / str(manifest.version)
     if target.exists():
         shutil.rmtree(target)

@@ -81,10 +81,11 @@ def pooled_step(step: onnx.ModelProto) -> onnx.ModelProto:
     outputs += [_pool_of(present[PRESENT + s], UPDATED + s) for s in suffixes]
     rank = len(past[0].type.tensor_type.shape.dim)
     element = past[0].type.tensor_type.elem_type
+    position_type = next(v for v in graph.input if v.name == POSITION).type.tensor_type.elem_type
     graph.initializer.extend([
         helper.make_tensor("pool_last_axis", TensorProto.INT64, [1], [-1]),
         helper.make_tensor("pool_cache_axes", TensorProto.INT64, [rank - 1], list(range(1, rank))),
-        helper.make_tensor("pool_zero_position", TensorProto.INT64, [], [0]),
+        helper.make_tensor("pool_zero_position", position_type, [], [0]),
         helper.make_tensor("pool_zero", element, [], [0]),
     ])  # fmt: skip
     gather = [
@@ -107,7 +108,7 @@ def pooled_step(step: onnx.ModelProto) -> onnx.ModelProto:
     for field, values in ((graph.node, nodes), (graph.input, inputs), (graph.output, outputs)):
         del field[:]
         field.extend(values)
-    onnx.checker.check_model(model)
+    onnx.checker.check_model(model, full_check=True)  # types and shapes too
     return model
 
 
@@ -171,8 +172,17 @@ def _ints(spec: TensorSpec, rng: np.random.Generator, batch: int) -> np.ndarray:
 def write_pooled(step: GraphSpec, folder: Path) -> GraphSpec:
     """Write the pooled graph of the step graph in `folder` beside it, checked; its manifest entry."""
     spec = pooled_spec(step)
-    onnx.save(pooled_step(onnx.load(folder / step.file)), folder / spec.file)
-    check_pooled(folder / step.file, folder / spec.file, spec)
+    staged = folder / f".{spec.file}.new"  # the graph in place only once it passed: a failure leaves the old one
+    try:
+        onnx.save(pooled_step(onnx.load(folder / step.file)), staged)
+        check_pooled(folder / step.file, staged, spec)
+        staged.replace(folder / spec.file)
+    except ExportError:
+        raise
+    except Exception as exc:  # the checker's or ONNX Runtime's refusal
+        raise ExportError(f"the pooled graph of {step.file} does not work: {str(exc)[:500]}") from exc
+    finally:
+        staged.unlink(missing_ok=True)
     return spec
 
 
@@ -184,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if "step" not in manifest.graphs:
         print(f"{args.version}: no step graph to pool", file=sys.stderr)
         return 2
-    spec = write_pooled(manifest.graphs["step"], args.version)
+    try:
+        spec = write_pooled(manifest.graphs["step"], args.version)
+    except ExportError as exc:
+        print(f"{args.version}: {exc}", file=sys.stderr)
+        return 2
     path = args.version / MANIFEST_FILE  # edited as JSON, so the rest of the file stays as it was written
     raw = json.loads(path.read_text())
     raw["graphs"][POOLED_GRAPH] = spec.model_dump(mode="json", exclude_none=True)

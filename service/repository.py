@@ -20,11 +20,11 @@ import numpy as np
 import onnxruntime as ort
 
 from service import context
-from service.batching import Batcher, Overloaded, Reservation
+from service.batching import Batcher, Reservation
 from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy, GraphSpec, Manifest, TensorSpec, read_manifest
 from service.runtime import CPU, GraphRun, create_session, cuda_graph, requested_providers, runner
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, NoFreeSlots, Step, host_steps, pooled_steps
+from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, NoFreeSlots, PooledSteps, Step, host_steps
 from service.settings import Settings
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
@@ -91,21 +91,23 @@ class ServedModel:
         """Steps for a generation of `batch` images, sharing runs with other generations: with the
         caches in the device's pool where the model has one, else on the host. It holds its queue
         room (503 here if there is none: never a stream broken off half-way) and its slots until
-        released."""
-        graph = POOLED_GRAPH if self.cache_pool is not None else "step"
-        reservation = self.reserve(batch, graph)
-        run = partial(self.run, graph=graph, reservation=reservation)
-        if self.cache_pool is None:
-            return Decoding(host_steps(run, cfg, batch), [reservation.release] if reservation else [])
+        released (on the event loop)."""
         pool = self.cache_pool
+        graph = POOLED_GRAPH if pool is not None else "step"
+        reservation = self.reserve(batch, graph)
+        held = [reservation.release] if reservation else []
+        run = partial(self.run, graph=graph, reservation=reservation)
+        if pool is None:
+            return Decoding(host_steps(run, cfg, batch), held)
         try:
             slots = pool.acquire(batch)
         except NoFreeSlots:  # only without batching: the batcher's queue room bounds the slots in use
-            if reservation:
-                reservation.release()
-            raise Overloaded(self.name, len(pool.free)) from None
-        releases: list[Callable[[], None]] = [partial(pool.release, slots)]
-        return Decoding(pooled_steps(run, slots), releases + ([reservation.release] if reservation else []))
+            for release in held:
+                release()
+            raise ServiceError(503, "overloaded", f"model {self.name!r} has {len(pool.free)} of its {pool.capacity} "
+                               "cache slots free; retry shortly", {"Retry-After": "1"}) from None  # fmt: skip
+        steps = PooledSteps(run, pool, slots)
+        return Decoding(steps, [steps.release, *held])
 
 
 @dataclass

@@ -90,15 +90,32 @@ def host_steps(run: Runner, cfg: GenerationConfig, batch: int) -> Step:
     return step
 
 
-def pooled_steps(run: Runner, slots: np.ndarray) -> Step:
-    """Steps of the pooled graph through `run` (a CachePool's batcher): the images' caches are the
-    pool's rows `slots`, so only the tokens go in and the logits come out."""
+class PooledSteps:
+    """A generation's steps of the pooled graph through `run` (the batcher): its images' caches are
+    the pool's rows `slots`, so only the tokens go in and the logits come out. Its slots go back to
+    the pool (`release`) only once no step of theirs is running: a step left half-way (its client
+    gone) still writes their rows, and must not write over a new owner's."""
 
-    async def step(tokens: dict[str, np.ndarray]) -> np.ndarray:
-        (logits,) = await run({**tokens, SLOTS: slots})
+    def __init__(self, run: Runner, pool: CachePool, slots: np.ndarray) -> None:
+        self.run, self.pool, self.slots = run, pool, slots
+        self.running: asyncio.Future[list[np.ndarray]] | None = None
+
+    async def __call__(self, tokens: dict[str, np.ndarray]) -> np.ndarray:
+        self.running = asyncio.ensure_future(self.run({**tokens, SLOTS: self.slots}))
+        (logits,) = await asyncio.shield(self.running)  # a cancelled request leaves its step to finish
         return logits
 
-    return step
+    def release(self) -> None:
+        """On the event loop: the slots back now, or when the running step ends."""
+        if self.running is None or self.running.done():
+            self.pool.release(self.slots)
+        else:
+            self.running.add_done_callback(self._ended)
+
+    def _ended(self, running: asyncio.Future[list[np.ndarray]]) -> None:
+        if not running.cancelled():
+            running.exception()  # retrieved: nobody waits for it any more
+        self.pool.release(self.slots)
 
 
 class NoFreeSlots(RuntimeError):
@@ -127,10 +144,14 @@ class CachePool:
                 self.bound |= {arg.name: pool, UPDATED + arg.name.removeprefix(POOL): pool}
         self.outputs = [arg.name for arg in session.get_outputs() if not arg.name.startswith(UPDATED)]
         plain = partial(self._run, options=graph_options(-1))
-        # tokens and slots -> the outputs but the pools
-        self.run: GraphRun = (
-            Replays(session, sizes, plain, self.bound, fill={SLOTS: capacity}) if cuda_graph(session) else plain
-        )
+        replays = Replays(session, sizes, plain, self.bound, fill={SLOTS: capacity}) if cuda_graph(session) else None
+        self.replays_or_plain: GraphRun = replays or plain
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Tokens and slots -> the outputs but the pools. One run at a time updates the pools, replayed
+        or not (without batching, threads could overlap)."""
+        with self.lock:
+            return self.replays_or_plain(feeds)
 
     def acquire(self, count: int) -> np.ndarray:
         """`count` free slots, held until released."""
@@ -148,8 +169,7 @@ class CachePool:
             binding.bind_output(name, *self.device)
         for name, pool in self.bound.items():
             (binding.bind_ortvalue_input if name.startswith(POOL) else binding.bind_ortvalue_output)(name, pool)
-        with self.lock:  # one run at a time updates the pools (without batching, threads could overlap)
-            self.session.run_with_iobinding(binding, options)
+        self.session.run_with_iobinding(binding, options)
         return [value.numpy() for value in binding.get_outputs()[: len(self.outputs)]]
 
 

@@ -179,11 +179,15 @@ async def generate(
         return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
 
     release = decoding.release
+
+    async def release_on_loop() -> None:  # a plain function would run in a worker thread
+        release()
+
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
         events = _events(rows, cfg, partial(limits.run, finish), release)
         # the background task releases the room too, should the stream never start
         return StreamingResponse(
-            events, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(release)
+            events, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(release_on_loop)
         )
     try:
         images = await finished(rows)

@@ -15,8 +15,9 @@ import pytest
 
 from export.onnx_export import ExportError
 from export.pooled import pooled_spec, pooled_step, write_pooled
+from service.errors import ServiceError
 from service.repository import ServedModel, load_model
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, finished, pooled_steps, sample, sample_rows
+from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, PooledSteps, finished, sample, sample_rows
 from service.settings import Settings
 from service.tasks import TASKS, manifest_checks
 from tests.conftest import SHIPPED_REPOSITORY, client_for
@@ -42,7 +43,7 @@ def test_pooled_steps_give_the_images_of_the_host_cache_even_in_reused_slots() -
         async def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             return pool.run(feeds)
 
-        return await finished(sample_rows(pooled_steps(run, slots), cfg, labels, np.random.default_rng(4)))
+        return await finished(sample_rows(PooledSteps(run, pool, slots), cfg, labels, np.random.default_rng(4)))
 
     first = pool.acquire(5)
     np.testing.assert_array_equal(asyncio.run(pooled(first)), host)
@@ -104,6 +105,7 @@ def test_without_batching_a_full_pool_answers_503() -> None:
         held = model.cache_pool.acquire(len(model.cache_pool.free) - 1)
         response = client.post("/v1/generate", json={"num_images": 2})
         assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert "has 1 of its 256 cache slots free" in response.json()["error"]["message"]
         assert client.post("/v1/generate", json={"num_images": 1}).status_code == 200
         model.cache_pool.release(held)
 
@@ -135,3 +137,105 @@ def test_a_broken_pooled_graph_leaves_generation_on_the_host_cache(tmp_path: Pat
         ready = client.get("/health/ready").json()["models"]["imagetransformer"]
         assert ready["state"] == "ready" and "pooled_step" in ready["failed_graphs"]
         assert client.post("/v1/generate", json={"num_images": 2, "seed": 1}).status_code == 200
+
+
+def test_a_step_left_running_by_its_client_keeps_its_slot_until_it_ends() -> None:
+    """Without batching, a generation cancelled (client gone, timeout) while a step of its runs in a
+    thread must not hand its slot to a new generation before that step has written it: the new
+    owner's cache would be overwritten after its reset (found by a hostile review)."""
+    import threading
+
+    model = generator(device_cache="on", batching=False)
+    assert model.manifest is not None and model.cache_pool is not None and not model.batchers
+    cfg = GenerationConfig.model_validate(model.manifest.config)
+    pool, real = model.cache_pool, model.runs[POOLED_GRAPH]
+    started, gate = threading.Event(), threading.Event()
+
+    def slow_step_5(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if int(feeds["position"][0]) == 5 and not gate.is_set():  # the old generation's step, held up
+            started.set()
+            gate.wait(10)
+        return real(feeds)
+
+    model.runs[POOLED_GRAPH] = slow_step_5
+    expected = sample(model.sessions["step"], cfg, np.array([7]), seed=3)
+
+    async def scenario() -> np.ndarray:
+        others = pool.acquire(pool.capacity - 1)  # a busy server: one slot left
+        old = model.decoding(cfg, 1)
+
+        async def generate() -> None:
+            try:
+                await finished(sample_rows(old.step, cfg, np.array([1]), np.random.default_rng(1)))
+            finally:
+                old.release()
+
+        task = asyncio.create_task(generate())
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.free == []  # its step still runs: the slot is still its
+        with pytest.raises(ServiceError, match="0 of its 256 cache slots free"):
+            model.decoding(cfg, 1)
+        gate.set()
+        while not pool.free:
+            await asyncio.sleep(0.001)
+        new = model.decoding(cfg, 1)  # the same slot, now that the step has ended
+        images = await finished(sample_rows(new.step, cfg, np.array([7]), np.random.default_rng(3)))
+        new.release()
+        pool.release(others)
+        return images
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), expected)
+    assert sorted(model.cache_pool.free) == list(range(model.cache_pool.capacity))
+
+
+def test_a_pooled_graph_that_fails_its_check_leaves_the_old_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import export.pooled
+
+    for name in ("step.onnx", "pooled_step.onnx"):
+        (tmp_path / name).write_bytes((GENERATOR / "1" / name).read_bytes())
+    before = (tmp_path / "pooled_step.onnx").read_bytes()
+
+    def wrong(*_: object) -> None:
+        raise ExportError("pooled_step.onnx does not compute what step.onnx does")
+
+    monkeypatch.setattr(export.pooled, "check_pooled", wrong)
+    with pytest.raises(ExportError):
+        write_pooled(model_manifest().graphs["step"], tmp_path)
+    assert (tmp_path / "pooled_step.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pooled_step.onnx", "step.onnx"]
+
+
+def test_the_pooled_graph_keeps_the_step_graphs_position_type(tmp_path: Path) -> None:
+    """A step graph taking int32 positions (the reset compares them with a zero of that type)."""
+    from onnx import TensorProto, helper
+
+    step = onnx.load(GENERATOR / "1" / "step.onnx")
+    position = next(v for v in step.graph.input if v.name == "position")
+    position.type.tensor_type.elem_type = TensorProto.INT32
+    for node in step.graph.node:
+        node.input[:] = ["position64" if name == "position" else name for name in node.input]
+    step.graph.node.insert(0, helper.make_node("Cast", ["position"], ["position64"], to=TensorProto.INT64))
+    onnx.save(step, tmp_path / "step.onnx")
+    spec = model_manifest().graphs["step"]
+    inputs = [t.model_copy(update={"dtype": "int32"}) if t.name == "position" else t for t in spec.inputs]
+    pooled = write_pooled(spec.model_copy(update={"inputs": inputs}), tmp_path)  # built, loaded and checked
+    assert next(t for t in pooled.inputs if t.name == "position").dtype == "int32"
+
+
+def test_publishing_refuses_a_model_with_a_graph_that_does_not_load(tmp_path: Path) -> None:
+    import shutil
+
+    from export.onnx_export import publish
+
+    staged = tmp_path / "staged" / "imagetransformer" / "1"
+    shutil.copytree(GENERATOR / "1", staged)
+    (staged / "pooled_step.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ExportError, match="pooled_step"):
+        publish(model_manifest(), staged, tmp_path / "repository")
+    assert not (tmp_path / "repository" / "imagetransformer").exists()

@@ -18,7 +18,7 @@ import service.sampling
 from service.manifest import read_manifest
 from service.repository import load_model
 from service.runtime import FixedBinding, Replays, create_session, cuda_graph, padded, run
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, finished, pooled_steps, sample, sample_rows
+from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, PooledSteps, finished, sample, sample_rows
 from service.settings import Settings
 from service.tasks import TASKS, manifest_checks
 from tests.conftest import SHIPPED_REPOSITORY, client_for
@@ -75,7 +75,7 @@ def test_padding_rows_write_the_spare_slot_only() -> None:
     assert model.manifest is not None
     cfg = GenerationConfig.model_validate(model.manifest.config)
     pool = CachePool(model.sessions[POOLED_GRAPH], capacity=6, sizes=[1, 4, 8])
-    assert isinstance(pool.run, Replays)
+    assert isinstance(pool.replays_or_plain, Replays)
     labels = np.array([2, 5, 9], dtype=np.int64)  # 3 images: every run padded to 4
     others = pool.acquire(3)
     slots = pool.acquire(3)
@@ -86,7 +86,7 @@ def test_padding_rows_write_the_spare_slot_only() -> None:
         async def step(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             return pool.run(feeds)
 
-        return await finished(sample_rows(pooled_steps(step, slots), cfg, labels, np.random.default_rng(7)))
+        return await finished(sample_rows(PooledSteps(step, pool, slots), cfg, labels, np.random.default_rng(7)))
 
     np.testing.assert_array_equal(asyncio.run(generate()), sample(model.sessions["step"], cfg, labels, seed=7))
     after = [value.numpy()[others] for value in pool.bound.values()]
@@ -163,3 +163,35 @@ def test_captured_cuda_graphs_answer_as_ordinary_runs() -> None:
             answers[graphs] = (scores[0], generated.status_code)
     np.testing.assert_allclose(answers[True][0], answers[False][0], atol=1e-4)
     assert answers[True][1] == answers[False][1] == 200
+
+
+@pytest.mark.usefixtures("replaying")
+def test_one_run_at_a_time_updates_the_pools_replayed_or_not() -> None:
+    """Without batching, warmed size 1 only: a one-image generation replays, a three-image one falls
+    back; both must still take turns on the pools (found by a hostile review)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = Settings(model_repository=SHIPPED_REPOSITORY, device_cache="on", batching=False)
+    client = next(clients := client_for(settings))
+    model = client.app.state.registry.models["imagetransformer"]  # type: ignore[attr-defined]
+    assert list(model.cache_pool.replays_or_plain.bindings) == [1]
+    session = model.sessions[POOLED_GRAPH]
+    real, lock, counts = session.run_with_iobinding, threading.Lock(), {"now": 0, "most": 0}
+
+    def counted(*args: object) -> None:
+        with lock:
+            counts["now"] += 1
+            counts["most"] = max(counts["most"], counts["now"])
+        time.sleep(0.002)
+        real(*args)
+        with lock:
+            counts["now"] -= 1
+
+    session.run_with_iobinding = counted
+    bodies = [{"num_images": 1, "seed": 1}, {"num_images": 3, "seed": 2}] * 2
+    with ThreadPoolExecutor(4) as threads:
+        codes = list(threads.map(lambda b: client.post("/v1/generate", json=b).status_code, bodies))
+    clients.close()
+    assert codes == [200] * 4 and counts["most"] == 1
