@@ -23,7 +23,17 @@ from service import context
 from service.batching import Batcher, Reservation
 from service.errors import ServiceError, quoted
 from service.manifest import BatchPolicy, GraphSpec, Manifest, TensorSpec, read_manifest
-from service.runtime import CPU, GraphRun, create_session, cuda_graph, requested_providers, runner
+from service.runtime import (
+    CPU,
+    GraphRun,
+    create_session,
+    cuda_graph,
+    every_core,
+    inference_threads,
+    on_cuda,
+    requested_providers,
+    runner,
+)
 from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, NoFreeSlots, PooledSteps, Step, host_steps
 from service.settings import Settings
 
@@ -151,15 +161,42 @@ def batchable(spec: GraphSpec) -> bool:
     return all(t.shape and t.shape[0] == "batch" for t in fed(spec))
 
 
+def zeros(spec: GraphSpec, batch: int) -> dict[str, np.ndarray]:
+    """Feeds of zeros for `batch` images (every free axis `batch` long)."""
+    return {t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in fed(spec)}
+
+
 def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int = 1) -> None:
     """Runs on zeros at each batch size the batcher forms, so no request pays for a first run (with
     CUDA graphs, twice: ONNX Runtime captures a graph on its second run)."""
     for batch in batch_sizes:
-        feeds = {
-            t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in fed(spec)
-        }
+        feeds = zeros(spec, batch)
         for _ in range(times):
             run(feeds)
+
+
+# A one-image run longer than this (on the CPU, with every core but one) is heavy: the work a request
+# brings the event loop (HTTP, a photo's decoding: a few ms) is small beside it, so ONNX Runtime gets
+# every core. A ViT-B/16 on 2 cores: 0.47 of raw ONNX Runtime's images/s with one thread, 0.89 with two
+# (bench.gpu's service table); the shipped models (0.2 to 4.5 ms) keep a core for the loop.
+HEAVY_RUN_S = 0.02
+
+
+def heavy(session: ort.InferenceSession, spec: GraphSpec, settings: Settings) -> bool:
+    """Whether the graph deserves every core: no thread count set, on the CPU, a core to gain, and a
+    one-image run (the second: the first pays for allocations) over HEAVY_RUN_S. Graphs with free
+    axes besides the batch (an imported DETR's image size) are not probed: zeros of side 1 would not
+    say how long a real image takes."""
+    free = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    if settings.intra_op_threads or on_cuda(session) or free != {"batch"}:  # zeros must be a real input's size
+        return False
+    if every_core(settings.workers) == inference_threads(settings.workers):
+        return False
+    feeds = zeros(spec, 1)
+    session.run(None, feeds)
+    started = time.perf_counter()
+    session.run(None, feeds)
+    return time.perf_counter() - started > HEAVY_RUN_S
 
 
 def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
@@ -206,6 +243,10 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
     session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
     check_graph(session, spec)
+    if settings.warmup and heavy(session, spec, settings):
+        log.info("model %s: %s is heavy, ONNX Runtime gets every core", model.name, spec.file)
+        threads = every_core(settings.workers)
+        session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads)
     run, pool = runner(session, sizes), None
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
         pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)

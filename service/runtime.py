@@ -29,10 +29,16 @@ CPU = "CPUExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 
 
+def every_core(workers: int = 1) -> int:
+    """Each worker's share of the cores."""
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
 def inference_threads(workers: int = 1) -> int:
     """Each worker's share of the cores, but one: its event loop (HTTP, decoding, postprocessing) keeps
-    a core of its own, so it works while a batch runs instead of both fighting over every core."""
-    return max(1, len(os.sched_getaffinity(0)) // workers - 1)
+    a core of its own, so it works while a batch runs instead of both fighting over every core (for
+    a model whose run is short; a long one gets every core: see repository.heavy)."""
+    return max(1, every_core(workers) - 1)
 
 
 class DeviceUnavailable(RuntimeError):
@@ -154,13 +160,14 @@ def session_provider_options(
 
 def create_session(
     path: Path, settings: Settings, spec: GraphSpec | None = None, batch_sizes: Sequence[int] = (1,),
-    fp16: bool = False, largest: int = 0,
+    fp16: bool = False, largest: int = 0, threads: int = 0,
 ) -> ort.InferenceSession:  # fmt: skip
     """A session on the best provider asked for; `spec`, `batch_sizes` and `largest` (batch) shape
-    TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers."""
+    TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers; `threads`, if
+    given, overrides the settings' intra-op threads."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
-    options.intra_op_num_threads = settings.intra_op_threads or inference_threads(settings.workers)
+    options.intra_op_num_threads = threads or settings.intra_op_threads or inference_threads(settings.workers)
     options.inter_op_num_threads = settings.inter_op_threads
     options.execution_mode = EXECUTION_MODE[settings.execution_mode]
     options.enable_cpu_mem_arena = settings.cpu_mem_arena
