@@ -1,5 +1,5 @@
-"""`python -m bench.gpu [--device cuda|cpu] [--size b16|tiny] [--json PATH]`: what the GPU options buy
-(bench/gpu.sh runs it on a fresh GPU machine). Three tables, one markdown block, naming the device:
+"""`python -m bench.gpu [--device cuda|cpu] [--size b16|tiny] [--only TABLE ...] [--json PATH]`: what
+the GPU options buy (bench/gpu.sh runs it on a fresh GPU machine). Three tables, one markdown block, naming the device:
 
 - raw ONNX Runtime, a random-weight ViT-B/16 (224x224, 16x16 patches, 12 layers, 768 wide) exported
   with export/onnx_export.py: float32, float16 (export/fp16.py's conversion) and TensorRT, at batch
@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-images", type=int, help="generation's num_images (default: 64, tiny: 8)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/gpu.json"))
+    parser.add_argument("--only", nargs="+", choices=["raw", "service", "generation"], default=[],
+                        help="these tables only (e.g. `--device cpu --only service`: the service's share of raw "
+                        "ONNX Runtime on this CPU, without the float16 runs a CPU takes minutes for)")  # fmt: skip
     args = parser.parse_args(argv)
+    wanted = set(args.only or ["raw", "service", "generation"])
     size = SIZES[args.size]
     if args.device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where no system copy is installed
@@ -214,12 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         files = export_vit(size["vit"], Path(tmp))
-        tables["raw ONNX Runtime"] = raw_rows(size["vit"], files, args.device, size["batches"], args.repeats)
-        root = repository(size["vit"], files[0], Path(tmp) / "repository", max(size["concurrency"]))
-        tables["service, JPEG photos"] = service_rows(
-            root, size["vit"], files[0], args.device, size["concurrency"], size["seconds"], args.repeats
-        )
-    tables["generation"] = generation_rows(args.device, args.num_images or size["num_images"], args.repeats)
+        if "raw" in wanted:
+            tables["raw ONNX Runtime"] = raw_rows(size["vit"], files, args.device, size["batches"], args.repeats)
+        if "service" in wanted:
+            root = repository(size["vit"], files[0], Path(tmp) / "repository", max(size["concurrency"]))
+            tables["service, JPEG photos"] = service_rows(
+                root, size["vit"], files[0], args.device, size["concurrency"], size["seconds"], args.repeats
+            )
+    if "generation" in wanted:
+        tables["generation"] = generation_rows(args.device, args.num_images or size["num_images"], args.repeats)
     print(f"\n## {device_name(args.device)}, ViT {args.size}, onnxruntime {ort.__version__}, "
           f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
     for title, rows in tables.items():
