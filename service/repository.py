@@ -105,19 +105,19 @@ class ServedModel:
         pool = self.cache_pool
         graph = POOLED_GRAPH if pool is not None else "step"
         reservation = self.reserve(batch, graph)
-        held = [reservation.release] if reservation else []
+        release_room = reservation.release if reservation else None
         run = partial(self.run, graph=graph, reservation=reservation)
         if pool is None:
-            return Decoding(host_steps(run, cfg, batch), held)
+            return Decoding(host_steps(run, cfg, batch), [release_room] if release_room else [])
         try:
             slots = pool.acquire(batch)
         except NoFreeSlots:  # only without batching: the batcher's queue room bounds the slots in use
-            for release in held:
-                release()
+            if release_room:
+                release_room()
             raise ServiceError(503, "overloaded", f"model {self.name!r} has {len(pool.free)} of its {pool.capacity} "
                                "cache slots free; retry shortly", {"Retry-After": "1"}) from None  # fmt: skip
-        steps = PooledSteps(run, pool, slots)
-        return Decoding(steps, [steps.release, *held])
+        steps = PooledSteps(run, pool, slots, then=release_room)  # the room goes back with the slots
+        return Decoding(steps, [steps.release])
 
 
 @dataclass
@@ -246,6 +246,7 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     if settings.warmup and heavy(session, spec, settings):
         log.info("model %s: %s is heavy, ONNX Runtime gets every core", model.name, spec.file)
         threads = every_core(settings.workers)
+        del session  # its weights go before the second session's come: one copy at a time
         session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads)
     run, pool = runner(session, sizes), None
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)

@@ -92,30 +92,37 @@ def host_steps(run: Runner, cfg: GenerationConfig, batch: int) -> Step:
 
 class PooledSteps:
     """A generation's steps of the pooled graph through `run` (the batcher): its images' caches are
-    the pool's rows `slots`, so only the tokens go in and the logits come out. Its slots go back to
-    the pool (`release`) only once no step of theirs is running: a step left half-way (its client
-    gone) still writes their rows, and must not write over a new owner's."""
+    the pool's rows `slots`, so only the tokens go in and the logits come out. Its slots, and `then`
+    (its queue room), are given back (`release`) only once no step of theirs is running: a step left
+    half-way (its client gone) still writes their rows, and must not write over a new owner's."""
 
-    def __init__(self, run: Runner, pool: CachePool, slots: np.ndarray) -> None:
-        self.run, self.pool, self.slots = run, pool, slots
+    def __init__(self, run: Runner, pool: CachePool, slots: np.ndarray, then: Callable[[], None] | None) -> None:
+        self.run, self.pool, self.slots, self.then = run, pool, slots, then
         self.running: asyncio.Future[list[np.ndarray]] | None = None
 
     async def __call__(self, tokens: dict[str, np.ndarray]) -> np.ndarray:
         self.running = asyncio.ensure_future(self.run({**tokens, SLOTS: self.slots}))
+        self.running.add_done_callback(_retrieved)
         (logits,) = await asyncio.shield(self.running)  # a cancelled request leaves its step to finish
         return logits
 
     def release(self) -> None:
-        """On the event loop: the slots back now, or when the running step ends."""
+        """On the event loop: everything held back now, or when the running step ends."""
         if self.running is None or self.running.done():
-            self.pool.release(self.slots)
+            self._give_back()
         else:
-            self.running.add_done_callback(self._ended)
+            self.running.add_done_callback(lambda _: self._give_back())
 
-    def _ended(self, running: asyncio.Future[list[np.ndarray]]) -> None:
-        if not running.cancelled():
-            running.exception()  # retrieved: nobody waits for it any more
+    def _give_back(self) -> None:
         self.pool.release(self.slots)
+        if self.then is not None:
+            self.then()
+
+
+def _retrieved(step: asyncio.Future[list[np.ndarray]]) -> None:
+    """Marks a step's failure as seen: a step whose request left has no one else to read it."""
+    if not step.cancelled():
+        step.exception()
 
 
 class NoFreeSlots(RuntimeError):

@@ -17,6 +17,7 @@ from export.onnx_export import ExportError
 from export.pooled import pooled_spec, pooled_step, write_pooled
 from service.errors import ServiceError
 from service.repository import ServedModel, load_model
+from service.runtime import CPU, requested_providers
 from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, PooledSteps, finished, sample, sample_rows
 from service.settings import Settings
 from service.tasks import TASKS, manifest_checks
@@ -43,7 +44,7 @@ def test_pooled_steps_give_the_images_of_the_host_cache_even_in_reused_slots() -
         async def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             return pool.run(feeds)
 
-        return await finished(sample_rows(PooledSteps(run, pool, slots), cfg, labels, np.random.default_rng(4)))
+        return await finished(sample_rows(PooledSteps(run, pool, slots, None), cfg, labels, np.random.default_rng(4)))
 
     first = pool.acquire(5)
     np.testing.assert_array_equal(asyncio.run(pooled(first)), host)
@@ -56,8 +57,10 @@ def test_pooled_steps_give_the_images_of_the_host_cache_even_in_reused_slots() -
 def test_the_pool_is_loaded_where_asked_for() -> None:
     assert generator(device_cache="on").cache_pool is not None
     assert generator(device_cache="off").cache_pool is None
-    assert generator(device_cache="auto").cache_pool is None  # on the CPU: no bus to spare
-    assert POOLED_GRAPH not in generator(device_cache="auto").sessions
+    on_gpu = requested_providers(Settings().device)[0] != CPU  # VITSERVE_DEVICE=cuda under bench/gpu.sh
+    auto = generator(device_cache="auto")
+    assert (auto.cache_pool is not None) is on_gpu  # on the CPU: no bus to spare
+    assert (POOLED_GRAPH in auto.sessions) is on_gpu
 
 
 def test_concurrent_generations_share_pooled_steps_and_get_their_own_images() -> None:
@@ -239,3 +242,89 @@ def test_publishing_refuses_a_model_with_a_graph_that_does_not_load(tmp_path: Pa
     with pytest.raises(ExportError, match="pooled_step"):
         publish(model_manifest(), staged, tmp_path / "repository")
     assert not (tmp_path / "repository" / "imagetransformer").exists()
+
+
+def test_the_queue_room_comes_back_with_the_slots_not_before() -> None:
+    """With batching, a cancelled generation's room and slots both wait for its running step: the
+    room alone back first would admit a generation the pool has no slots for (found by a review)."""
+    import threading
+
+    model = load_model(GENERATOR, Settings(warmup=False, device_cache="on", max_images_per_request=4,
+                                           batch_policy={"imagetransformer": {"max_queue_size": 4}}),
+                       manifest_checks(TASKS))  # fmt: skip
+    assert model.manifest is not None and model.cache_pool is not None and model.cache_pool.capacity == 4
+    cfg = GenerationConfig.model_validate(model.manifest.config)
+    batcher, pool = model.batchers[POOLED_GRAPH], model.cache_pool
+    gate, started = threading.Event(), threading.Event()
+    real = batcher.run_graph
+
+    def held(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if int(feeds["position"][0]) == 3 and not gate.is_set():
+            started.set()
+            gate.wait(10)
+        return real(feeds)
+
+    batcher.run_graph = held
+
+    async def scenario() -> None:
+        old = model.decoding(cfg, 4)
+
+        async def generate() -> None:
+            try:
+                await finished(sample_rows(old.step, cfg, np.arange(4), np.random.default_rng(1)))
+            finally:
+                old.release()
+
+        task = asyncio.create_task(generate())
+        while not started.is_set():
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert batcher.reserved == 4 and pool.free == []  # both held while the step runs
+        with pytest.raises(ServiceError, match="images queued"):  # the queue's own 503
+            model.decoding(cfg, 1)
+        gate.set()
+        while batcher.reserved:
+            await asyncio.sleep(0.001)
+        assert sorted(pool.free) == [0, 1, 2, 3]
+        model.decoding(cfg, 4).release()  # room and slots for a new one
+
+    asyncio.run(scenario())
+
+
+def test_a_step_that_fails_after_its_client_left_is_not_an_unread_error() -> None:
+    import gc
+
+    class Pool:
+        def __init__(self) -> None:
+            self.free: list[int] = []
+
+        def release(self, slots: np.ndarray) -> None:
+            self.free.extend(int(s) for s in slots)
+
+    async def failing(_: dict[str, np.ndarray]) -> list[np.ndarray]:
+        await asyncio.sleep(0.02)
+        raise RuntimeError("step failed")
+
+    unread: list[object] = []
+
+    async def scenario() -> list[int]:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: unread.append(context))
+        pool = Pool()
+        steps = PooledSteps(failing, pool, np.array([1, 2]), None)  # type: ignore[arg-type]
+        task = asyncio.create_task(steps({"position": np.zeros(2)}))
+        await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.05)  # the step fails, then the generation lets go
+        steps.release()
+        del steps, task
+        gc.collect()
+        await asyncio.sleep(0)
+        return pool.free
+
+    assert asyncio.run(scenario()) == [1, 2]
+    gc.collect()
+    assert unread == []

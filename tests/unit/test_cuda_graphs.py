@@ -86,7 +86,7 @@ def test_padding_rows_write_the_spare_slot_only() -> None:
         async def step(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             return pool.run(feeds)
 
-        return await finished(sample_rows(PooledSteps(step, pool, slots), cfg, labels, np.random.default_rng(7)))
+        return await finished(sample_rows(PooledSteps(step, pool, slots, None), cfg, labels, np.random.default_rng(7)))
 
     np.testing.assert_array_equal(asyncio.run(generate()), sample(model.sessions["step"], cfg, labels, seed=7))
     after = [value.numpy()[others] for value in pool.bound.values()]
