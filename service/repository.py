@@ -168,7 +168,7 @@ def zeros(spec: GraphSpec, batch: int) -> dict[str, np.ndarray]:
 
 def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int = 1) -> None:
     """Runs on zeros at each batch size the batcher forms, so no request pays for a first run (with
-    CUDA graphs, twice: ONNX Runtime captures a graph on its second run)."""
+    CUDA graphs, three times: ONNX Runtime captures a graph after two ordinary runs)."""
     for batch in batch_sizes:
         feeds = zeros(spec, batch)
         for _ in range(times):
@@ -253,7 +253,7 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
         run = pool.run
     if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
-        warm_up(run, spec, sizes, times=2 if cuda_graph(session) else 1)
+        warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1)
     model.sessions[graph], model.runs[graph] = session, run
     model.cache_pool = pool or model.cache_pool
     if batched:

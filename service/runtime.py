@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -287,26 +287,29 @@ class Replays:
     smallest warmed size that holds it and cut back after, so every run replays a captured graph. A
     run larger than every warmed size (a lone request over max_batch_size) runs as usual, uncaptured
     (`fallback`). `fill` gives padding rows a value instead of copies of the last row (a cache pool's
-    spare slot). One run at a time: the buffers are shared."""
+    spare slot). Every captured run, warm-up's included, happens on one thread of its own: ONNX
+    Runtime keeps a captured graph in the capturing thread's context (cuda_execution_provider.h),
+    and the batcher's runs come from any of the model's threads, or the event loop's; one thread
+    also runs them one at a time, as the shared buffers need."""
 
     def __init__(
         self, session: ort.InferenceSession, sizes: Sequence[int], fallback: GraphRun,
-        bound: dict[str, ort.OrtValue] | None = None, fill: dict[str, int] | None = None,
+        bound: Bound | None = None, fill: dict[str, int] | None = None,
     ) -> None:  # fmt: skip
         self.bindings = {
             size: FixedBinding(session, size, graph_id, bound) for graph_id, size in enumerate(sorted(sizes))
         }
         self.fallback = fallback
         self.fill = fill or {}
-        self.lock = threading.Lock()
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="cuda-graphs")
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         rows = len(next(iter(feeds.values())))
         size = next((size for size in self.bindings if size >= rows), None)
         if size is None:
             return self.fallback(feeds)
-        with self.lock:
-            outputs = self.bindings[size].run({n: padded(a, size, self.fill.get(n)) for n, a in feeds.items()})
+        grown = {name: padded(array, size, self.fill.get(name)) for name, array in feeds.items()}
+        outputs = self.thread.submit(self.bindings[size].run, grown).result()
         return [output[:rows] for output in outputs]
 
 
@@ -317,8 +320,9 @@ def cuda_graph(session: ort.InferenceSession) -> bool:
 def runner(session: ort.InferenceSession, sizes: Sequence[int] = (1,)) -> GraphRun:
     """The session's run as requests take it: with I/O binding on a GPU, through CUDA graphs at
     `sizes` (the warmed batch sizes) where they are enabled."""
-    plain = partial(run, session, io_binding=on_cuda(session), options=graph_options(-1))
-    return Replays(session, sizes, plain) if cuda_graph(session) else plain
+    if not cuda_graph(session):
+        return partial(run, session, io_binding=on_cuda(session))
+    return Replays(session, sizes, partial(run, session, io_binding=True, options=graph_options(-1)))
 
 
 def session_device(session: ort.InferenceSession) -> tuple[str, int]:

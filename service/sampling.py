@@ -150,7 +150,7 @@ class CachePool:
                 pool = ort.OrtValue.ortvalue_from_numpy(rows, *self.device)
                 self.bound |= {arg.name: pool, UPDATED + arg.name.removeprefix(POOL): pool}
         self.outputs = [arg.name for arg in session.get_outputs() if not arg.name.startswith(UPDATED)]
-        plain = partial(self._run, options=graph_options(-1))
+        plain = partial(self._run, options=graph_options(-1) if cuda_graph(session) else None)
         replays = Replays(session, sizes, plain, self.bound, fill={SLOTS: capacity}) if cuda_graph(session) else None
         self.replays_or_plain: GraphRun = replays or plain
 
@@ -170,7 +170,7 @@ class CachePool:
     def release(self, slots: np.ndarray) -> None:
         self.free.extend(int(s) for s in slots)
 
-    def _run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions) -> list[np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None) -> list[np.ndarray]:
         binding = bind(self.session, feeds)
         for name in self.outputs:
             binding.bind_output(name, *self.device)

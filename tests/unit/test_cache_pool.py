@@ -6,6 +6,8 @@ generation ends."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,47 +144,58 @@ def test_a_broken_pooled_graph_leaves_generation_on_the_host_cache(tmp_path: Pat
         assert client.post("/v1/generate", json={"num_images": 2, "seed": 1}).status_code == 200
 
 
+class HeldStep:
+    """A graph run that holds the first step at `position` until `gate` opens, as a busy thread would."""
+
+    def __init__(self, real: Callable[[dict[str, np.ndarray]], list[np.ndarray]], position: int) -> None:
+        self.real, self.position = real, position
+        self.started, self.gate = threading.Event(), threading.Event()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if int(feeds["position"][0]) == self.position and not self.gate.is_set():
+            self.started.set()
+            self.gate.wait(10)
+        return self.real(feeds)
+
+
+async def left_mid_step(model: ServedModel, cfg: GenerationConfig, batch: int, held: HeldStep) -> None:
+    """A generation of `batch` images whose client leaves while `held` holds one of its steps; it
+    releases what it holds as the route does, in its `finally`."""
+    decoding = model.decoding(cfg, batch)
+
+    async def generate() -> None:
+        try:
+            labels = np.arange(batch) % cfg.num_classes
+            await finished(sample_rows(decoding.step, cfg, labels, np.random.default_rng(1)))
+        finally:
+            decoding.release()
+
+    task = asyncio.create_task(generate())
+    while not held.started.is_set():
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def test_a_step_left_running_by_its_client_keeps_its_slot_until_it_ends() -> None:
     """Without batching, a generation cancelled (client gone, timeout) while a step of its runs in a
     thread must not hand its slot to a new generation before that step has written it: the new
     owner's cache would be overwritten after its reset (found by a hostile review)."""
-    import threading
-
     model = generator(device_cache="on", batching=False)
     assert model.manifest is not None and model.cache_pool is not None and not model.batchers
     cfg = GenerationConfig.model_validate(model.manifest.config)
-    pool, real = model.cache_pool, model.runs[POOLED_GRAPH]
-    started, gate = threading.Event(), threading.Event()
-
-    def slow_step_5(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if int(feeds["position"][0]) == 5 and not gate.is_set():  # the old generation's step, held up
-            started.set()
-            gate.wait(10)
-        return real(feeds)
-
-    model.runs[POOLED_GRAPH] = slow_step_5
+    pool = model.cache_pool
+    held = model.runs[POOLED_GRAPH] = HeldStep(model.runs[POOLED_GRAPH], position=5)
     expected = sample(model.sessions["step"], cfg, np.array([7]), seed=3)
 
     async def scenario() -> np.ndarray:
         others = pool.acquire(pool.capacity - 1)  # a busy server: one slot left
-        old = model.decoding(cfg, 1)
-
-        async def generate() -> None:
-            try:
-                await finished(sample_rows(old.step, cfg, np.array([1]), np.random.default_rng(1)))
-            finally:
-                old.release()
-
-        task = asyncio.create_task(generate())
-        while not started.is_set():
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await left_mid_step(model, cfg, 1, held)
         assert pool.free == []  # its step still runs: the slot is still its
         with pytest.raises(ServiceError, match="0 of its 256 cache slots free"):
             model.decoding(cfg, 1)
-        gate.set()
+        held.gate.set()
         while not pool.free:
             await asyncio.sleep(0.001)
         new = model.decoding(cfg, 1)  # the same slot, now that the step has ended
@@ -247,44 +260,20 @@ def test_publishing_refuses_a_model_with_a_graph_that_does_not_load(tmp_path: Pa
 def test_the_queue_room_comes_back_with_the_slots_not_before() -> None:
     """With batching, a cancelled generation's room and slots both wait for its running step: the
     room alone back first would admit a generation the pool has no slots for (found by a review)."""
-    import threading
-
     model = load_model(GENERATOR, Settings(warmup=False, device_cache="on", max_images_per_request=4,
                                            batch_policy={"imagetransformer": {"max_queue_size": 4}}),
                        manifest_checks(TASKS))  # fmt: skip
     assert model.manifest is not None and model.cache_pool is not None and model.cache_pool.capacity == 4
     cfg = GenerationConfig.model_validate(model.manifest.config)
     batcher, pool = model.batchers[POOLED_GRAPH], model.cache_pool
-    gate, started = threading.Event(), threading.Event()
-    real = batcher.run_graph
-
-    def held(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if int(feeds["position"][0]) == 3 and not gate.is_set():
-            started.set()
-            gate.wait(10)
-        return real(feeds)
-
-    batcher.run_graph = held
+    held = batcher.run_graph = HeldStep(batcher.run_graph, position=3)
 
     async def scenario() -> None:
-        old = model.decoding(cfg, 4)
-
-        async def generate() -> None:
-            try:
-                await finished(sample_rows(old.step, cfg, np.arange(4), np.random.default_rng(1)))
-            finally:
-                old.release()
-
-        task = asyncio.create_task(generate())
-        while not started.is_set():
-            await asyncio.sleep(0.001)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await left_mid_step(model, cfg, 4, held)
         assert batcher.reserved == 4 and pool.free == []  # both held while the step runs
         with pytest.raises(ServiceError, match="images queued"):  # the queue's own 503
             model.decoding(cfg, 1)
-        gate.set()
+        held.gate.set()
         while batcher.reserved:
             await asyncio.sleep(0.001)
         assert sorted(pool.free) == [0, 1, 2, 3]

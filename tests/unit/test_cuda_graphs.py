@@ -54,6 +54,30 @@ def test_replays_answer_as_plain_runs_through_the_same_buffers_at_every_size() -
     assert {size: b.inputs["pixel_values"].data_ptr() for size, b in replays.bindings.items()} == pointers
 
 
+def test_every_captured_run_happens_on_one_thread_whoever_asks() -> None:
+    """ONNX Runtime keeps a captured graph in the capturing thread's context: warm-up (the loading
+    thread), the model's inference threads and the event loop must all replay on the same one."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    session = create_session(VIT / "model.onnx", Settings())
+    replays = Replays(session, [1, 2], lambda feeds: run(session, feeds, io_binding=False))
+    threads: set[int] = set()
+    for binding in replays.bindings.values():
+        real = binding.run
+
+        def recorded(feeds: dict[str, np.ndarray], real: object = real) -> list[np.ndarray]:
+            threads.add(threading.get_ident())
+            return real(feeds)  # type: ignore[operator,no-any-return]
+
+        binding.run = recorded  # type: ignore[method-assign]
+    image = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    replays({"pixel_values": image})
+    with ThreadPoolExecutor(4) as callers:
+        list(callers.map(lambda n: replays({"pixel_values": image.repeat(n, 0)}), [1, 2, 1, 2, 2, 1]))
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+
 def test_a_fixed_binding_answers_as_run() -> None:
     session = create_session(VIT / "model.onnx", Settings())
     fixed = FixedBinding(session, 4)
