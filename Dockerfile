@@ -3,8 +3,9 @@
 # retrains and re-exports into the model repository). Every Python package version comes from
 # pyproject.toml: nothing is pinned twice. tests/unit/test_docker.py checks that.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# onnxruntime-gpu 1.32 is built against CUDA 12 and cuDNN 9
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The CUDA major version and cuDNN that the `gpu` extra's onnxruntime-gpu wheel was built for (its
+# build_and_package_info.py says 13.0; tests/unit/test_gpu_pins.py reads it): CUDA 13 needs driver 580+
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---- the service's dependencies, CPU flavour --------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu-build
@@ -13,9 +14,10 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
 COPY export ./export
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir ".[cpu]"
 
-# ---- the same, with onnxruntime-gpu in place of onnxruntime (the pin of the `gpu` extra) ------------
+# ---- the same with onnxruntime-gpu: the `gpu` extra's pin without its [cuda,cudnn] libraries, which
+# ---- the CUDA image has already ------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu-build
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
@@ -25,9 +27,7 @@ COPY service ./service
 COPY models ./models
 COPY export ./export
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir . \
-    && /opt/venv/bin/pip uninstall -y onnxruntime \
-    && /opt/venv/bin/pip install --no-cache-dir "$(/opt/venv/bin/python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"][0])')"
+    && /opt/venv/bin/pip install --no-cache-dir . "$(python3 -c 'import re, tomllib; print(re.sub(r"\[.*\]", "", tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"][0]))')"
 
 # ---- runtime images: the service and the model repository, no torch, not root ------------------------
 FROM ${PYTHON_IMAGE} AS cpu
@@ -50,7 +50,7 @@ COPY service ./service
 COPY models ./models
 COPY export ./export
 # the CPU build of the pinned torch (a plain PyPI install would pull the CUDA build)
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[train,hf]"
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu,train,hf]"
 CMD ["sh", "-c", "python -m export vit && python -m export detr && python -m export imagetransformer"]
 
 FROM ${CUDA_IMAGE} AS gpu

@@ -10,14 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# the service alone: no torch
+# the service alone on the CPU: no torch
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[cpu]'
 	touch $@
 
 # everything: training/export (torch, CPU build), the test tools, and Ray Serve (tests/deploy/)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[train,hf,dev,ray]'
+	$(BIN)/pip install -q -e '.[cpu,train,hf,dev,ray]'
 	touch $@ $(VENV)/.runtime
 
 # what the tests need from the system (Chromium, a compose client): installed with apt, or a

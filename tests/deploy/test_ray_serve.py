@@ -64,7 +64,7 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = folder / "serve.log"
     serve = str(Path(sys.executable).parent / "serve")
     if not Path(serve).exists():  # not skipped: CI installs the extra (make test)
-        pytest.fail("Ray Serve's CLI is missing: pip install -e '.[ray]'")
+        pytest.fail("Ray Serve's CLI is missing: pip install -e '.[cpu,ray]'")
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [serve, "run", "--address", "local", str(config_for_test(folder, port))],

@@ -20,12 +20,16 @@ def test_the_dockerfile_pins_no_python_package_itself() -> None:
     assert installs and not any("==" in line for line in installs), installs
 
 
-def test_the_gpu_runtime_is_the_same_onnxruntime_release() -> None:
-    runtime = pins(PYPROJECT["project"]["dependencies"])
-    gpu = pins(PYPROJECT["project"]["optional-dependencies"]["gpu"])
-    assert gpu == {"onnxruntime-gpu": runtime["onnxruntime"]}
-    # the Dockerfile swaps in exactly that requirement, read from pyproject at build time
-    assert '["optional-dependencies"]["gpu"][0]' in DOCKERFILE
+def test_the_gpu_runtime_is_the_same_onnxruntime_release_and_only_an_extra_brings_one() -> None:
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    cpu, gpu = pins(extras["cpu"]), pins(extras["gpu"])
+    assert gpu == {"onnxruntime-gpu": cpu["onnxruntime"]}
+    # both install the module onnxruntime: no other requirement may bring either
+    others = [r for name, extra in extras.items() if name not in ("cpu", "gpu") for r in extra]
+    assert not any(r.startswith("onnxruntime") for r in [*PYPROJECT["project"]["dependencies"], *others])
+    # the GPU image installs exactly that requirement, read from pyproject at build time (its CUDA
+    # libraries come with the image, not with the extra's [cuda,cudnn] wheels)
+    assert '["optional-dependencies"]["gpu"][0]' in DOCKERFILE and '".[cpu]"' in DOCKERFILE
 
 
 def test_images_run_the_service_without_torch_and_not_as_root() -> None:
