@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     logs.configure(settings.log_level, settings.log_json)
     try:
-        check_device(settings)
+        settings = check_device(settings)  # exit 2 with the reason, before any model loads
         server = None if settings.workers > 1 else build_server(settings)
     except DeviceUnavailable as exc:
         parser.exit(2, f"{exc}\n")

@@ -46,9 +46,10 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        check_device(settings)  # device=cuda without CUDA: no start (python -m service says so first)
+        # a GPU provider that cannot run: served without (logged), or no start
+        app.state.settings = serving = check_device(settings)
         # loading blocks startup: the server accepts no request before every model is loaded and warm
-        app.state.registry = await run_in_threadpool(ModelRegistry.load, settings, manifest_checks(tasks))
+        app.state.registry = await run_in_threadpool(ModelRegistry.load, serving, manifest_checks(tasks))
         watch(app.state.registry, metrics)
         # what was loaded lives as long as the process: out of the collector's sight, full
         # collections under load stay short

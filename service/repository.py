@@ -252,7 +252,9 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
         pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
         run = pool.run
-    if settings.warmup:  # every batch size for the serving graphs; once for the on-request ones
+    # every batch size for the serving graphs, once for the on-request ones; always with CUDA graphs:
+    # captured under live traffic, another thread's allocation or copy would break a capture
+    if settings.warmup or cuda_graph(session):
         warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1)
     model.sessions[graph], model.runs[graph] = session, run
     model.cache_pool = pool or model.cache_pool

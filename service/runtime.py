@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import importlib.util
+import io
 import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -42,26 +49,132 @@ def inference_threads(workers: int = 1) -> int:
 
 
 class DeviceUnavailable(RuntimeError):
-    """device=cuda where CUDA cannot be used (and falling back was not allowed)."""
+    """A GPU provider the settings insist on cannot run (and serving without it was not allowed)."""
 
 
-def check_device(settings: Settings) -> None:
-    """At start: device=cuda needs onnxruntime's CUDA provider, and tensorrt=true its TensorRT provider,
-    unless `cuda_fallback` allows serving without them."""
-    available = ort.get_available_providers()
-    needed = [TENSORRT] if settings.tensorrt and settings.device != "cpu" else []
-    needed += [CUDA] if settings.device == "cuda" else []
-    missing = [p for p in needed if p not in available]
-    if not missing:
+# Conv (cuDNN) then MatMul (cuBLAS) over ones: 8.0 everywhere (written by `python -m export.probe`)
+PROBE = Path(__file__).with_name("probe.onnx")
+
+
+def may_serve_without(provider: str, settings: Settings) -> bool:
+    """Whether a model may run below `provider` when it fails: TensorRT, asked for by name, only
+    with cuda_fallback; CUDA also where device=auto (the CPU is what auto falls back to)."""
+    return settings.cuda_fallback or (provider == CUDA and settings.device == "auto")
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:600] or type(exc).__name__
+
+
+def probe(providers: list[str], options: list[dict[str, str]]) -> str | None:
+    """Why the probe graph cannot run on `providers[0]`; None where it ran there and answered right.
+    ONNX Runtime's own fallback is off: its retry would hide the reason, or fail the same way. Where
+    it skips a provider it only logs why (a library it could not load): that log is the reason."""
+    with logged_by_onnx_runtime() as log_lines:
+        try:
+            session = ort.InferenceSession(str(PROBE), providers=providers, provider_options=options, enable_fallback=0)
+            (answer,) = session.run(None, {"x": np.ones((1, 2, 4, 4), np.float32)})
+        except Exception as exc:
+            return one_line(exc)
+    if session.get_providers()[0] != providers[0]:
+        return f"ONNX Runtime opened the graph on {session.get_providers()}, saying: {' | '.join(log_lines) or '-'}"
+    return None if np.array_equal(answer, np.full((1, 2, 4, 4), 8.0, np.float32)) else "it computed a wrong answer"
+
+
+ORT_LOG_LINE = re.compile(r"\[[EW]:onnxruntime:[^\]]*\] (.*)")
+
+
+def messages(log: str) -> list[str]:
+    """The messages of ONNX Runtime's warnings and errors in `log`, without colours and source locations."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)
+    said = [re.sub(r".*\[ONNXRuntimeError\] : \d+ : \w+ : ", "", m.group(1)) for m in ORT_LOG_LINE.finditer(plain)]
+    return [" ".join(line.split())[:400] for line in said]
+
+
+@contextlib.contextmanager
+def logged_by_onnx_runtime() -> Iterator[list[str]]:
+    """The warnings and errors ONNX Runtime writes to the process's stderr meanwhile (its C++ logger
+    writes there directly), passed on to stderr as well. For start-up only: it borrows file descriptor 2."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            sys.stderr.write(text)
+            lines += messages(text)
+
+
+def preload_gpu_libraries(tensorrt: bool) -> None:
+    """CUDA's and cuDNN's libraries from NVIDIA's wheels (the `gpu` extra) and TensorRT's (the
+    `tensorrt` extra), loaded before any session: the providers look for them on the library path
+    only, where pip does not put them. Where the libraries are on that path (the GPU image), a no-op."""
+    if CUDA not in ort.get_available_providers():
         return
-    message = (
-        f"VITSERVE_DEVICE={settings.device}{' with VITSERVE_TENSORRT=true' if settings.tensorrt else ''} needs "
-        f"{missing}, but this onnxruntime offers only {available}: install onnxruntime-gpu (see the README's GPU "
-        "section) on a host with an NVIDIA driver (and TensorRT's libraries), or set VITSERVE_CUDA_FALLBACK=true"
-    )
-    if not settings.cuda_fallback:
-        raise DeviceUnavailable(message)
-    log.warning("%s; serving without them", message)
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # it prints what it could not load
+        ort.preload_dlls()
+    if said.getvalue().strip():
+        log.info("onnxruntime.preload_dlls: %s", " ".join(said.getvalue().split()))
+    trt = importlib.util.find_spec("tensorrt_libs") if tensorrt else None
+    folders = list(trt.submodule_search_locations or []) if trt else []
+    for folder in folders:
+        for pattern in ("libnvinfer.so.*", "libnvonnxparser.so.*"):  # the two the TensorRT provider links
+            for library in sorted(Path(folder).glob(pattern)):
+                ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+
+
+def gpu_hint() -> str:
+    built = getattr(getattr(ort.capi, "build_and_package_info", None), "cuda_version", "")
+    cuda = f"onnxruntime-gpu {ort.__version__} is built for CUDA {built}: it needs" if built else "it needs"
+    return (f"{cuda} an NVIDIA driver of 580 or later, CUDA 13's and cuDNN 9's libraries (pip install "
+            "'vitserve[gpu]' brings them; see the GPU docs), and a visible GPU")  # fmt: skip
+
+
+def check_device(settings: Settings) -> Settings:
+    """At start, before any model: prove each GPU provider the settings ask for by running the probe
+    graph on it. Returns the settings to serve with: where a provider fails and serving without it is
+    allowed, settings without it (and a logged reason); where not, DeviceUnavailable with the reason."""
+    if settings.device == "cpu":
+        return settings
+    preload_gpu_libraries(settings.tensorrt)
+    failed = provider_failure(CUDA, settings)
+    if failed:
+        settings = serve_without(CUDA, settings, f"{CUDA} cannot run: {failed}; {gpu_hint()}")
+    failed = provider_failure(TENSORRT, settings) if settings.tensorrt and settings.device != "cpu" else None
+    if failed:
+        settings = serve_without(TENSORRT, settings, f"VITSERVE_TENSORRT=true, but {TENSORRT} cannot run: {failed}")
+    return settings
+
+
+def provider_failure(provider: str, settings: Settings) -> str | None:
+    """Why `provider` cannot serve; None where the probe ran on it (or, for CUDA under device=auto,
+    where this onnxruntime has no CUDA at all: auto then means the CPU)."""
+    available = ort.get_available_providers()
+    if provider not in available:
+        if provider == CUDA and settings.device == "auto":
+            return None
+        extra = " and 'vitserve[tensorrt]'" if provider == TENSORRT else ""
+        return f"this onnxruntime offers only {available}: install onnxruntime-gpu{extra}"
+    cuda = provider_options(settings.cuda_options)
+    if provider == CUDA:
+        return probe([CUDA, CPU], [cuda, {}])
+    return probe([TENSORRT, CUDA, CPU], [{"device_id": cuda.get("device_id", "0")}, cuda, {}])
+
+
+def serve_without(provider: str, settings: Settings, why: str) -> Settings:
+    """The settings without `provider` where allowed (logged), else DeviceUnavailable."""
+    if not may_serve_without(provider, settings):
+        raise DeviceUnavailable(f"VITSERVE_DEVICE={settings.device}: {why}. Set VITSERVE_CUDA_FALLBACK=true to serve "
+                                "without it")  # fmt: skip
+    without = {"tensorrt": False} if provider == TENSORRT else {"device": "cpu", "tensorrt": False}
+    log.warning("%s; serving without %s", why, provider)
+    return settings.model_copy(update=without)
 
 
 def requested_providers(device: str, tensorrt: bool = False) -> list[str]:
@@ -158,13 +271,8 @@ def session_provider_options(
     return per_provider
 
 
-def create_session(
-    path: Path, settings: Settings, spec: GraphSpec | None = None, batch_sizes: Sequence[int] = (1,),
-    fp16: bool = False, largest: int = 0, threads: int = 0,
-) -> ort.InferenceSession:  # fmt: skip
-    """A session on the best provider asked for; `spec`, `batch_sizes` and `largest` (batch) shape
-    TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers; `threads`, if
-    given, overrides the settings' intra-op threads."""
+def session_options(settings: Settings, threads: int = 0) -> ort.SessionOptions:
+    """The settings' session options; `threads`, if given, overrides the intra-op threads."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
     options.intra_op_num_threads = threads or settings.intra_op_threads or inference_threads(settings.workers)
@@ -174,22 +282,56 @@ def create_session(
     spin = "1" if settings.spin_wait else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return options
+
+
+def create_session(
+    path: Path, settings: Settings, spec: GraphSpec | None = None, batch_sizes: Sequence[int] = (1,),
+    fp16: bool = False, largest: int = 0, threads: int = 0,
+) -> ort.InferenceSession:  # fmt: skip
+    """A session on the best provider asked for that opens the graph; on one below it only where
+    `may_serve_without` allows (logged), else DeviceUnavailable. `spec`, `batch_sizes` and `largest`
+    (batch) shape TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers;
+    `threads`, if given, overrides the settings' intra-op threads."""
+    options = session_options(settings, threads)
     providers = requested_providers(settings.device, settings.tensorrt)
     per_provider = session_provider_options(providers, path, settings, spec, batch_sizes, fp16, largest)
+    failures: dict[str, str] = {}
+    for first, provider in enumerate(providers):  # the CPU is always last
+        try:
+            session = open_session(path, options, providers[first:], per_provider[first:])
+        except Exception as exc:
+            if provider == CPU:
+                raise  # the model's own fault: the CPU cannot open it either
+            failures[provider] = one_line(exc)
+            continue
+        running = session.get_providers()[0]
+        for skipped in providers[: providers.index(running)]:  # it failed, or ONNX Runtime left it out
+            why = f"{path.name}: asked for {skipped}, runs on {running}: {failures.get(skipped, 'not used')}"
+            if not may_serve_without(skipped, settings):
+                raise DeviceUnavailable(why)
+            log.warning(why)
+        return session
+    raise AssertionError("unreachable: the CPU opens the graph or raises")
+
+
+def open_session(
+    path: Path, options: ort.SessionOptions, providers: list[str], per_provider: list[dict[str, str]]
+) -> ort.InferenceSession:
+    """A session on these providers, without ONNX Runtime's own fallback (create_session does its
+    own, and says why); without CUDA graphs where ONNX Runtime refuses to capture the graph."""
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
+        return ort.InferenceSession(
+            str(path), options, providers=providers, provider_options=per_provider, enable_fallback=0
+        )
     except Exception as exc:  # ONNX Runtime refuses CUDA graphs for a graph with nodes off the GPU
         if not any(p.get("enable_cuda_graph") == "1" for p in per_provider):
             raise
-        log.warning("%s: no CUDA graphs, ONNX Runtime refused them (%s)", path.name, str(exc)[:300])
+        log.warning("%s: no CUDA graphs, ONNX Runtime refused them (%s)", path.name, one_line(exc)[:300])
         per_provider = [{k: v for k, v in p.items() if k != "enable_cuda_graph"} for p in per_provider]
-        session = ort.InferenceSession(str(path), options, providers=providers, provider_options=per_provider)
-    if session.get_providers()[0] != providers[0]:
-        message = f"{path.name}: asked for {providers[0]} but the session runs on {session.get_providers()}"
-        if settings.device == "cuda" and not settings.cuda_fallback:  # CUDA listed but unusable (no driver, libs)
-            raise DeviceUnavailable(f"{message}; ONNX Runtime's log says why")
-        log.warning(message)
-    return session
+        return ort.InferenceSession(
+            str(path), options, providers=providers, provider_options=per_provider, enable_fallback=0
+        )
 
 
 def on_cuda(session: ort.InferenceSession) -> bool:
@@ -289,8 +431,9 @@ class Replays:
     (`fallback`). `fill` gives padding rows a value instead of copies of the last row (a cache pool's
     spare slot). Every captured run, warm-up's included, happens on one thread of its own: ONNX
     Runtime keeps a captured graph in the capturing thread's context (cuda_execution_provider.h),
-    and the batcher's runs come from any of the model's threads, or the event loop's; one thread
-    also runs them one at a time, as the shared buffers need."""
+    and the batcher's runs come from any of the model's threads, or the event loop's. The thread
+    also runs them one at a time, as the shared buffers need, and as ONNX Runtime requires of a
+    session with CUDA graphs on, the uncaptured runs included."""
 
     def __init__(
         self, session: ort.InferenceSession, sizes: Sequence[int], fallback: GraphRun,
@@ -306,8 +449,8 @@ class Replays:
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         rows = len(next(iter(feeds.values())))
         size = next((size for size in self.bindings if size >= rows), None)
-        if size is None:
-            return self.fallback(feeds)
+        if size is None:  # uncaptured, but on the same thread: one run at a time on a session with graphs on
+            return self.thread.submit(self.fallback, feeds).result()
         grown = {name: padded(array, size, self.fill.get(name)) for name, array in feeds.items()}
         outputs = self.thread.submit(self.bindings[size].run, grown).result()
         return [output[:rows] for output in outputs]

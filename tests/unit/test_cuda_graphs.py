@@ -6,7 +6,7 @@ run, padding that never touches a generation's cache, and the whole service on t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -150,7 +150,9 @@ def test_a_graph_onnx_runtime_cannot_capture_runs_without_cuda_graphs(
     asked: list[list[dict[str, str]]] = []
     real = ort.InferenceSession
 
-    def session(path: str, options: object, providers: list[str], provider_options: list[dict[str, str]]) -> object:
+    def session(
+        path: str, options: object, providers: list[str], provider_options: list[dict[str, str]], **kwargs: object
+    ) -> object:
         asked.append(provider_options)
         if provider_options[0].get("enable_cuda_graph") == "1":
             raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
@@ -219,3 +221,55 @@ def test_one_run_at_a_time_updates_the_pools_replayed_or_not() -> None:
         codes = list(threads.map(lambda b: client.post("/v1/generate", json=b).status_code, bodies))
     clients.close()
     assert codes == [200] * 4 and counts["most"] == 1
+
+
+def overlap_counter(session: ort.InferenceSession) -> dict[str, int]:
+    """Counts the session's runs in flight (plain and bound), recording the most at once."""
+    import threading
+    import time
+
+    lock, counts = threading.Lock(), {"now": 0, "most": 0, "runs": 0}
+
+    def counted(real: Callable[..., object]) -> Callable[..., object]:
+        def run(*args: object) -> object:
+            with lock:
+                counts["now"] += 1
+                counts["runs"] += 1
+                counts["most"] = max(counts["most"], counts["now"])
+            time.sleep(0.002)
+            try:
+                return real(*args)
+            finally:
+                with lock:
+                    counts["now"] -= 1
+
+        return run
+
+    session.run = counted(session.run)  # type: ignore[method-assign]
+    session.run_with_iobinding = counted(session.run_with_iobinding)  # type: ignore[method-assign]
+    return counts
+
+
+def test_a_session_with_graphs_on_runs_one_at_a_time_captured_or_not() -> None:
+    """ONNX Runtime: a session with CUDA graphs on must not be run from several threads at once. Runs
+    larger than every warmed size (uncaptured) take the same single thread as the replays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    session = create_session(VIT / "model.onnx", Settings())
+    replays = Replays(session, [1, 2], lambda feeds: run(session, feeds, io_binding=False))
+    counts = overlap_counter(session)
+    rows = [1, 5, 2, 7, 1, 3, 2, 6] * 3  # 5, 7, 3 and 6 are over every warmed size
+    with ThreadPoolExecutor(8) as callers:
+        answers = list(callers.map(lambda n: replays({"pixel_values": np.zeros((n, 1, 32, 32), np.float32)}), rows))
+    assert [len(logits) for (logits,) in answers] == rows
+    assert counts["runs"] == len(rows) and counts["most"] == 1
+
+
+@pytest.mark.usefixtures("replaying")
+def test_graphs_on_are_warmed_up_even_with_warm_up_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Captured under live traffic, another thread's allocation or synchronous copy breaks a capture."""
+    warmed: list[tuple[list[int], int]] = []
+    monkeypatch.setattr(service.repository, "warm_up", lambda run, spec, sizes, times: warmed.append((sizes, times)))
+    model = load_model(SHIPPED_REPOSITORY / "vit", Settings(warmup=False), manifest_checks(TASKS))
+    assert model.state == "ready", model.reason
+    assert warmed == [([1, 2, 4, 8, 16, 32], 3), ([1], 3)]  # the model's graph and its attention graph

@@ -49,7 +49,8 @@ def test_cuda_without_a_cuda_provider_refuses_to_start(monkeypatch: pytest.Monke
     check_device(Settings(device="cuda", cuda_fallback=True))  # allowed: a warning
     check_device(Settings(device="auto"))
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
-    check_device(Settings(device="cuda"))
+    with pytest.raises(DeviceUnavailable, match="ONNX Runtime opened the graph on"):  # listed, but not used
+        check_device(Settings(device="cuda"))
 
 
 REAL_CUDA = CUDA in ort.get_available_providers()

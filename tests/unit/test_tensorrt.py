@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
+from service import runtime
 from service.manifest import read_manifest
 from service.repository import warm_sizes
 from service.runtime import (
@@ -104,11 +105,13 @@ def test_cuda_graphs_where_only_the_batch_and_a_pool_vary(caplog: pytest.LogCapt
 
 def test_tensorrt_asked_and_missing_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(runtime, "probe", lambda providers, options: None)  # CUDA works
     with pytest.raises(DeviceUnavailable, match="TensorrtExecutionProvider"):
         check_device(Settings(device="cuda", tensorrt=True))
     with pytest.raises(DeviceUnavailable, match="VITSERVE_TENSORRT=true"):
         check_device(Settings(device="auto", tensorrt=True))
-    check_device(Settings(device="cuda", tensorrt=True, cuda_fallback=True))  # allowed: a warning
+    serving = check_device(Settings(device="cuda", tensorrt=True, cuda_fallback=True))  # allowed: a warning
+    assert (serving.device, serving.tensorrt) == ("cuda", False)
     check_device(Settings(device="cpu", tensorrt=True))  # the CPU asked for: TensorRT does not apply
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
     check_device(Settings(device="cuda", tensorrt=True))
