@@ -1,5 +1,6 @@
-"""`python -m bench.gpu [--device cuda|cpu] [--size b16|tiny] [--only TABLE ...] [--json PATH]`: what
-the GPU options buy (bench/gpu.sh runs it on a fresh GPU machine). Three tables, one markdown block, naming the device:
+"""`python -m bench.gpu [--device cuda|cpu] [--size b16|tiny] [--only TABLE ...] [--results DIR]`: what
+the GPU options buy (bench/gpu.sh runs it after bench.gpu_check). Three tables, each added to
+DIR/gpu.md and DIR/gpu.json as soon as it is measured (the service's logs beside them), naming the device:
 
 - raw ONNX Runtime, a random-weight ViT-B/16 (224x224, 16x16 patches, 12 layers, 768 wide) exported
   with export/onnx_export.py: float32, float16 (export/fp16.py's conversion) and TensorRT, at batch
@@ -22,7 +23,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from bench.common import interleaved, report
+from bench.common import interleaved, markdown
 from bench.peers.load import load
 from bench.peers.photos import photos
 from bench.peers.servers import raw
@@ -41,7 +41,7 @@ from export.fp16 import to_fp16
 from export.onnx_export import OPSET, to_onnx
 from models.vit import ViT, ViTConfig
 from service.manifest import GraphSpec, Manifest, Parity, Preprocessing, TensorSpec, write_manifest
-from service.runtime import CPU, CUDA, TENSORRT, on_cuda, run, tensorrt_options
+from service.runtime import CPU, CUDA, TENSORRT, on_cuda, preload_gpu_libraries, run, tensorrt_options
 
 SIZES: dict[str, dict[str, Any]] = {
     "b16": {"vit": ViTConfig(image_size=224, patch_size=16, in_channels=3, num_classes=1000, dim=768, depth=12,
@@ -151,15 +151,16 @@ def batches_formed(url: str) -> tuple[float, float]:
 
 
 def service_rows(
-    root: Path, cfg: ViTConfig, model: Path, device: str, concurrency: list[int], seconds: float, repeats: int
-) -> list[dict[str, Any]]:
+    root: Path, cfg: ViTConfig, model: Path, device: str, concurrency: list[int], seconds: float, repeats: int,
+    logs: Path,
+) -> list[dict[str, Any]]:  # fmt: skip
     """The service under JPEG load at each concurrency, and its share of raw ONNX Runtime's images/s
     at the mean batch size it formed (the issue's target: at least 80%), raw measured after the
     service has stopped, as the service runs it (I/O binding on a GPU)."""
     requests = [raw("/v1/classify")(jpeg, "image/jpeg") for jpeg in photos()]
     env = {"VITSERVE_MODEL_REPOSITORY": str(root), "VITSERVE_DEVICE": device}
     rows = []
-    with server(["-m", "service"], env, start_s=180) as url:  # CUDA's start and warm-up at 8 batch sizes
+    with server(["-m", "service"], env, 180, logs / "service-vit.log") as url:  # CUDA's start, warm-up at 8 sizes
         for c in concurrency:
             before = batches_formed(url)
             result = load(url, requests, c, seconds, warmup=1.0)
@@ -174,15 +175,15 @@ def service_rows(
     return rows
 
 
-def generation_rows(device: str, num_images: int, repeats: int) -> list[dict[str, Any]]:
+def generation_rows(device: str, num_images: int, repeats: int, logs: Path) -> list[dict[str, Any]]:
     """The shipped Image Transformer served twice side by side, the key/value cache on the device and
     on the host (VITSERVE_DEVICE_CACHE), taking turns: one request of `num_images` at a time."""
     body = {"num_images": num_images, "seed": 0, "scale": 1}
     policy = json.dumps({"imagetransformer": {"max_batch_size": max(num_images, 32)}})
     env = {"VITSERVE_DEVICE": device, "VITSERVE_BATCH_POLICY": policy}
     with (
-        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "on"}, start_s=180) as on_device,
-        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "off"}, start_s=180) as on_host,
+        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "on"}, 180, logs / "service-pool.log") as on_device,
+        server(["-m", "service"], {**env, "VITSERVE_DEVICE_CACHE": "off"}, 180, logs / "service-host.log") as on_host,
     ):
         answers = {
             url: httpx2.post(f"{url}/v1/generate", json=body, timeout=600).json() for url in (on_device, on_host)
@@ -199,42 +200,52 @@ def generation_rows(device: str, num_images: int, repeats: int) -> list[dict[str
              "same images": same, "provider": providers}]  # fmt: skip
 
 
+class Tables:
+    """The tables measured so far, in DIR/gpu.md and DIR/gpu.json: a run cut short keeps what it made."""
+
+    def __init__(self, folder: Path, title: str, meta: dict[str, Any]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.markdown, self.json, self.tables = folder / "gpu.md", folder / "gpu.json", dict(meta)
+        self.markdown.write_text(f"## {title}\n\n")
+        print(f"\n## {title}\n", flush=True)
+
+    def add(self, title: str, rows: list[dict[str, Any]]) -> None:
+        self.tables[title] = rows
+        self.json.write_text(json.dumps(self.tables, indent=2))
+        with self.markdown.open("a") as out:
+            out.write(f"### {title}\n\n{markdown(rows)}\n\n")
+        print(f"### {title}\n\n{markdown(rows)}\n", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="b16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-images", type=int, help="generation's num_images (default: 64, tiny: 8)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/gpu.json"))
+    parser.add_argument("--results", type=Path, default=Path("bench/results/gpu"), help="gpu.md, gpu.json, logs")
     parser.add_argument("--only", nargs="+", choices=["raw", "service", "generation"], default=[],
                         help="these tables only (e.g. `--device cpu --only service`: the service's share of raw "
                         "ONNX Runtime on this CPU, without the float16 runs a CPU takes minutes for)")  # fmt: skip
     args = parser.parse_args(argv)
     wanted = set(args.only or ["raw", "service", "generation"])
     size = SIZES[args.size]
-    if args.device == "cuda" and hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where no system copy is installed
-    tables: dict[str, list[dict[str, Any]]] = {}
-    started = time.perf_counter()
+    if args.device == "cuda":
+        preload_gpu_libraries(tensorrt=True)  # as the service does: CUDA, cuDNN, TensorRT from NVIDIA's wheels
+    title = f"{device_name(args.device)}, ViT {args.size}, onnxruntime {ort.__version__}"
+    out = Tables(args.results, title, {"device": device_name(args.device), "size": args.size})
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         files = export_vit(size["vit"], Path(tmp))
         if "raw" in wanted:
-            tables["raw ONNX Runtime"] = raw_rows(size["vit"], files, args.device, size["batches"], args.repeats)
+            out.add("raw ONNX Runtime", raw_rows(size["vit"], files, args.device, size["batches"], args.repeats))
         if "service" in wanted:
             root = repository(size["vit"], files[0], Path(tmp) / "repository", max(size["concurrency"]))
-            tables["service, JPEG photos"] = service_rows(
-                root, size["vit"], files[0], args.device, size["concurrency"], size["seconds"], args.repeats
-            )
+            rows = service_rows(root, size["vit"], files[0], args.device, size["concurrency"], size["seconds"],
+                                args.repeats, args.results)  # fmt: skip
+            out.add("service, JPEG photos", rows)
     if "generation" in wanted:
-        tables["generation"] = generation_rows(args.device, args.num_images or size["num_images"], args.repeats)
-    print(f"\n## {device_name(args.device)}, ViT {args.size}, onnxruntime {ort.__version__}, "
-          f"{time.perf_counter() - started:.0f} s\n")  # fmt: skip
-    for title, rows in tables.items():
-        print(f"### {title}\n")
-        report(title, rows, None)
-        print()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"device": device_name(args.device), "size": args.size, **tables}, indent=2))
+        num_images = args.num_images or size["num_images"]
+        out.add("generation", generation_rows(args.device, num_images, args.repeats, args.results))
 
 
 if __name__ == "__main__":

@@ -1,39 +1,59 @@
 #!/usr/bin/env bash
-# bench/gpu.sh [bench.gpu options]: on a fresh GPU machine (an NVIDIA driver, Python 3.11+, the
-# network), in about 8 minutes: install the project with onnxruntime-gpu (the pin of pyproject's `gpu`
-# extra, with CUDA and cuDNN from NVIDIA's wheels) and TensorRT's wheels, run the GPU-relevant tests
-# with VITSERVE_DEVICE=cuda, then measure (python -m bench.gpu: one markdown table per figure, naming
-# the GPU). No GPU has run it yet: see the README's GPU section.
-set -euo pipefail
+# bench/gpu.sh WHEELS [RESULTS] [bench.gpu options]: the GPU check, offline. For a machine with an NVIDIA
+# driver (580 or later), Python 3.12 with torch, onnx and scikit-learn (the benchmark's export and the
+# tests use them) and no network: it installs only from the folder WHEELS, which `tools/gpu-wheels
+# WHEELS` fills on a machine with the network. Each step's output lands in RESULTS (default
+# bench/results/gpu-<time>) as it is made, gpu.log holding the whole run:
+#   1. the machine: the GPU and driver, onnxruntime's providers and the CUDA its wheel was built for;
+#   2. correctness, before any timing (python -m bench.gpu_check: check.jsonl): every shipped graph
+#      opened on CUDA with and without CUDA graphs (the nodes left on the CPU, a refused capture),
+#      replays at batch sizes 1 to 11 against the CPU provider, the device cache pool against the
+#      host cache with one seed;
+#   3. the GPU tests with VITSERVE_DEVICE=cuda (tests.xml, tests.log);
+#   4. timing (python -m bench.gpu: gpu.md, gpu.json, the services' logs), run even if 2 or 3 failed.
+# Exits 1 when a check or a test failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+wheels=$(realpath "${1:?usage: bench/gpu.sh WHEELS_DIR [RESULTS_DIR] [bench.gpu options]}")
+results=$(realpath -m "${2:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}")
+shift $(($# < 2 ? $# : 2))
+mkdir -p "$results"
+exec > >(tee -a "$results/gpu.log") 2>&1
+step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
 
-VENV=${VENV:-.venv-gpu}
-python3 -m venv "$VENV"
+step "the machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
+venv=${VENV:-$results/venv}
+python3 -m venv --system-site-packages "$venv"   # torch, onnx, scikit-learn: the machine's own
 # shellcheck disable=SC1091
-. "$VENV/bin/activate"
-pip install -q --upgrade pip
-# torch's CPU build traces the benchmark graph; of the dev tools, only pytest and the HTTP client
-dev=$(python -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]; print(" ".join(p for p in d if p.startswith(("pytest=", "httpx2="))))')
-# shellcheck disable=SC2086
-pip install -q -e '.[train]' $dev --extra-index-url https://download.pytorch.org/whl/cpu
-pin=$(python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"][0])')
-pip uninstall -q -y onnxruntime   # onnxruntime-gpu installs the same module
-pip install -q "${pin/onnxruntime-gpu/onnxruntime-gpu[cuda,cudnn]}"
-# unpinned: the TensorRT major version onnxruntime-gpu 1.32 was built with is not recorded here yet
-pip install -q tensorrt-cu12 || echo "no TensorRT wheels: the TensorRT rows will say why they are missing"
+. "$venv/bin/activate"
+has() { compgen -G "$wheels/$1" >/dev/null && echo 1 || echo 0; }
+mapfile -t requirements < <(python bench/gpu_requirements.py --cuda-libs "$(has 'nvidia_cudnn_cu*.whl')" \
+  --tensorrt "$(has 'tensorrt_cu*_libs-*.whl')")
+if ! python -m pip install -q --no-index --find-links "$wheels" "${requirements[@]}" >"$results/install.log" 2>&1; then
+  tail -20 "$results/install.log"
+  echo "the install from $wheels failed (all of it: $results/install.log)"
+  exit 1
+fi
+export PYTHONPATH=$PWD
+python - <<'PY'
+import onnxruntime as ort
+from onnxruntime.capi import build_and_package_info as built
+print("onnxruntime", ort.__version__, "built for CUDA", getattr(built, "cuda_version", "none"), ort.get_available_providers())
+PY
 
-# CUDA, cuDNN and TensorRT libraries from the wheels, for this shell and the service processes it starts
-site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-libs=$(find "$site/nvidia" "$site/tensorrt_libs" -maxdepth 2 -type d \( -name lib -o -name tensorrt_libs \) 2>/dev/null | paste -sd: - || true)
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-python -c 'import onnxruntime as ort; print("onnxruntime", ort.__version__, ort.get_available_providers())'
+status=0
+step "correctness: python -m bench.gpu_check"
+timeout 900 python -m bench.gpu_check --device cuda --results "$results" || status=1
 
-# the tests whose Settings follow VITSERVE_DEVICE (sessions, I/O binding, the cache pool, TensorRT's
-# options and its refusal), then the fp16 serving tests (on the CPU provider of onnxruntime-gpu)
-export VITSERVE_DEVICE=cuda
-tests=0
-timeout 180 python -m pytest -q tests/unit/test_runtime.py tests/unit/test_tensorrt.py \
-    tests/unit/test_cache_pool.py tests/unit/test_cuda_graphs.py tests/api/test_fp16.py || tests=$?
-timeout 330 python -m bench.gpu --device cuda --json bench/results/gpu.json "$@"
-exit "$tests"   # the measurements are printed either way; a failed test still fails the script
+step "the GPU tests, VITSERVE_DEVICE=cuda"
+VITSERVE_DEVICE=cuda timeout 900 python -m pytest -q -p no:cacheprovider --junitxml "$results/tests.xml" \
+  tests/unit/test_runtime.py tests/unit/test_tensorrt.py tests/unit/test_device_fallback.py \
+  tests/unit/test_cache_pool.py tests/unit/test_cuda_graphs.py tests/api/test_fp16.py >"$results/tests.log" 2>&1 || status=1
+tail -15 "$results/tests.log"
+
+step "timing: python -m bench.gpu"
+timeout 1200 python -m bench.gpu --device cuda --results "$results" "$@" \
+  || echo "bench.gpu stopped early: the tables it finished are in $results/gpu.md"
+step "done: $results (status $status)"
+exit "$status"

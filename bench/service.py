@@ -50,13 +50,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(args: list[str], env: dict[str, str], start_s: float = 30.0) -> Iterator[str]:
+def server(args: list[str], env: dict[str, str], start_s: float = 30.0, log: Path | None = None) -> Iterator[str]:
+    """A server process on a free port until the block ends; its output goes to `log` (else nowhere)."""
     port = free_port()
     command = [sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)]
-    environment = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **env}
-    process = subprocess.Popen(
-        command, cwd=PROJECT_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    environment = {**os.environ, "VITSERVE_LOG_LEVEL": "info" if log else "warning", **env}
+    output = log.open("ab") if log else subprocess.DEVNULL
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=environment, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(int(start_s * 10)):
@@ -71,6 +71,8 @@ def server(args: list[str], env: dict[str, str], start_s: float = 30.0) -> Itera
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if log:
+            output.close()  # type: ignore[union-attr]
 
 
 DIGITS = [png_bytes(image) for image in load_digits_data(seed=0).held_out.images]
