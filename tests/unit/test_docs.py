@@ -1,9 +1,14 @@
 """The documentation: the settings page lists every setting the service reads and is what the code
-gives now."""
+gives now; the MkDocs site builds in strict mode."""
 
 from __future__ import annotations
 
-from service.settings import Settings
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from service.settings import PROJECT_ROOT, Settings
 from tools.settings_doc import PAGE, env_name, render
 
 
@@ -15,3 +20,15 @@ def test_every_setting_is_documented() -> None:
 
 def test_settings_page_is_current() -> None:
     assert PAGE.read_text() == render(), "docs/settings.md is stale: run python -m tools.settings_doc"
+
+
+def test_site_builds_strictly(tmp_path: Path) -> None:
+    """A broken link or anchor, a missing page or a page left out of the nav fails a strict build."""
+    site = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(PROJECT_ROOT / "mkdocs.yml"),
+         "--site-dir", str(site)],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert (site / "settings" / "index.html").is_file()
