@@ -15,9 +15,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[cpu]'
 	touch $@
 
-# everything: training/export (torch, CPU build), the test tools, and Ray Serve (tests/deploy/)
+# everything: training/export (torch, CPU build), the test tools, Ray Serve (tests/deploy/) and MkDocs
+# (tests/unit/test_docs.py builds the documentation site)
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[cpu,train,hf,dev,ray]'
+	$(BIN)/pip install -q -e '.[cpu,train,hf,dev,ray,docs]'
 	touch $@ $(VENV)/.runtime
 
 # what the tests need from the system (Chromium, a compose client): installed with apt, or a

@@ -179,7 +179,7 @@ def _decode_into_array(data: bytes, drafted: Image.Image) -> Image.Image | None:
     """The pixels Pillow's draft decode would give (the same libjpeg-turbo, scale and accurate DCT:
     identical, which tests/unit/test_reduced_decode.py checks), through simplejpeg, which decodes
     straight into an array and takes the interpreter's lock back once, not once per 64 KB block: about
-    10% less time alone, far less under a busy event loop (see the README). None where simplejpeg cannot
+    10% less time alone, far less under a busy event loop (see docs/benchmarks.md). None where simplejpeg cannot
     (CMYK, a file libjpeg warns about): Pillow then decodes it, or says what is wrong."""
     if drafted.mode not in ("L", "RGB"):
         return None

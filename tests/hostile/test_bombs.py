@@ -1,6 +1,6 @@
 """The bomb suite against a real uvicorn: images within every per-image limit, sent together, must
 neither stall the event loop (`/health/live` keeps answering) nor take memory beyond the bound the
-limits give (README, "Memory"): peak resident memory <= resident memory at rest + 8 bytes x
+limits give (docs/production.md, "Memory"): peak resident memory <= resident memory at rest + 8 bytes x
 `max_decoding_pixels` (a palette image decoded, its RGB conversion and resized copies) + the bodies."""
 
 from __future__ import annotations
