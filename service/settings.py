@@ -29,10 +29,13 @@ class Settings(BaseSettings):
     model_repository: Path = Field(PROJECT_ROOT / "model_repository", description="folder of <name>/<version>/")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
-        description="auto: CUDA if onnxruntime offers it, else CPU; cuda: CUDA or refuse to start (see cuda_fallback)",
+        description="auto: CUDA where a probe graph runs on it at start, else the CPU (with a warning saying why); "
+        "cuda: CUDA or refuse to start with the reason (see cuda_fallback)",
     )
     cuda_fallback: bool = Field(
-        False, description="with device=cuda: serve on the CPU (with a warning) where CUDA is unusable, not refuse"
+        False,
+        description="serve without a GPU provider that cannot run (CUDA: on the CPU; TensorRT: on CUDA), with a "
+        "warning saying why, rather than refuse to start or fail the model",
     )
     cuda_options: CudaOptions = Field(
         default_factory=_cuda_defaults,
@@ -41,8 +44,8 @@ class Settings(BaseSettings):
     )
     tensorrt: bool = Field(
         False,
-        description="TensorRT execution provider first (then CUDA, then CPU); with device=cuda, refuse to start "
-        "where onnxruntime lacks it (unless cuda_fallback)",
+        description="TensorRT execution provider first (then CUDA, then CPU), its libraries from the `tensorrt` "
+        "extra; refuse to start where it cannot run (unless cuda_fallback)",
     )
     trt_cache_dir: Path | None = Field(
         None, description="TensorRT engine and timing caches, so a restart does not rebuild (default: "
@@ -52,7 +55,8 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(
         False,
         description="CUDA graphs (enable_cuda_graph): one captured per warmed batch size, each run padded to the "
-        "smallest that holds it; graphs with other varying axes (an imported DETR's image size) run without",
+        "smallest that holds it, one run at a time per session; warm-up always runs; graphs with other varying axes "
+        "(an imported DETR's image size) run without",
     )
     intra_op_threads: int = Field(
         0,
