@@ -20,9 +20,9 @@ import onnxruntime as ort
 
 from bench.common import interleaved, report
 from bench.service import server
-from service.manifest import read_manifest
+from service.manifest import GenerationConfig, read_manifest
 from service.repository import ServedModel, load_model
-from service.sampling import GenerationConfig, choose, finished, sample, sample_rows
+from service.sampling import choose, finished, sample, sample_rows
 from service.settings import PROJECT_ROOT, Settings
 from service.tasks import TASKS, manifest_checks
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.manifest import GraphSpec, read_manifest
+from service.manifest import GenerationConfig, GraphSpec, read_manifest
 from service.repository import load_model, warm_up, zeros
 from service.runtime import (
     CPU,
@@ -43,7 +43,7 @@ from service.runtime import (
     session_options,
     session_provider_options,
 )
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, PooledSteps, finished, sample, sample_rows
+from service.sampling import POOLED_GRAPH, CachePool, PooledSteps, finished, sample, sample_rows
 from service.settings import PROJECT_ROOT, Settings
 from service.tasks import TASKS, manifest_checks
 

@@ -34,9 +34,8 @@ from export.onnx_export import (
 from export.scenes import write_scenes
 from models.detr import DETR, DETRConfig
 from service.imaging import letterbox_size, normalize, preprocess, to_unit_array
-from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
-from service.tasks.detect import NAME as DETECTION
-from service.tasks.detect import detections
+from service.manifest import DETECTION, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.outputs import detections
 
 SCENES = Path("runs/scenes")
 

@@ -39,10 +39,8 @@ from export.onnx_export import (
     torch_outputs,
 )
 from service.imaging import Decoded, preprocess_batch
-from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.manifest import CLASSIFICATION, DETECTION, GraphSpec, Manifest, Preprocessing, TensorSpec
 from service.settings import PROJECT_ROOT
-from service.tasks.classify import NAME as CLASSIFICATION
-from service.tasks.detect import NAME as DETECTION
 
 # PIL's filter numbers, as image processors store them
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}

@@ -36,10 +36,9 @@ from export.onnx_export import (
 )
 from export.pooled import write_pooled
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
-from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
-from service.sampling import POOLED_GRAPH, GenerationConfig, cache_names, sample
-from service.tasks.generate import NAME as GENERATION
-from service.tasks.generate import levels_to_image
+from service.manifest import GENERATION, TASK_CHECKS, GenerationConfig, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.outputs import levels_to_image
+from service.sampling import POOLED_GRAPH, cache_names, sample
 
 PARITY_BATCH = 5
 
@@ -305,9 +304,8 @@ def recognition_rate(
     from service.imaging import preprocess
     from service.repository import load_model
     from service.settings import Settings
-    from service.tasks import TASKS, manifest_checks
 
-    vit = load_model(classifier, Settings(device="cpu", warmup=False), manifest_checks(TASKS))
+    vit = load_model(classifier, Settings(device="cpu", warmup=False), TASK_CHECKS)
     if vit.state != "ready" or vit.manifest is None:
         return None
     labels = np.repeat(np.arange(cfg.num_classes, dtype=np.int64), per_label)

@@ -18,10 +18,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from service.manifest import GraphSpec, Manifest, OutputParity, Parity, Preprocessing, write_manifest
+from service.manifest import TASK_CHECKS, GraphSpec, Manifest, OutputParity, Parity, Preprocessing, write_manifest
 from service.repository import load_model
 from service.settings import Settings
-from service.tasks import TASKS, manifest_checks
 
 OPSET = 18
 TRACED_BATCH = 2  # the batch size traced at export; parity runs at another one
@@ -215,7 +214,7 @@ def publish(manifest: Manifest, staged: Path, repository: Path, force: bool = Fa
     require_free(repository, manifest.name, manifest.version, force)
     write_manifest(manifest, staged)
     every_graph = Settings(device="cpu", warmup=True, device_cache="on")
-    served = load_model(staged.parent, every_graph, manifest_checks(TASKS))
+    served = load_model(staged.parent, every_graph, TASK_CHECKS)
     if served.state != "ready" or served.failed_graphs:  # an optional graph too: every graph must load
         reason = served.reason or "; ".join(f"{graph}: {why}" for graph, why in served.failed_graphs.items())
         raise ExportError(f"the service cannot load the exported model: {reason}")

@@ -30,8 +30,7 @@ from export.onnx_export import (
 )
 from models.vit import ViT, ViTConfig
 from service.imaging import normalize, preprocess, to_unit_array
-from service.manifest import GraphSpec, Manifest, Preprocessing, TensorSpec
-from service.tasks.classify import NAME as CLASSIFICATION
+from service.manifest import CLASSIFICATION, GraphSpec, Manifest, Preprocessing, TensorSpec
 
 
 @dataclass

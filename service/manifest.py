@@ -7,6 +7,7 @@ graphs it names. The highest numeric version of each model is served.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,6 +166,72 @@ class Manifest(_Strict):
     @property
     def main(self) -> GraphSpec:
         return self.graphs["main"]
+
+
+class GenerationConfig(BaseModel):
+    """The part of an Image Transformer's config that sampling needs (the manifest's `config`)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    height: int
+    width: int
+    levels: int  # the start token is `levels`
+    num_classes: int  # "no label" is `num_classes`
+    layers: int
+    heads: int
+    dim: int
+    memory: int
+
+    @property
+    def length(self) -> int:
+        return self.height * self.width
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(heads, memory, head_dim): one cache tensor per layer and per key/value, after the batch."""
+        return self.heads, self.memory, self.dim // self.heads
+
+
+# The built-in tasks, as manifests name them, and what each needs of a manifest (a task's check; a
+# task added beside them brings its own). Here, in the core, so that export names a task without
+# the service's tasks.
+CLASSIFICATION, DETECTION, GENERATION = "classification", "detection", "generation"
+
+
+def check_classification(manifest: Manifest) -> None:
+    main = manifest.main
+    if len(main.inputs) != 1 or len(main.inputs[0].shape) != 4:
+        raise ValueError("a classification graph takes one image batch [batch, channels, height, width]")
+    if main.outputs[0].shape[-1] != len(manifest.labels):
+        raise ValueError(
+            f"the graph gives {main.outputs[0].shape[-1]} logits but there are {len(manifest.labels)} labels"
+        )
+
+
+def check_detection(manifest: Manifest) -> None:
+    main = manifest.main
+    names = [t.name for t in main.outputs]
+    if len(main.inputs) != 1 or names != ["logits", "boxes"]:
+        raise ValueError("a detection graph takes one image batch and gives 'logits' and 'boxes'")
+    if main.outputs[0].shape[-1] != len(manifest.labels) + 1:
+        raise ValueError(
+            f"the graph gives {main.outputs[0].shape[-1]} classes; {len(manifest.labels)} labels + no object"
+        )
+
+
+def check_generation(manifest: Manifest) -> None:
+    cfg = GenerationConfig.model_validate(manifest.config)
+    if "step" not in manifest.graphs:
+        raise ValueError("a generation model needs a 'step' graph (cached decoding)")
+    if len(manifest.labels) != cfg.num_classes:
+        raise ValueError(f"{len(manifest.labels)} labels for {cfg.num_classes} classes")
+
+
+TASK_CHECKS: dict[str, Callable[[Manifest], None]] = {
+    CLASSIFICATION: check_classification,
+    DETECTION: check_detection,
+    GENERATION: check_generation,
+}
 
 
 def read_manifest(version_dir: Path) -> Manifest:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from service import context
 from service.batching import Batcher, Reservation
 from service.errors import ServiceError, quoted
-from service.manifest import BatchPolicy, GraphSpec, Manifest, TensorSpec, read_manifest
+from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
 from service.runtime import (
     CPU,
     GraphRun,
@@ -34,7 +34,7 @@ from service.runtime import (
     requested_providers,
     runner,
 )
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, NoFreeSlots, PooledSteps, Step, host_steps
+from service.sampling import POOLED_GRAPH, CachePool, NoFreeSlots, PooledSteps, Step, host_steps
 from service.settings import Settings
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)

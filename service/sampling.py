@@ -19,34 +19,9 @@ from functools import partial
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict
 
+from service.manifest import GenerationConfig
 from service.runtime import NUMPY_TYPES, Bound, GraphRun, Replays, bind, cuda_graph, graph_options, session_device
-
-
-class GenerationConfig(BaseModel):
-    """The part of an Image Transformer's config that sampling needs (the manifest's `config`)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    height: int
-    width: int
-    levels: int  # the start token is `levels`
-    num_classes: int  # "no label" is `num_classes`
-    layers: int
-    heads: int
-    dim: int
-    memory: int
-
-    @property
-    def length(self) -> int:
-        return self.height * self.width
-
-    @property
-    def cache_shape(self) -> tuple[int, int, int]:
-        """(heads, memory, head_dim): one cache tensor per layer and per key/value, after the batch."""
-        return self.heads, self.memory, self.dim // self.heads
-
 
 # the step graph's cache inputs and outputs, and the pooled step graph's (export/pooled.py)
 PAST, PRESENT, POOL, UPDATED, SLOTS = "past_key_values.", "present.", "pool.", "pool_updated.", "slots"

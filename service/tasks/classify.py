@@ -13,13 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from service.attention import HeadFusion, enlarged, fuse_heads, overlay, pick, rollout
 from service.imaging import resized_size
-from service.manifest import Manifest, Preprocessing
+from service.manifest import CLASSIFICATION, Preprocessing, check_classification
+from service.outputs import softmax
 from service.pipeline import Batch, ImagePipeline, ModelOptions
 from service.routes.v1 import image_route
 from service.schemas import Pair
 from service.tasks.base import Task, TensorView
 
-NAME = "classification"
+NAME = CLASSIFICATION
 
 
 class ClassifyOptions(ModelOptions):
@@ -42,12 +43,6 @@ class ClassifyResponse(BaseModel):
     )
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
-    return probs
-
-
 def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[list[Prediction]]:
     """logits `[batch, classes]` -> per image the k best labels with their probabilities."""
     probs = softmax(logits.astype(np.float64))
@@ -68,16 +63,6 @@ def classify(batch: Batch[ClassifyOptions]) -> ClassifyResponse:
     (logits,) = batch.outputs
     results = top_k(logits, batch.manifest.labels, batch.options.top_k)
     return ClassifyResponse(model=batch.model.name, results=results)
-
-
-def check_manifest(manifest: Manifest) -> None:
-    main = manifest.main
-    if len(main.inputs) != 1 or len(main.inputs[0].shape) != 4:
-        raise ValueError("a classification graph takes one image batch [batch, channels, height, width]")
-    if main.outputs[0].shape[-1] != len(manifest.labels):
-        raise ValueError(
-            f"the graph gives {main.outputs[0].shape[-1]} logits but there are {len(manifest.labels)} labels"
-        )
 
 
 CLASSIFY = ImagePipeline(NAME, ClassifyOptions, classify)
@@ -176,4 +161,4 @@ image_route(router, "/v1/classify/attention", ATTENTION, ClassifyAttentionRespon
             "the CLS token to every patch. `render` (or `Accept: image/png`, one image) answers with the "
             "heatmap.")  # fmt: skip
 
-TASK = Task(NAME, check_manifest, router, VIEW)
+TASK = Task(NAME, check_classification, router, VIEW)

@@ -26,14 +26,14 @@ from pydantic import BaseModel, Field
 from service.attention import MAX_PICTURE_PIXELS, check_picture, enlarged, heads, overlay, pick
 from service.errors import ServiceError
 from service.imaging import preprocess_batch, resized_size
-from service.manifest import Manifest, Preprocessing
+from service.manifest import DETECTION, Manifest, check_detection
+from service.outputs import Found, detections, input_scale
 from service.pipeline import Batch, Feeds, ImagePipeline, ModelOptions, model_inputs
 from service.routes.v1 import image_route
 from service.schemas import FloatPair, Pair
 from service.tasks.base import Task, TensorView
-from service.tasks.classify import softmax
 
-NAME = "detection"
+NAME = DETECTION
 
 
 class DetectOptions(ModelOptions):
@@ -58,42 +58,6 @@ class Detection(BaseModel):
 class DetectResponse(BaseModel):
     model: str
     results: list[list[Detection]] = Field(description="one list per image, in request order, best first")
-
-
-class Found(NamedTuple):
-    """One image's detections, best first."""
-
-    boxes: np.ndarray  # [n, 4] x0 y0 x1 y1 in original pixels
-    scores: np.ndarray  # [n]
-    labels: np.ndarray  # [n] class indices
-    queries: np.ndarray  # [n] the object queries they came from
-
-
-def detections(
-    logits: np.ndarray, boxes: np.ndarray, original: tuple[int, int], spec: Preprocessing, threshold: float, limit: int
-) -> Found:
-    """One image: logits `[queries, classes + 1]` (last = no object), boxes `[queries, 4]` (cx, cy, w, h
-    relative to the input) -> the detections scoring at least `threshold`, at most `limit`."""
-    probs = softmax(logits.astype(np.float64))[:, :-1]
-    labels, scores = probs.argmax(-1), probs.max(-1)
-    keep = np.flatnonzero(scores >= threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:limit]
-    cx, cy, w, h = boxes[keep].astype(np.float64).T
-    corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
-    if not spec.fixed_size:  # the input is the whole image, unpadded: as transformers, no clipping
-        return Found(corners * ([original[0], original[1]] * 2), scores[keep], labels[keep], keep)
-    height, width = spec.size
-    xyxy = corners * [width, height, width, height]
-    # input pixels -> original pixels, through the letterbox's per-axis scale
-    scale_x, scale_y = input_scale(original, spec)
-    xyxy = np.clip(xyxy / np.array([scale_x, scale_y] * 2), 0, [original[0], original[1]] * 2)
-    return Found(xyxy, scores[keep], labels[keep], keep)
-
-
-def input_scale(original: tuple[int, int], spec: Preprocessing) -> tuple[float, float]:
-    """Model-input pixels per original pixel, along x and y."""
-    inner_w, inner_h = resized_size(*original, spec)
-    return inner_w / original[0], inner_h / original[1]
 
 
 def as_response(found: Found, names: list[str]) -> list[Detection]:
@@ -139,17 +103,6 @@ def draw_boxes(batch: Batch[DetectOptions], answer: DetectResponse) -> Image.Ima
         draw.rectangle((left, top - (bottom - top), right + 2, top), fill=colour)
         draw.text((x0 + 1, y0 - (bottom - top)), text, fill=(0, 0, 0), font=font)
     return canvas
-
-
-def check_manifest(manifest: Manifest) -> None:
-    main = manifest.main
-    names = [t.name for t in main.outputs]
-    if len(main.inputs) != 1 or names != ["logits", "boxes"]:
-        raise ValueError("a detection graph takes one image batch and gives 'logits' and 'boxes'")
-    if main.outputs[0].shape[-1] != len(manifest.labels) + 1:
-        raise ValueError(
-            f"the graph gives {main.outputs[0].shape[-1]} classes; {len(manifest.labels)} labels + no object"
-        )
 
 
 def detect_inputs(batch: Batch[Any]) -> Feeds:
@@ -315,4 +268,4 @@ image_route(router, "/v1/detect/attention", ATTENTION, DetectAttentionResponse,
             "For every detection, where its object query looked (decoder cross-attention, as in the DETR paper's "
             "figures); with `point`, the encoder self-attention of the feature cell at that point.")  # fmt: skip
 
-TASK = Task(NAME, check_manifest, router, VIEW)
+TASK = Task(NAME, check_detection, router, VIEW)

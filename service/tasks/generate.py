@@ -27,14 +27,15 @@ from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError, quoted
 from service.imaging import Decoded, decode, encode_png, to_unit_array
 from service.inputs import decode_base64, json_body, json_request_body, wants_png
-from service.manifest import Manifest, Preprocessing
+from service.manifest import GENERATION, GenerationConfig, Manifest, Preprocessing, check_generation
+from service.outputs import levels_to_image
 from service.pipeline import Batch, ImagePipeline, ModelOptions
 from service.routes.v1 import image_route, json_response
-from service.sampling import GenerationConfig, finished, sample_rows
+from service.sampling import finished, sample_rows
 from service.schemas import Pair
 from service.tasks.base import Task
 
-NAME = "generation"
+NAME = GENERATION
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no cache, no proxy buffering
 log = logging.getLogger("service")
 
@@ -85,14 +86,6 @@ class ScoreResponse(BaseModel):
     results: list[Score]
 
 
-def levels_to_image(levels: np.ndarray, count: int, scale: int = 1) -> Image.Image:
-    """`[height, width]` levels in [0, count) -> an 8-bit greyscale image, enlarged `scale` times."""
-    grey = np.round(levels * (255 / (count - 1))).astype(np.uint8)
-    if scale > 1:
-        grey = grey.repeat(scale, axis=0).repeat(scale, axis=1)
-    return Image.fromarray(grey, mode="L")
-
-
 def image_to_levels(decoded: Decoded, spec: Preprocessing, count: int) -> np.ndarray:
     """A decoded image -> `[height, width]` levels, resized as the manifest says."""
     unit = to_unit_array(decoded.image, spec, decoded.size, decoded.box)
@@ -110,14 +103,6 @@ def label_index(manifest: Manifest, cfg: GenerationConfig, label: str | None) ->
     if label not in manifest.labels:
         raise ServiceError(422, "unknown_label", f"label {quoted(label)} is not one of {manifest.labels}")
     return manifest.labels.index(label)
-
-
-def check_manifest(manifest: Manifest) -> None:
-    cfg = GenerationConfig.model_validate(manifest.config)
-    if "step" not in manifest.graphs:
-        raise ValueError("a generation model needs a 'step' graph (cached decoding)")
-    if len(manifest.labels) != cfg.num_classes:
-        raise ValueError(f"{len(manifest.labels)} labels for {cfg.num_classes} classes")
 
 
 def _prime(
@@ -329,4 +314,4 @@ def _draw_pixel_attention(
     return encode_png(picture)
 
 
-TASK = Task(name=NAME, check_manifest=check_manifest, router=router)
+TASK = Task(name=NAME, check_manifest=check_generation, router=router)

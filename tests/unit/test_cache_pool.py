@@ -18,9 +18,10 @@ import pytest
 from export.onnx_export import ExportError
 from export.pooled import pooled_spec, pooled_step, write_pooled
 from service.errors import ServiceError
+from service.manifest import GenerationConfig
 from service.repository import ServedModel, load_model
 from service.runtime import CPU, requested_providers
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, PooledSteps, finished, sample, sample_rows
+from service.sampling import POOLED_GRAPH, CachePool, PooledSteps, finished, sample, sample_rows
 from service.settings import Settings
 from service.tasks import TASKS, manifest_checks
 from tests.conftest import SHIPPED_REPOSITORY, client_for

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.tasks.classify import softmax, top_k
+from service.outputs import softmax
+from service.tasks.classify import top_k
 
 LABELS = ["a", "b", "c", "d"]
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 import service.repository
 import service.sampling
-from service.manifest import read_manifest
+from service.manifest import GenerationConfig, read_manifest
 from service.repository import load_model
 from service.runtime import FixedBinding, Replays, create_session, cuda_graph, padded, run
-from service.sampling import POOLED_GRAPH, CachePool, GenerationConfig, PooledSteps, finished, sample, sample_rows
+from service.sampling import POOLED_GRAPH, CachePool, PooledSteps, finished, sample, sample_rows
 from service.settings import Settings
 from service.tasks import TASKS, manifest_checks
 from tests.conftest import SHIPPED_REPOSITORY, client_for

@@ -11,7 +11,7 @@ import torch
 from export.boxes import cxcywh_to_xyxy, generalized_iou, pairwise_iou, xyxy_to_cxcywh
 from export.matcher import HungarianMatcher
 from service.manifest import Preprocessing
-from service.tasks.detect import detections
+from service.outputs import detections
 
 
 def test_box_conversions_round_trip() -> None:

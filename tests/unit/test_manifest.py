@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.manifest import Manifest
-from service.tasks.classify import check_manifest
+from service.manifest import check_classification as check_manifest
 
 
 def manifest_dict(**overrides: Any) -> dict[str, Any]:
