@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 from service import __version__
 from service.auth import ApiKeyMiddleware
 from service.budget import ImageLimits, PixelBudget
-from service.errors import install_error_handlers
-from service.limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
+from service.error_responses import install_error_handlers
+from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
 from service.metrics import Metrics
 from service.observe import ObservingMiddleware

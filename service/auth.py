@@ -8,7 +8,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import error_response
+from service.error_responses import error_response
 from service.metrics import Metrics
 
 HEALTH = ("/health/", "/v2/health/", "/metrics")

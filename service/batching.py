@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import context
-from service.errors import ServiceError, quoted
+from service.errors import ServiceError
 from service.manifest import BatchPolicy
 from service.runtime import GraphRun
+from service.text import quoted
 
 log = logging.getLogger("service")
 

@@ -15,7 +15,7 @@ connections, so idle and slow clients cannot hold the server's descriptors away 
   `slow_body_s` (a body gets 408); only when there is none is the newcomer answered 503, and past
   a small overflow for those answers, dropped.
 
-A request's body is bounded by `BodyTimeoutMiddleware` (service/limits.py), its answer by
+A request's body is bounded by `BodyTimeoutMiddleware` (service/http_limits.py), its answer by
 `TimeoutMiddleware`. Closures are counted by reason and logged as one summary line per interval."""
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from service.budget import Abandoned, Claim, ImageLimits
 from service.context import timed
-from service.errors import ServiceError, quoted
+from service.errors import ServiceError
 from service.manifest import Preprocessing
+from service.text import quoted
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,

@@ -22,8 +22,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.codec import MAX_JSON_VALUES, CodecError, check_json_values
-from service.errors import ServiceError, quoted
+from service.errors import ServiceError
 from service.pipeline import INLINE_BYTES
+from service.text import quoted
 
 ACCEPTED = "multipart/form-data (field 'file'), image/*, or application/json {\"images\": [base64, ...]}"
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from service import context
 from service.batching import Batcher, Reservation
-from service.errors import ServiceError, quoted
+from service.errors import ServiceError
 from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
 from service.runtime import (
     CPU,
@@ -36,6 +36,7 @@ from service.runtime import (
 )
 from service.sampling import POOLED_GRAPH, CachePool, NoFreeSlots, PooledSteps, Step, host_steps
 from service.settings import Settings
+from service.text import quoted
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
 ManifestChecks = Mapping[str, Callable[[Manifest], None]]

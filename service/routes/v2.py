@@ -32,13 +32,14 @@ from service.codec import (
     requested,
 )
 from service.deps import RegistryDep, SettingsDep
-from service.errors import ServiceError, quoted
+from service.errors import ServiceError
 from service.manifest import Manifest
 from service.pipeline import INLINE_BYTES
 from service.repository import ModelRegistry, ServedModel, served
 from service.routes.v1 import parse_options
 from service.settings import Settings
 from service.tasks.base import Task, TensorView
+from service.text import quoted
 
 T = TypeVar("T")
 IMAGE_SUFFIX = "_image"

@@ -24,7 +24,7 @@ from starlette.background import BackgroundTask
 from service.attention import enlarged, heads, overlay, pick
 from service.budget import ImageLimits
 from service.deps import RegistryDep, SettingsDep
-from service.errors import ServiceError, quoted
+from service.errors import ServiceError
 from service.imaging import Decoded, decode, encode_png, to_unit_array
 from service.inputs import decode_base64, json_body, json_request_body, wants_png
 from service.manifest import GENERATION, GenerationConfig, Manifest, Preprocessing, check_generation
@@ -34,6 +34,7 @@ from service.routes.v1 import image_route, json_response
 from service.sampling import finished, sample_rows
 from service.schemas import Pair
 from service.tasks.base import Task
+from service.text import quoted
 
 NAME = GENERATION
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no cache, no proxy buffering

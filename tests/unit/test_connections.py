@@ -15,7 +15,7 @@ from service.__main__ import main
 from service.app import create_app
 from service.connections import ConnectionGuard, connection_limits
 from service.context import CLIENT_LEFT, CLOSED_EARLY
-from service.limits import BodyTimeout, BodyTimeoutMiddleware
+from service.http_limits import BodyTimeout, BodyTimeoutMiddleware
 from service.settings import Settings
 
 

@@ -8,7 +8,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ServiceError, error_response
+from service.error_responses import error_response
+from service.errors import ServiceError
 from service.metrics import Metrics
 
 
