@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.observe import ObservingMiddleware
 from service.repository import ModelRegistry
 from service.routes import health, models, page, v2
+from service.routes.v1 import task_router
 from service.runtime import check_device
 from service.settings import Settings, get_settings
 from service.tasks import TASKS, manifest_checks
@@ -72,8 +73,9 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.state.registry = ModelRegistry([])
     budget = PixelBudget(settings.max_decoding_pixels)
     app.state.image_limits = ImageLimits(
-        settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget
-    )
+        settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget,
+        max_images=settings.max_images_per_request,
+    )  # fmt: skip
     install_error_handlers(app)
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
@@ -83,7 +85,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
         app.add_middleware(ApiKeyMiddleware, key=key, protect_health=settings.auth_health, metrics=metrics)
     app.add_middleware(ObservingMiddleware, metrics=metrics)
     for task in tasks.values():  # first: routes are matched in order, and these carry the load
-        app.include_router(task.router)
+        app.include_router(task_router(task))
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(v2.router)

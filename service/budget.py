@@ -95,6 +95,7 @@ class ImageLimits:
     max_request_work: int  # pixels x passes
     budget: PixelBudget = field(compare=False)
     threads: ImageThreads = field(default_factory=ImageThreads, compare=False)
+    max_images: int = 256  # images in one request, uploaded or generated (the max_images_per_request setting)
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         """`work(*args)` in one of the image threads: off the event loop, and never too many at once."""

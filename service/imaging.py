@@ -92,19 +92,6 @@ class Opened:
         return self.image.width * self.image.height * (2 if heavy else 1)
 
 
-def decode(data: bytes, limits: ImageLimits, spec: Preprocessing | None = None) -> Decoded:
-    """Encoded bytes -> an upright 8-bit image; with `spec`, decoded no larger than that input needs.
-
-    Size is checked from the header before any pixel is decoded (no decompression bomb), and the
-    decoding waits for room in the process's pixel budget.
-    Raises ServiceError: 415 not an image, 413 too many pixels, 422 truncated or corrupt.
-    """
-    opened = open_all([data], limits)
-    with limits.claim() as claim:
-        limits.budget.take(opened[0].pixels, claim)
-        return decode_all(opened, spec, claim)[0]
-
-
 def open_image(data: bytes, max_pixels: int) -> Opened:
     """Reads and checks the header: 422 empty, 415 not an image, 413 too many pixels, 422 too many scans."""
     if not data:
@@ -360,7 +347,7 @@ def open_all(images: list[bytes], limits: ImageLimits) -> list[Opened]:
     """Every image of a request, its header read and checked (see `open_image`), and all of them
     together within the request's limits."""
     with timed("decode"):
-        opened = _each(images, lambda data: open_image(data, limits.max_image_pixels))
+        opened = _per_image(images, lambda data: open_image(data, limits.max_image_pixels))
         limits.check_request(opened)
         return opened
 
@@ -375,14 +362,14 @@ def decode_all(images: list[Opened], spec: Preprocessing | None, claim: Claim | 
         return decode_opened(opened, spec)
 
     with timed("decode"):
-        return _each(images, decode_one)
+        return _per_image(images, decode_one)
 
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _each(items: list[T], work: Callable[[T], R]) -> list[R]:
+def _per_image(items: list[T], work: Callable[[T], R]) -> list[R]:
     """`work` on every image in turn; an error names the bad image when there are several."""
     results = []
     for index, item in enumerate(items):

@@ -1,12 +1,13 @@
-"""The one pipeline every image endpoint runs: pick the model, decode, preprocess, run a graph
-through the model's batcher, postprocess. A task writes each stage once, as an `ImagePipeline`;
-the /v1 routes, the /v2 image views and the attention routes only adapt requests to it and its
-answer to their format. Nothing here knows HTTP."""
+"""The pipelines every model endpoint runs: pick the model, decode the request's images, preprocess,
+run a graph through the model's batcher (or, for generation, its shared decoding steps),
+postprocess. A task writes each stage once, as an `ImagePipeline` or a `StreamPipeline`; the /v1
+routes, the /v2 image views and the attention routes only adapt requests to it and its answer to
+their format. Nothing here knows HTTP."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -34,8 +35,8 @@ A = TypeVar("A", bound=BaseModel)  # its answer
 
 
 @dataclass(slots=True)
-class Batch(Generic[Opts]):
-    """One request's images on their way through the stages."""
+class Job(Generic[Opts]):
+    """One request on its way through the stages: its model, options, images and outputs."""
 
     model: ServedModel
     manifest: Manifest
@@ -45,7 +46,7 @@ class Batch(Generic[Opts]):
     outputs: list[np.ndarray] = field(default_factory=list)
 
 
-def model_inputs(batch: Batch[Any]) -> dict[str, np.ndarray]:
+def model_inputs(batch: Job[Any]) -> dict[str, np.ndarray]:
     """The default preprocessing: the manifest's recipe, stacked as the graph's one image input."""
     spec = batch.manifest.graphs[batch.graph].inputs[0]
     return {spec.name: preprocess_batch(batch.images, batch.manifest.preprocessing)}
@@ -85,32 +86,23 @@ class ImagePipeline(Generic[Opts, A]):
 
     task: str  # the manifest's task this pipeline serves
     options: type[Opts]
-    postprocess: Callable[[Batch[Opts]], A]  # the graph's outputs -> the answer
+    postprocess: Callable[[Job[Opts]], A]  # the graph's outputs -> the answer
     graph: str = "main"
-    preprocess: Callable[[Batch[Opts]], Feeds] = model_inputs  # decoded images -> the graph's inputs
-    render: Callable[[Batch[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
+    preprocess: Callable[[Job[Opts]], Feeds] = model_inputs  # decoded images -> the graph's inputs
+    render: Callable[[Job[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
 
     async def __call__(
         self, registry: ModelRegistry, images: list[bytes], options: Opts, limits: ImageLimits, full_size: bool = False
-    ) -> tuple[Batch[Opts], A]:
+    ) -> tuple[Job[Opts], A]:
         """Runs every stage. `full_size`: decode at the original size (for pictures drawn over the
         image), not at the reduced scale the model input allows. The request's pixels count against
         the process's budget until it has its answer."""
-        model = registry.resolve(options.model, self.task, self.graph)
-        assert model.manifest is not None  # resolve returns ready models only
-        batch = Batch(model, model.manifest, options, self.graph)
+        job = start_job(registry, self.task, self.graph, options)
         with limits.claim() as claim:
-            if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
-                feeds = await limits.run(self._open_and_prepare, batch, images, limits, claim, full_size)
-            else:
-                opened = open_all(images, limits)
-                if sum(image.pixels for image in opened) > INLINE_PIXELS:
-                    feeds = await limits.run(self._prepare, batch, opened, limits, claim, full_size)
-                else:  # a few thousand pixels: not worth the budget's lock
-                    feeds = self._prepare(batch, opened, None, None, full_size)
-            batch.outputs = await self._run(model, feeds)
+            feeds = await decoded(job, images, limits, claim, full_size, self.preprocess)
+            job.outputs = await self._run(job.model, feeds)
             with timed("postprocess"):
-                return batch, self.postprocess(batch)
+                return job, self.postprocess(job)
 
     async def _run(self, model: ServedModel, feeds: Feeds) -> list[np.ndarray]:
         """The graph's outputs, in float32 whatever precision the graph ran in (the stages after it
@@ -120,21 +112,78 @@ class ImagePipeline(Generic[Opts, A]):
         runs = await asyncio.gather(*(model.run(feed, graph=self.graph) for feed in feeds))
         return [ragged([_float32(run[k]) for run in runs]) for k in range(len(runs[0]))]
 
-    def _open_and_prepare(
-        self, batch: Batch[Opts], images: list[bytes], limits: ImageLimits, claim: Claim, full_size: bool
-    ) -> Feeds:
-        return self._prepare(batch, open_all(images, limits), limits, claim, full_size)
 
-    def _prepare(
-        self,
-        batch: Batch[Opts],
-        images: list[Opened],
-        limits: ImageLimits | None,
-        claim: Claim | None,
-        full_size: bool,
-    ) -> Feeds:
-        if limits is not None and claim is not None:  # waits here, in a worker thread, for room
-            limits.budget.take(sum(image.pixels for image in images), claim)
-        batch.images = decode_all(images, None if full_size else batch.manifest.preprocessing, claim)
-        with timed("preprocess"):
-            return self.preprocess(batch)
+def start_job(registry: ModelRegistry, task: str, graph: str, options: Opts) -> Job[Opts]:
+    """The request's model (the one it names, or the first ready one of the task; 404 or 503 else)."""
+    model = registry.resolve(options.model, task, graph)
+    assert model.manifest is not None  # resolve returns ready models only
+    return Job(model, model.manifest, options, graph)
+
+
+P = TypeVar("P")  # what a preprocess makes of a job's decoded images
+
+
+async def decoded(
+    job: Job[Opts], images: list[bytes], limits: ImageLimits, claim: Claim, full_size: bool,
+    preprocess: Callable[[Job[Opts]], P],
+) -> P:  # fmt: skip
+    """The one image path: each image's header checked, its pixels taken from the process's budget,
+    decoded (at the reduced scale the model's input allows, unless `full_size`) into `job.images`,
+    then `preprocess(job)`. Off the event loop where the images are big."""
+    if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
+        return await limits.run(_open_and_prepare, job, images, limits, claim, full_size, preprocess)
+    opened = open_all(images, limits)
+    if sum(image.pixels for image in opened) > INLINE_PIXELS:
+        return await limits.run(_prepare, job, opened, limits, claim, full_size, preprocess)
+    return _prepare(job, opened, None, None, full_size, preprocess)  # a few thousand pixels: not worth the lock
+
+
+def _open_and_prepare(
+    job: Job[Opts], images: list[bytes], limits: ImageLimits, claim: Claim, full_size: bool,
+    preprocess: Callable[[Job[Opts]], P],
+) -> P:  # fmt: skip
+    return _prepare(job, open_all(images, limits), limits, claim, full_size, preprocess)
+
+
+def _prepare(
+    job: Job[Opts], images: list[Opened], limits: ImageLimits | None, claim: Claim | None, full_size: bool,
+    preprocess: Callable[[Job[Opts]], P],
+) -> P:  # fmt: skip
+    if limits is not None and claim is not None:  # waits here, in a worker thread, for room
+        limits.budget.take(sum(image.pixels for image in images), claim)
+    job.images = decode_all(images, None if full_size else job.manifest.preprocessing, claim)
+    with timed("preprocess"):
+        return preprocess(job)
+
+
+@dataclass
+class Stream(Generic[A]):
+    """A generation under way: its rows as they are decoded, then its answer. It holds the model's
+    queue room and cache slots until `release` (idempotent), however it ends."""
+
+    count: int  # images generated together
+    rows: AsyncIterator[tuple[int, np.ndarray]]  # (row just decoded, every image's levels so far)
+    answer: Callable[[np.ndarray], A]  # every image's levels -> the answer (PNG encoding: heavy)
+    picture: Callable[[np.ndarray], Image.Image]  # the first image, for a PNG answer
+    grey: Callable[[np.ndarray], np.ndarray]  # levels -> grey values 0-255, for rows shown as they come
+    release: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class StreamPipeline(Generic[Opts, P, A]):
+    """A task's stages for a generation: pick the model, decode the request's images (a prime to
+    complete, say) by the one image path, preprocess them, then `start` its steps through the
+    model's shared decoding."""
+
+    task: str
+    options: type[Opts]
+    preprocess: Callable[[Job[Opts]], P]  # decoded images -> what `start` takes
+    start: Callable[[Job[Opts], P, ImageLimits], Stream[A]]
+
+    async def __call__(
+        self, registry: ModelRegistry, images: list[bytes], options: Opts, limits: ImageLimits
+    ) -> Stream[A]:
+        job = start_job(registry, self.task, "main", options)
+        with limits.claim() as claim:
+            prepared = await decoded(job, images, limits, claim, False, self.preprocess)
+        return self.start(job, prepared, limits)

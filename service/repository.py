@@ -98,7 +98,7 @@ class ServedModel:
         with context.timed("inference"):
             return await asyncio.get_running_loop().run_in_executor(self.executor, self.runs[graph], feeds)
 
-    def decoding(self, cfg: GenerationConfig, batch: int) -> Decoding:
+    def sampler(self, cfg: GenerationConfig, batch: int) -> Sampler:
         """Steps for a generation of `batch` images, sharing runs with other generations: with the
         caches in the device's pool where the model has one, else on the host. It holds its queue
         room (503 here if there is none: never a stream broken off half-way) and its slots until
@@ -109,7 +109,7 @@ class ServedModel:
         release_room = reservation.release if reservation else None
         run = partial(self.run, graph=graph, reservation=reservation)
         if pool is None:
-            return Decoding(host_steps(run, cfg, batch), [release_room] if release_room else [])
+            return Sampler(host_steps(run, cfg, batch), [release_room] if release_room else [])
         try:
             slots = pool.acquire(batch)
         except NoFreeSlots:  # only without batching: the batcher's queue room bounds the slots in use
@@ -118,11 +118,11 @@ class ServedModel:
             raise ServiceError(503, "overloaded", f"model {self.name!r} has {len(pool.free)} of its {pool.capacity} "
                                "cache slots free; retry shortly", {"Retry-After": "1"}) from None  # fmt: skip
         steps = PooledSteps(run, pool, slots, then=release_room)  # the room goes back with the slots
-        return Decoding(steps, [steps.release])
+        return Sampler(steps, [steps.release])
 
 
 @dataclass
-class Decoding:
+class Sampler:
     """A generation's steps (tokens -> logits), and what it holds until `release` (idempotent)."""
 
     step: Step
@@ -152,19 +152,22 @@ def check_graph(session: ort.InferenceSession, spec: GraphSpec) -> None:
                 raise ValueError(f"{spec.file}: {kind} {a.name} has shape {a.shape}, the manifest says {p.shape}")
 
 
-def fed(spec: GraphSpec) -> list[TensorSpec]:
+def request_inputs(spec: GraphSpec) -> list[TensorSpec]:
     """The inputs requests feed: all but a pool (axis "capacity"), which its runner binds itself."""
     return [t for t in spec.inputs if "capacity" not in t.shape]
 
 
 def batchable(spec: GraphSpec) -> bool:
     """Requests can share a run when every input they feed has the batch as its first axis."""
-    return all(t.shape and t.shape[0] == "batch" for t in fed(spec))
+    return all(t.shape and t.shape[0] == "batch" for t in request_inputs(spec))
 
 
 def zeros(spec: GraphSpec, batch: int) -> dict[str, np.ndarray]:
     """Feeds of zeros for `batch` images (every free axis `batch` long)."""
-    return {t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype) for t in fed(spec)}
+    return {
+        t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype)
+        for t in request_inputs(spec)
+    }
 
 
 def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int = 1) -> None:
@@ -183,7 +186,7 @@ def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int =
 HEAVY_RUN_S = 0.02
 
 
-def heavy(session: ort.InferenceSession, spec: GraphSpec, settings: Settings) -> bool:
+def deserves_every_core(session: ort.InferenceSession, spec: GraphSpec, settings: Settings) -> bool:
     """Whether the graph deserves every core: no thread count set, on the CPU, a core to gain, and a
     one-image run (the second: the first pays for allocations) over HEAVY_RUN_S. Graphs with free
     axes besides the batch (an imported DETR's image size) are not probed: zeros of side 1 would not
@@ -229,7 +232,7 @@ def latest_version(model_dir: Path) -> Path:
 OPTIONAL_GRAPHS = {"attention", POOLED_GRAPH}
 
 
-def wanted(graph: str, settings: Settings) -> bool:
+def should_load(graph: str, settings: Settings) -> bool:
     """The pooled step graph is loaded where its cache pool is asked for: `device_cache` on, or auto
     and on a GPU (on the CPU the host's cache costs no bus; the step graph serves then)."""
     if graph != POOLED_GRAPH or settings.device_cache == "on":
@@ -244,7 +247,7 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
     session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
     check_graph(session, spec)
-    if settings.warmup and heavy(session, spec, settings):
+    if settings.warmup and deserves_every_core(session, spec, settings):
         log.info("model %s: %s is heavy, ONNX Runtime gets every core", model.name, spec.file)
         threads = every_core(settings.workers)
         del session  # its weights go before the second session's come: one copy at a time
@@ -281,7 +284,7 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
         policy = batch_policy(manifest, settings)
         model.executor = ThreadPoolExecutor(len(manifest.graphs), thread_name_prefix=f"infer-{model.name}")
         for graph, spec in manifest.graphs.items():
-            if not wanted(graph, settings):
+            if not should_load(graph, settings):
                 continue
             try:
                 load_graph(model, graph, spec, settings, policy)
@@ -316,7 +319,7 @@ def _reason(exc: Exception, repository: Path) -> str:
     return " ".join(text)[:500].replace(f"{repository.resolve()}/", "").replace(f"{repository}/", "")
 
 
-def served(model: ServedModel) -> ServedModel:
+def mark_served(model: ServedModel) -> ServedModel:
     """Marks the current request as served by `model` (for its metrics), and returns it."""
     context.served_by(model.name, model.providers[0] if model.providers else "")
     return model
@@ -355,23 +358,28 @@ class ModelRegistry:
                                f"{model.failed_graphs[graph]}")  # fmt: skip
         if graph not in model.sessions:
             raise ServiceError(422, f"no_{graph}_graph", f"model {model.name!r} was exported without a {graph!r} graph")
-        return served(model)
+        return mark_served(model)
 
     def _pick(self, name: str | None, task: str) -> ServedModel:
-        if name is None:
-            candidates = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
-            ready = [m for m in candidates if m.state == "ready"]
-            if ready:
-                return ready[0]
-            failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]
-            if failed:
-                raise ServiceError(503, "model_not_ready", f"no {task} model is ready ({'; '.join(failed)})")
-            raise ServiceError(404, "no_model", f"the repository has no {task} model")
+        if name is not None:
+            model = self.named(name)
+            if model.manifest is not None and model.manifest.task != task:
+                raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
+            return model
+        candidates = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
+        ready = [m for m in candidates if m.state == "ready"]
+        if ready:
+            return ready[0]
+        failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]
+        if failed:
+            raise ServiceError(503, "model_not_ready", f"no {task} model is ready ({'; '.join(failed)})")
+        raise ServiceError(404, "no_model", f"the repository has no {task} model")
+
+    def named(self, name: str) -> ServedModel:
+        """The model of that name, ready: 404 where there is none, 503 where it is not ready."""
         model = self.models.get(name)
         if model is None:
-            raise ServiceError(404, "unknown_model", f"no model named {quoted(name)}; models: {sorted(self.models)}")
+            raise ServiceError(404, "unknown_model", f"unknown model {quoted(name)}; models: {sorted(self.models)}")
         if model.state != "ready" or model.manifest is None:
             raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
-        if model.manifest.task != task:
-            raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
         return model

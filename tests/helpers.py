@@ -12,6 +12,8 @@ from PIL import Image
 
 from export.data import load_digits_data
 from service.budget import ImageLimits, PixelBudget
+from service.imaging import Decoded, decode_all, open_all
+from service.manifest import Preprocessing
 
 
 def png_bytes(image: Image.Image, **params: object) -> bytes:
@@ -58,3 +60,12 @@ def triton_images(images: list[bytes], parameters: dict[str, object] | None = No
 def limits(max_pixels: int = 10**8) -> ImageLimits:
     """Image limits for direct calls: `max_pixels` per image, room for many such images."""
     return ImageLimits(max_pixels, 10**10, 10**12, PixelBudget(10**10))
+
+
+def decode_one(data: bytes, limits: ImageLimits, spec: Preprocessing | None = None) -> Decoded:
+    """One image through the service's decode steps (header checks, the pixel budget, reduced-scale
+    decoding for `spec`), as the pipeline takes them."""
+    opened = open_all([data], limits)
+    with limits.claim() as claim:
+        limits.budget.take(opened[0].pixels, claim)
+        return decode_all(opened, spec, claim)[0]

@@ -35,10 +35,10 @@ from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
 from service.manifest import Manifest
 from service.pipeline import INLINE_BYTES
-from service.repository import ModelRegistry, ServedModel, served
-from service.routes.v1 import parse_options
+from service.repository import ModelRegistry, ServedModel, mark_served
+from service.routes.options import parse_options
 from service.settings import Settings
-from service.tasks.base import Task, TensorView
+from service.tasks.base import ImageView, Task
 from service.text import quoted
 
 T = TypeVar("T")
@@ -84,10 +84,10 @@ def _invalid(exc: RequestValidationError, most: int = 3) -> str:
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)
 
 
-class View:
+class ProtocolModel:
     """One model as the protocol sees it: a raw graph, or the image view of a vision model."""
 
-    def __init__(self, model: ServedModel, image: TensorView[Any] | None = None) -> None:
+    def __init__(self, model: ServedModel, image: ImageView[Any] | None = None) -> None:
         self.model, self.image = model, image
         assert model.manifest is not None
         self.manifest = model.manifest
@@ -120,27 +120,28 @@ def _tensor_meta(name: str, dtype: str, shape: list[int | str]) -> dict[str, Any
     return {"name": name, "datatype": FROM_MANIFEST[dtype], "shape": [d if isinstance(d, int) else -1 for d in shape]}
 
 
-def _image_view(tasks: dict[str, Task], model: ServedModel) -> TensorView[Any] | None:
+def _image_view(tasks: dict[str, Task], model: ServedModel) -> ImageView[Any] | None:
     task = tasks.get(model.manifest.task) if model.manifest else None
     return task.view if task else None
 
 
-def find_view(registry: ModelRegistry, tasks: dict[str, Task], name: str, version: str | None = None) -> View:
+def protocol_model(
+    registry: ModelRegistry, tasks: dict[str, Task], name: str, version: str | None = None
+) -> ProtocolModel:
     image = name.endswith(IMAGE_SUFFIX) and name[: -len(IMAGE_SUFFIX)] in registry.models
-    model = registry.models.get(name[: -len(IMAGE_SUFFIX)] if image else name)
-    if model is None or (image and model.manifest and _image_view(tasks, model) is None):
-        raise ServiceError(404, "unknown_model", f"unknown model {quoted(name)}")
-    if model.state != "ready" or model.manifest is None:
-        raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
+    model = registry.named(name[: -len(IMAGE_SUFFIX)] if image else name)  # the registry's 404 and 503
+    if image and _image_view(tasks, model) is None:
+        raise ServiceError(404, "unknown_model", f"model {quoted(model.name)} has no image view")
+    assert model.manifest is not None
     if version is not None and version != str(model.manifest.version):
         raise ServiceError(404, "unknown_version", f"model {quoted(name)} has no version {quoted(version)}")
-    return View(served(model), _image_view(tasks, model) if image else None)
+    return ProtocolModel(mark_served(model), _image_view(tasks, model) if image else None)
 
 
-def views(registry: ModelRegistry, tasks: dict[str, Task]) -> list[View]:
+def protocol_models(registry: ModelRegistry, tasks: dict[str, Task]) -> list[ProtocolModel]:
     ready = [m for m in registry.models.values() if m.state == "ready" and m.manifest]
-    images = [View(m, view) for m in ready if (view := _image_view(tasks, m))]
-    return [View(m) for m in ready] + images
+    images = [ProtocolModel(m, view) for m in ready if (view := _image_view(tasks, m))]
+    return [ProtocolModel(m) for m in ready] + images
 
 
 # server and model endpoints -------------------------------------------------------------------------
@@ -153,7 +154,7 @@ async def server_metadata(registry: RegistryDep, tasks: TasksDep) -> dict[str, A
         "name": "vitserve",
         "version": __version__,
         "extensions": ["binary_tensor_data"],
-        "models": [v.name for v in views(registry, tasks)],
+        "models": [v.name for v in protocol_models(registry, tasks)],
     }
 
 
@@ -201,14 +202,14 @@ async def ready(request: Request, registry: RegistryDep, response: Response) -> 
 async def model_metadata(
     registry: RegistryDep, tasks: TasksDep, name: str, version: str | None = None
 ) -> dict[str, Any]:
-    return find_view(registry, tasks, name, version).metadata()
+    return protocol_model(registry, tasks, name, version).metadata()
 
 
 @router.get("/models/{name}/ready", responses=MODEL_READY_ERRORS)
 @router.get("/models/{name}/versions/{version}/ready", responses=MODEL_READY_ERRORS)
 async def model_ready(registry: RegistryDep, tasks: TasksDep, name: str, version: str | None = None) -> ModelReady:
     """`{"name": ..., "ready": true}`; 404 for an unknown model or version, 503 for one not loaded."""
-    return ModelReady(name=find_view(registry, tasks, name, version).name, ready=True)
+    return ModelReady(name=protocol_model(registry, tasks, name, version).name, ready=True)
 
 
 # inference ----------------------------------------------------------------------------------------
@@ -286,7 +287,7 @@ async def infer(
 ) -> Response:
     """Inference with JSON tensors, or Triton's binary tensor data extension (the JSON header's
     length in `Inference-Header-Content-Length`, raw tensors after it)."""
-    view = find_view(registry, tasks, name, version)
+    view = protocol_model(registry, tasks, name, version)
     body = await request.body()
     # big tensors parse, check and encode off the event loop (a long JSON tensor takes a second)
     parsed = await _off_loop(len(body) > INLINE_BYTES, parse_request, body, header_length)
@@ -352,8 +353,8 @@ PROTOCOL_PARAMETERS = {"binary_data_output", "priority", "timeout", "sequence_id
 
 async def infer_images(
     registry: ModelRegistry,
-    view: View,
-    image: TensorView[Any],
+    view: ProtocolModel,
+    image: ImageView[Any],
     parsed: InferRequest,
     settings: Settings,
     limits: ImageLimits,

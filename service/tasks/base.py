@@ -1,5 +1,6 @@
-"""What a task contributes to the service: its manifest check, its routes (built by the adapters
-in service/routes over its pipelines), and optionally a /v2 image view."""
+"""What a task declares: the manifests it serves, its routes (each a pipeline and its answer), and
+optionally a /v2 image view. The adapters build every HTTP route from these declarations
+(service/routes/v1.py, service/routes/v2.py); a task imports no web framework and no adapter."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from dataclasses import dataclass
 from typing import Any, Generic
 
 import numpy as np
-from fastapi import APIRouter
+from pydantic import BaseModel
 
 from service.manifest import Manifest
-from service.pipeline import A, ImagePipeline
+from service.pipeline import A, ImagePipeline, StreamPipeline
 
 
 @dataclass(frozen=True)
-class TensorView(Generic[A]):
+class ImageView(Generic[A]):
     """A task's /v2 image view: encoded images in (a BYTES input `image`), its pipeline's answer
     out as named tensors."""
 
@@ -25,9 +26,22 @@ class TensorView(Generic[A]):
 
 
 @dataclass(frozen=True)
+class Route:
+    """`POST path` on /v1, running `pipeline`. Its images come as uploads (multipart `file` fields,
+    a raw image body, or JSON `{"images": [...]}`, options in the query string or the body), or,
+    where `image_field` is set, as base64 in that field of a JSON body that holds the options."""
+
+    path: str
+    pipeline: ImagePipeline[Any, Any] | StreamPipeline[Any, Any, Any]
+    answer: type[BaseModel]
+    description: str
+    image_field: str | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     name: str  # the manifest's `task`
     # raises ValueError when a manifest (already valid in general) does not suit this task
     check_manifest: Callable[[Manifest], None]
-    router: APIRouter
-    view: TensorView[Any] | None = None
+    routes: tuple[Route, ...]
+    view: ImageView[Any] | None = None

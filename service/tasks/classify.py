@@ -7,7 +7,6 @@ import math
 from typing import Literal
 
 import numpy as np
-from fastapi import APIRouter
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -15,10 +14,9 @@ from service.attention import HeadFusion, enlarged, fuse_heads, overlay, pick, r
 from service.imaging import resized_size
 from service.manifest import CLASSIFICATION, Preprocessing, check_classification
 from service.outputs import softmax
-from service.pipeline import Batch, ImagePipeline, ModelOptions
-from service.routes.v1 import image_route
+from service.pipeline import ImagePipeline, Job, ModelOptions
 from service.schemas import Pair
-from service.tasks.base import Task, TensorView
+from service.tasks.base import ImageView, Route, Task
 
 NAME = CLASSIFICATION
 
@@ -59,10 +57,10 @@ def top_k(logits: np.ndarray, labels: list[str], k: int) -> list[list[Prediction
 _RANKED = TypeAdapter(list[list[Prediction]])
 
 
-def classify(batch: Batch[ClassifyOptions]) -> ClassifyResponse:
-    (logits,) = batch.outputs
-    results = top_k(logits, batch.manifest.labels, batch.options.top_k)
-    return ClassifyResponse(model=batch.model.name, results=results)
+def classify(job: Job[ClassifyOptions]) -> ClassifyResponse:
+    (logits,) = job.outputs
+    results = top_k(logits, job.manifest.labels, job.options.top_k)
+    return ClassifyResponse(model=job.model.name, results=results)
 
 
 CLASSIFY = ImagePipeline(NAME, ClassifyOptions, classify)
@@ -75,7 +73,7 @@ def as_tensors(answer: ClassifyResponse) -> dict[str, np.ndarray]:
     return {"label": labels, "score": scores}
 
 
-VIEW = TensorView(
+VIEW = ImageView(
     CLASSIFY,
     outputs=[{"name": "label", "datatype": "BYTES", "shape": [-1, -1]},
              {"name": "score", "datatype": "FP32", "shape": [-1, -1]}],
@@ -125,12 +123,12 @@ def cls_map(attention: np.ndarray, options: ClassifyAttentionOptions, prefix: in
     return patches
 
 
-def attention(batch: Batch[ClassifyAttentionOptions]) -> ClassifyAttentionResponse:
-    logits, maps = batch.outputs
-    grids = [cls_map(a, batch.options, batch.manifest.prefix_tokens) for a in maps]
-    best = [top[0] for top in top_k(logits, batch.manifest.labels, 1)]
+def attention(job: Job[ClassifyAttentionOptions]) -> ClassifyAttentionResponse:
+    logits, maps = job.outputs
+    grids = [cls_map(a, job.options, job.manifest.prefix_tokens) for a in maps]
+    best = [top[0] for top in top_k(logits, job.manifest.labels, 1)]
     results = [ClassAttention(label=b.label, score=b.score, map=m.tolist()) for b, m in zip(best, grids, strict=True)]
-    return ClassifyAttentionResponse(model=batch.model.name, method=batch.options.method, grid=grids[0].shape,
+    return ClassifyAttentionResponse(model=job.model.name, method=job.options.method, grid=grids[0].shape,
                                      results=results)  # fmt: skip
 
 
@@ -145,20 +143,19 @@ def seen(image: Image.Image, spec: Preprocessing) -> Image.Image:
                        round(min(left + crop_w, width) * x), round(min(top + crop_h, height) * y)))  # fmt: skip
 
 
-def draw_attention(batch: Batch[ClassifyAttentionOptions], answer: ClassifyAttentionResponse) -> Image.Image:
+def draw_attention(job: Job[ClassifyAttentionOptions], answer: ClassifyAttentionResponse) -> Image.Image:
     """The first image's map as a heatmap over the part of it the model saw."""
-    image = seen(batch.images[0].image, batch.manifest.preprocessing)
-    return overlay(enlarged(image, batch.options.scale), np.asarray(answer.results[0].map))
+    image = seen(job.images[0].image, job.manifest.preprocessing)
+    return overlay(enlarged(image, job.options.scale), np.asarray(answer.results[0].map))
 
 
 ATTENTION = ImagePipeline(NAME, ClassifyAttentionOptions, attention, graph="attention", render=draw_attention)
 
-router = APIRouter(tags=["classification"])
-image_route(router, "/v1/classify", CLASSIFY, ClassifyResponse,
-            "Classify one or more images. Options go in the query string, or as form fields / JSON keys.")  # fmt: skip
-image_route(router, "/v1/classify/attention", ATTENTION, ClassifyAttentionResponse,
-            "Where the ViT looked: attention rollout (Abnar & Zuidema 2020) or a layer's raw attention, from "
-            "the CLS token to every patch. `render` (or `Accept: image/png`, one image) answers with the "
-            "heatmap.")  # fmt: skip
-
-TASK = Task(NAME, check_classification, router, VIEW)
+ROUTES = (
+    Route("/v1/classify", CLASSIFY, ClassifyResponse,
+          "Classify one or more images. Options go in the query string, or as form fields / JSON keys."),
+    Route("/v1/classify/attention", ATTENTION, ClassifyAttentionResponse,
+          "Where the ViT looked: attention rollout (Abnar & Zuidema 2020) or a layer's raw attention, from the "
+          "CLS token to every patch. `render` (or `Accept: image/png`, one image) answers with the heatmap."),
+)  # fmt: skip
+TASK = Task(NAME, check_classification, ROUTES, VIEW)

@@ -19,7 +19,6 @@ import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
-from fastapi import APIRouter
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, Field
 
@@ -28,10 +27,9 @@ from service.errors import ServiceError
 from service.imaging import preprocess_batch, resized_size
 from service.manifest import DETECTION, Manifest, check_detection
 from service.outputs import Found, detections, input_scale
-from service.pipeline import Batch, Feeds, ImagePipeline, ModelOptions, model_inputs
-from service.routes.v1 import image_route
+from service.pipeline import Feeds, ImagePipeline, Job, ModelOptions, model_inputs
 from service.schemas import FloatPair, Pair
-from service.tasks.base import Task, TensorView
+from service.tasks.base import ImageView, Route, Task
 
 NAME = DETECTION
 
@@ -67,26 +65,26 @@ def as_response(found: Found, names: list[str]) -> list[Detection]:
     ]
 
 
-def detect(batch: Batch[DetectOptions]) -> DetectResponse:
-    logits, boxes = batch.outputs
-    spec, options = batch.manifest.preprocessing, batch.options
+def detect(job: Job[DetectOptions]) -> DetectResponse:
+    logits, boxes = job.outputs
+    spec, options = job.manifest.preprocessing, job.options
     results = [
         as_response(
             detections(logits[i], boxes[i], image.size, spec, options.threshold, options.max_detections),
-            batch.manifest.labels,
+            job.manifest.labels,
         )
-        for i, image in enumerate(batch.images)
+        for i, image in enumerate(job.images)
     ]
-    return DetectResponse(model=batch.model.name, results=results)
+    return DetectResponse(model=job.model.name, results=results)
 
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]  # fmt: skip
 
 
-def draw_boxes(batch: Batch[DetectOptions], answer: DetectResponse) -> Image.Image:
+def draw_boxes(job: Job[DetectOptions], answer: DetectResponse) -> Image.Image:
     """The first image with each box outlined and labelled; small images are enlarged to be seen."""
-    image, found = batch.images[0].image, answer.results[0]
+    image, found = job.images[0].image, answer.results[0]
     fits = math.isqrt(MAX_PICTURE_PIXELS // (image.width * image.height))  # a thin image is not enlarged past it
     scale = max(1, min(256 // max(min(image.size), 1), fits))
     check_picture(image.width * scale, image.height * scale)
@@ -105,13 +103,13 @@ def draw_boxes(batch: Batch[DetectOptions], answer: DetectResponse) -> Image.Ima
     return canvas
 
 
-def detect_inputs(batch: Batch[Any]) -> Feeds:
+def detect_inputs(job: Job[Any]) -> Feeds:
     """The manifest's recipe; images kept at their own size (shortest_edge) each get their own input."""
-    spec = batch.manifest.preprocessing
+    spec = job.manifest.preprocessing
     if spec.fixed_size:
-        return model_inputs(batch)
-    name = batch.manifest.graphs[batch.graph].inputs[0].name
-    return [{name: preprocess_batch([image], spec)} for image in batch.images]
+        return model_inputs(job)
+    name = job.manifest.graphs[job.graph].inputs[0].name
+    return [{name: preprocess_batch([image], spec)} for image in job.images]
 
 
 DETECT = ImagePipeline(NAME, DetectOptions, detect, render=draw_boxes, preprocess=detect_inputs)
@@ -123,7 +121,7 @@ def as_tensors(answer: DetectResponse) -> dict[str, np.ndarray]:
     return {"detections": np.array(encoded, dtype=object)}
 
 
-VIEW = TensorView(DETECT, outputs=[{"name": "detections", "datatype": "BYTES", "shape": [-1]}], tensors=as_tensors)
+VIEW = ImageView(DETECT, outputs=[{"name": "detections", "datatype": "BYTES", "shape": [-1]}], tensors=as_tensors)
 
 
 # attention ------------------------------------------------------------------------------------------
@@ -193,15 +191,15 @@ def cells(manifest: Manifest, count: int, original: tuple[int, int]) -> Cells:
 Panel = tuple[np.ndarray, Box | None, str]  # a map over the whole feature grid, a box to draw, a title
 
 
-def image_attention(batch: Batch[DetectAttentionOptions], i: int) -> tuple[ImageAttention, list[Panel]]:
+def image_attention(job: Job[DetectAttentionOptions], i: int) -> tuple[ImageAttention, list[Panel]]:
     """One image's detections with their queries' cross-attention, and the encoder's at `point`."""
-    logits, boxes, encoder, decoder = batch.outputs
-    options, spec, size = batch.options, batch.manifest.preprocessing, batch.images[i].size
-    grid = cells(batch.manifest, decoder[i].shape[-1], size)
+    logits, boxes, encoder, decoder = job.outputs
+    options, spec, size = job.options, job.manifest.preprocessing, job.images[i].size
+    grid = cells(job.manifest, decoder[i].shape[-1], size)
     found = detections(logits[i], boxes[i], size, spec, options.threshold, options.max_detections)
     cross = heads(pick(decoder[i], options.layer, "layer"), options.head)  # [queries, cells]
     items, panels = [], list[Panel]()
-    for d, q in zip(as_response(found, batch.manifest.labels), found.queries, strict=True):
+    for d, q in zip(as_response(found, job.manifest.labels), found.queries, strict=True):
         grid_map = cross[q].reshape(grid.grid_rows, grid.grid_cols)
         items.append(DetectionAttention(**d.model_dump(), attention=grid_map[: grid.rows, : grid.cols].tolist()))
         panels.append((grid_map, d.box, f"{d.label} {d.score:.2f}"))
@@ -219,10 +217,10 @@ def image_attention(batch: Batch[DetectAttentionOptions], i: int) -> tuple[Image
     return ImageAttention(detections=items, encoder=point), panels
 
 
-def detect_attention(batch: Batch[DetectAttentionOptions]) -> DetectAttentionResponse:
-    results = [image_attention(batch, i)[0] for i in range(len(batch.images))]
-    first = cells(batch.manifest, batch.outputs[3][0].shape[-1], batch.images[0].size)
-    return DetectAttentionResponse(model=batch.model.name, grid=(first.rows, first.cols),
+def detect_attention(job: Job[DetectAttentionOptions]) -> DetectAttentionResponse:
+    results = [image_attention(job, i)[0] for i in range(len(job.images))]
+    first = cells(job.manifest, job.outputs[3][0].shape[-1], job.images[0].size)
+    return DetectAttentionResponse(model=job.model.name, grid=(first.rows, first.cols),
                                    cell=(first.width, first.height), results=results)  # fmt: skip
 
 
@@ -235,14 +233,14 @@ def image_map(grid_map: np.ndarray, manifest: Manifest, original: tuple[int, int
     return np.asarray(full.crop((0, 0, *resized_size(*original, spec))).resize(original, Image.Resampling.BILINEAR))
 
 
-def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionResponse) -> Image.Image:
+def draw_attention(job: Job[DetectAttentionOptions], _: DetectAttentionResponse) -> Image.Image:
     """One panel per detection (and for `point`), side by side: the map over the image, the box."""
-    image, scale = batch.images[0].image, batch.options.scale
-    wanted = image_attention(batch, 0)[1]
+    image, scale = job.images[0].image, job.options.scale
+    wanted = image_attention(job, 0)[1]
     check_picture((image.width * scale + 4) * max(len(wanted), 1), image.height * scale)
     panels = []
     for grid_map, box, title in wanted:
-        panel = overlay(enlarged(image, scale), image_map(grid_map, batch.manifest, image.size))
+        panel = overlay(enlarged(image, scale), image_map(grid_map, job.manifest, image.size))
         draw = ImageDraw.Draw(panel)
         if box is not None:
             corners = [v * scale for v in (box.xmin, box.ymin, box.xmax, box.ymax)]
@@ -260,12 +258,12 @@ def draw_attention(batch: Batch[DetectAttentionOptions], _: DetectAttentionRespo
 ATTENTION = ImagePipeline(NAME, DetectAttentionOptions, detect_attention, graph="attention", render=draw_attention,
                           preprocess=detect_inputs)  # fmt: skip
 
-router = APIRouter(tags=["detection"])
-image_route(router, "/v1/detect", DETECT, DetectResponse,
-            "Detect objects in one or more images. With `render` or `Accept: image/png`, one image comes back "
-            "with its boxes drawn.")  # fmt: skip
-image_route(router, "/v1/detect/attention", ATTENTION, DetectAttentionResponse,
-            "For every detection, where its object query looked (decoder cross-attention, as in the DETR paper's "
-            "figures); with `point`, the encoder self-attention of the feature cell at that point.")  # fmt: skip
-
-TASK = Task(NAME, check_detection, router, VIEW)
+ROUTES = (
+    Route("/v1/detect", DETECT, DetectResponse,
+          "Detect objects in one or more images. With `render` or `Accept: image/png`, one image comes back with "
+          "its boxes drawn."),
+    Route("/v1/detect/attention", ATTENTION, DetectAttentionResponse,
+          "For every detection, where its object query looked (decoder cross-attention, as in the DETR paper's "
+          "figures); with `point`, the encoder self-attention of the feature cell at that point."),
+)  # fmt: skip
+TASK = Task(NAME, check_detection, ROUTES, VIEW)

@@ -6,42 +6,29 @@ pixel attended to."""
 from __future__ import annotations
 
 import base64
-import json
-import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import StreamingResponse
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.background import BackgroundTask
 
 from service.attention import enlarged, heads, overlay, pick
 from service.budget import ImageLimits
-from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
-from service.imaging import Decoded, decode, encode_png, to_unit_array
-from service.inputs import decode_base64, json_body, json_request_body, wants_png
+from service.imaging import Decoded, encode_png, to_unit_array
 from service.manifest import GENERATION, GenerationConfig, Manifest, Preprocessing, check_generation
 from service.outputs import levels_to_image
-from service.pipeline import Batch, ImagePipeline, ModelOptions
-from service.routes.v1 import image_route, json_response
-from service.sampling import finished, sample_rows
+from service.pipeline import ImagePipeline, Job, ModelOptions, Stream, StreamPipeline
+from service.sampling import sample_rows
 from service.schemas import Pair
-from service.tasks.base import Task
+from service.tasks.base import Route, Task
 from service.text import quoted
 
 NAME = GENERATION
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no cache, no proxy buffering
-log = logging.getLogger("service")
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(ModelOptions):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
@@ -106,141 +93,78 @@ def label_index(manifest: Manifest, cfg: GenerationConfig, label: str | None) ->
     return manifest.labels.index(label)
 
 
-def _prime(
-    request: GenerateRequest, manifest: Manifest, cfg: GenerationConfig, limits: ImageLimits
-) -> np.ndarray | None:
-    """The primed rows `[batch, rows, width]`, or None."""
-    if request.prime is None:
+def prime_rows(job: Job[GenerateRequest]) -> np.ndarray | None:
+    """The decoded prime's top rows as levels, one copy per image `[images, rows, width]`; or None."""
+    request, manifest = job.options, job.manifest
+    cfg = GenerationConfig.model_validate(manifest.config)
+    if not job.images:
         if request.prime_rows:
             raise ServiceError(422, "invalid_request", "prime_rows needs a prime image")
         return None
     rows = cfg.height // 2 if request.prime_rows is None else request.prime_rows
     if rows > cfg.height:
         raise ServiceError(422, "invalid_request", f"prime_rows is at most {cfg.height}")
-    data = decode_base64(request.prime, "prime")
-    spec = manifest.preprocessing
-    levels = image_to_levels(decode(data, limits, spec), spec, cfg.levels)
+    levels = image_to_levels(job.images[0], manifest.preprocessing, cfg.levels)
     return np.broadcast_to(levels[:rows], (request.num_images, rows, cfg.width)).copy()
 
 
-router = APIRouter(tags=["generation"])
+def start_sampling(
+    job: Job[GenerateRequest], prime: np.ndarray | None, limits: ImageLimits
+) -> Stream[GenerateResponse]:
+    """The generation's rows through the model's shared decoding: it takes queue room and cache
+    slots now (503 before any answer where there are none), until the stream's `release`."""
+    request, model = job.options, job.model
+    if request.num_images > limits.max_images:
+        raise ServiceError(413, "too_many_images", f"num_images is at most {limits.max_images}")
+    cfg = GenerationConfig.model_validate(job.manifest.config)
+    labels = np.full(request.num_images, label_index(job.manifest, cfg, request.label), dtype=np.int64)
+    seed = secrets.randbits(63) if request.seed is None else request.seed
+    sampler = model.sampler(cfg, request.num_images)
+    rng = np.random.default_rng(seed)
+    rows = sample_rows(sampler.step, cfg, labels, rng, request.temperature, request.top_k, prime)
+
+    def answer(images: np.ndarray) -> GenerateResponse:
+        pngs = [png_base64(levels_to_image(image, cfg.levels, request.scale)) for image in images]
+        size = (cfg.height * request.scale, cfg.width * request.scale)
+        return GenerateResponse(model=model.name, label=request.label, seed=seed, size=size, images=pngs)
+
+    def picture(images: np.ndarray) -> Image.Image:
+        return levels_to_image(images[0], cfg.levels, request.scale)
+
+    def grey(levels: np.ndarray) -> np.ndarray:
+        return np.round(levels * (255 / (cfg.levels - 1))).astype(int)
+
+    return Stream(request.num_images, rows, answer, picture, grey, sampler.release)
 
 
-@router.post(
-    "/v1/generate",
-    response_model=GenerateResponse,
-    responses={
-        200: {
-            "content": {"image/png": {}, "text/event-stream": {}},
-            "description": "images, one PNG, or an event stream",
-        }
-    },
-    openapi_extra=json_request_body(GenerateRequest),
-)
-async def generate(
-    request: Request,
-    body: Annotated[GenerateRequest, Depends(json_body(GenerateRequest))],
-    registry: RegistryDep,
-    settings: SettingsDep,
-) -> GenerateResponse | Response:
-    """Sample images, class-conditional or not, or complete the top rows of a prime image.
-    JSON answer with base64 PNGs; `Accept: image/png` for one raw PNG; `stream` (or
-    `Accept: text/event-stream`) for each row as it is decoded."""
-    if body.num_images > settings.max_images_per_request:
-        raise ServiceError(413, "too_many_images", f"num_images is at most {settings.max_images_per_request}")
-    want_png = wants_png(request, False, body.num_images)
-    model = registry.resolve(body.model, NAME)
-    assert model.manifest is not None
-    cfg = GenerationConfig.model_validate(model.manifest.config)
-    labels = np.full(body.num_images, label_index(model.manifest, cfg, body.label), dtype=np.int64)
-    limits: ImageLimits = request.app.state.image_limits
-    prime = await limits.run(_prime, body, model.manifest, cfg, limits)
-    seed = secrets.randbits(63) if body.seed is None else body.seed
-    decoding = model.decoding(cfg, body.num_images)  # 503 here, before the 200, if there is no room
-    rows = sample_rows(decoding.step, cfg, labels, np.random.default_rng(seed), body.temperature, body.top_k, prime)
-
-    def finish(images: np.ndarray) -> GenerateResponse:
-        pngs = [png_base64(levels_to_image(img, cfg.levels, body.scale)) for img in images]
-        size = (cfg.height * body.scale, cfg.width * body.scale)
-        return GenerateResponse(model=model.name, label=body.label, seed=seed, size=size, images=pngs)
-
-    release = decoding.release
-
-    async def release_on_loop() -> None:  # a plain function would run in a worker thread
-        release()
-
-    if body.stream or "text/event-stream" in request.headers.get("accept", ""):
-        events = _events(rows, cfg, partial(limits.run, finish), release)
-        # the background task releases the room too, should the stream never start
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers=SSE_HEADERS, background=BackgroundTask(release_on_loop)
-        )
-    try:
-        images = await finished(rows)
-    finally:
-        release()
-    if want_png:
-        png = await limits.run(lambda: encode_png(levels_to_image(images[0], cfg.levels, body.scale)))
-        return Response(png, media_type="image/png")
-    return json_response(await limits.run(finish, images))  # 64 PNGs of 512 x 512: not on the loop
+GENERATE = StreamPipeline(NAME, GenerateRequest, prime_rows, start_sampling)
 
 
-async def _events(
-    rows: AsyncIterator[tuple[int, np.ndarray]],
-    cfg: GenerationConfig,
-    finish: Callable[[np.ndarray], Awaitable[GenerateResponse]],
-    release: Callable[[], None],
-) -> AsyncIterator[str]:
-    """`event: row` with the grey values (0-255) of that row of every image, then `event: done`; or,
-    where the stream cannot finish (a failed step), `event: error` saying why: the 200 went out with
-    the first row, so the end of the stream is where a client learns it. The queue room is released
-    when the rows are done, or the client has left."""
-    images: np.ndarray | None = None
-    try:
-        async for row, images in rows:
-            grey = np.round(images[:, row] * (255 / (cfg.levels - 1))).astype(int).tolist()
-            yield f"event: row\ndata: {json.dumps({'row': row, 'pixels': grey})}\n\n"
-    except Exception as exc:
-        error = {"code": exc.code, "message": exc.message} if isinstance(exc, ServiceError) else None
-        if error is None:
-            log.exception("a generation stream failed")
-            error = {"code": "internal_error", "message": "generation failed; the server's log has the details"}
-        yield f"event: error\ndata: {json.dumps(error)}\n\n"
-        return
-    finally:
-        release()
-    assert images is not None
-    yield f"event: done\ndata: {(await finish(images)).model_dump_json()}\n\n"
-
-
-def score_inputs(batch: Batch[ScoreOptions]) -> dict[str, np.ndarray]:
+def score_inputs(job: Job[ScoreOptions]) -> dict[str, np.ndarray]:
     """Each image as the model's grey levels, and the label to score it under."""
-    cfg = GenerationConfig.model_validate(batch.manifest.config)
-    label = label_index(batch.manifest, cfg, batch.options.label)
-    spec = batch.manifest.preprocessing
-    pixels = np.stack([image_to_levels(d, spec, cfg.levels).ravel() for d in batch.images])
-    return {"pixels": pixels, "labels": np.full(len(batch.images), label, dtype=np.int64)}
+    cfg = GenerationConfig.model_validate(job.manifest.config)
+    label = label_index(job.manifest, cfg, job.options.label)
+    spec = job.manifest.preprocessing
+    pixels = np.stack([image_to_levels(d, spec, cfg.levels).ravel() for d in job.images])
+    return {"pixels": pixels, "labels": np.full(len(job.images), label, dtype=np.int64)}
 
 
-def score(batch: Batch[ScoreOptions]) -> ScoreResponse:
-    _, log_likelihood = batch.outputs
-    length = GenerationConfig.model_validate(batch.manifest.config).length
+def score(job: Job[ScoreOptions]) -> ScoreResponse:
+    _, log_likelihood = job.outputs
+    length = GenerationConfig.model_validate(job.manifest.config).length
     results = [
         Score(bits_per_dim=float(-ll / (length * math.log(2))), log_likelihood=float(ll)) for ll in log_likelihood
     ]
-    return ScoreResponse(model=batch.model.name, results=results)
+    return ScoreResponse(model=job.model.name, results=results)
 
 
 SCORE = ImagePipeline(NAME, ScoreOptions, score, preprocess=score_inputs)
-image_route(router, "/v1/score", SCORE, ScoreResponse,
-            "Bits per dimension of each uploaded image under the model (quantised to its grey levels and resized "
-            "to its size, light digits on a dark ground like the training data).")  # fmt: skip
 
 
 # attention ------------------------------------------------------------------------------------------
 
 
-class GenerateAttentionRequest(BaseModel):
+class GenerateAttentionRequest(ModelOptions):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="generation model (default: the first ready one)")
@@ -262,57 +186,58 @@ class GenerateAttentionResponse(BaseModel):
     context: int = Field(description="how many earlier pixels the model could see (its local memory)")
 
 
-@router.post(
-    "/v1/generate/attention",
-    response_model=GenerateAttentionResponse,
-    responses={200: {"content": {"image/png": {}}}},
-    openapi_extra=json_request_body(GenerateAttentionRequest),
-)
-async def generate_attention(
-    request: Request,
-    body: Annotated[GenerateAttentionRequest, Depends(json_body(GenerateAttentionRequest))],
-    registry: RegistryDep,
-    settings: SettingsDep,
-) -> GenerateAttentionResponse | Response:
-    """For one pixel of an image, the Image Transformer's attention over the context it could see
-    when predicting that pixel."""
-    model = registry.resolve(body.model, NAME, graph="attention")
-    manifest = model.manifest
-    assert manifest is not None
+def pixel_inputs(job: Job[GenerateAttentionRequest]) -> dict[str, np.ndarray]:
+    """The image as the model's levels, and the label it was conditioned on."""
+    request, manifest = job.options, job.manifest
     cfg = GenerationConfig.model_validate(manifest.config)
-    if body.row >= cfg.height or body.col >= cfg.width:
+    if request.row >= cfg.height or request.col >= cfg.width:
         raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
-    data = decode_base64(body.image, "image")
-    spec = manifest.preprocessing
-    limits: ImageLimits = request.app.state.image_limits
-    decoded = await limits.run(decode, data, limits, spec)
-    levels = image_to_levels(decoded, spec, cfg.levels)
-    label = label_index(manifest, cfg, body.label)
-    feeds = {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
-    _, attention = await model.run(feeds, graph="attention")
-    t = body.row * cfg.width + body.col
-    weights = heads(pick(attention[0], body.layer, "layer"), body.head)[t]  # over positions 0..t
+    levels = image_to_levels(job.images[0], manifest.preprocessing, cfg.levels)
+    label = label_index(manifest, cfg, request.label)
+    return {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
+
+
+def pixel_attention(job: Job[GenerateAttentionRequest]) -> GenerateAttentionResponse:
+    """The chosen pixel's attention over the positions before it, as a map over the image."""
+    request = job.options
+    cfg = GenerationConfig.model_validate(job.manifest.config)
+    _, attention = job.outputs
+    t = request.row * cfg.width + request.col
+    weights = heads(pick(attention[0], request.layer, "layer"), request.head)[t]  # over positions 0..t
     # position s reads pixel s - 1; position 0 reads the start token
     flat = np.zeros(cfg.length)
     flat[: cfg.length - 1] = weights[1:]
-    pixel_map = flat.reshape(cfg.height, cfg.width)
-    if wants_png(request, body.render, 1):
-        png = await limits.run(_draw_pixel_attention, levels, cfg, pixel_map, body)
-        return Response(png, media_type="image/png")
     return GenerateAttentionResponse(
-        model=model.name, pixel=(body.row, body.col), start=float(weights[0]), map=pixel_map.tolist(),
-        context=min(t, cfg.memory),
+        model=job.model.name, pixel=(request.row, request.col), start=float(weights[0]),
+        map=flat.reshape(cfg.height, cfg.width).tolist(), context=min(t, cfg.memory),
     )  # fmt: skip
 
 
-def _draw_pixel_attention(
-    levels: np.ndarray, cfg: GenerationConfig, pixel_map: np.ndarray, body: GenerateAttentionRequest
-) -> bytes:
-    picture = overlay(enlarged(levels_to_image(levels, cfg.levels), body.scale), pixel_map, alpha=0.6)
-    s = body.scale
-    ImageDraw.Draw(picture).rectangle((body.col * s, body.row * s, (body.col + 1) * s - 1, (body.row + 1) * s - 1),
+def draw_pixel_attention(job: Job[GenerateAttentionRequest], answer: GenerateAttentionResponse) -> Image.Image:
+    """The map over the image as the model saw it, the chosen pixel outlined."""
+    request = job.options
+    cfg = GenerationConfig.model_validate(job.manifest.config)
+    levels = image_to_levels(job.images[0], job.manifest.preprocessing, cfg.levels)
+    picture = overlay(enlarged(levels_to_image(levels, cfg.levels), request.scale), np.asarray(answer.map), alpha=0.6)
+    s, row, col = request.scale, request.row, request.col
+    ImageDraw.Draw(picture).rectangle((col * s, row * s, (col + 1) * s - 1, (row + 1) * s - 1),
                                       outline=(255, 64, 64), width=max(1, s // 8))  # fmt: skip
-    return encode_png(picture)
+    return picture
 
 
-TASK = Task(name=NAME, check_manifest=check_generation, router=router)
+PIXEL_ATTENTION = ImagePipeline(NAME, GenerateAttentionRequest, pixel_attention, graph="attention",
+                                preprocess=pixel_inputs, render=draw_pixel_attention)  # fmt: skip
+
+ROUTES = (
+    Route("/v1/generate", GENERATE, GenerateResponse,
+          "Sample images, class-conditional or not, or complete the top rows of a prime image. JSON answer with "
+          "base64 PNGs; `Accept: image/png` for one raw PNG; `stream` (or `Accept: text/event-stream`) for each "
+          "row as it is decoded.", image_field="prime"),
+    Route("/v1/score", SCORE, ScoreResponse,
+          "Bits per dimension of each uploaded image under the model (quantised to its grey levels and resized to "
+          "its size, light digits on a dark ground like the training data)."),
+    Route("/v1/generate/attention", PIXEL_ATTENTION, GenerateAttentionResponse,
+          "For one pixel of an image, the Image Transformer's attention over the context it could see when "
+          "predicting that pixel.", image_field="image"),
+)  # fmt: skip
+TASK = Task(NAME, check_generation, ROUTES)

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
@@ -23,11 +22,10 @@ from pydantic import BaseModel, Field
 from service.app import create_app
 from service.imaging import decode_image, preprocess
 from service.manifest import BatchPolicy, GraphSpec, Manifest, Parity, Preprocessing, TensorSpec, write_manifest
-from service.pipeline import Batch, ImagePipeline, ModelOptions
-from service.routes.v1 import image_route
+from service.pipeline import ImagePipeline, Job, ModelOptions
 from service.settings import Settings
 from service.tasks import TASKS
-from service.tasks.base import Task, TensorView
+from service.tasks.base import ImageView, Route, Task
 from tests.conftest import SHIPPED_REPOSITORY
 from tests.helpers import png_bytes, triton_images
 
@@ -45,11 +43,11 @@ class EmbedResponse(BaseModel):
     embeddings: list[list[float]] = Field(description="one vector per image, in request order")
 
 
-def embed(batch: Batch[EmbedOptions]) -> EmbedResponse:
-    (vectors,) = batch.outputs
-    if batch.options.normalize:
+def embed(job: Job[EmbedOptions]) -> EmbedResponse:
+    (vectors,) = job.outputs
+    if job.options.normalize:
         vectors = vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
-    return EmbedResponse(model=batch.model.name, embeddings=vectors.tolist())
+    return EmbedResponse(model=job.model.name, embeddings=vectors.tolist())
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -58,14 +56,12 @@ def check_manifest(manifest: Manifest) -> None:
 
 
 EMBED = ImagePipeline(NAME, EmbedOptions, embed)
-VIEW = TensorView(
+VIEW = ImageView(
     EMBED,
     outputs=[{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
     tensors=lambda answer: {"embedding": np.array(answer.embeddings, dtype=np.float32)},
 )
-router = APIRouter(tags=[NAME])
-image_route(router, "/v1/embed", EMBED, EmbedResponse, "One embedding per image.")
-TASK = Task(NAME, check_manifest, router, VIEW)
+TASK = Task(NAME, check_manifest, (Route("/v1/embed", EMBED, EmbedResponse, "One embedding per image."),), VIEW)
 # ...and one registry entry: `NAME: TASK` in service/tasks/__init__.py's TASKS (here, the app's `tasks`)
 
 # a model for it: an ONNX graph and its manifest --------------------------------------------------------

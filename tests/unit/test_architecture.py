@@ -154,3 +154,41 @@ def test_only_the_metrics_module_and_the_app_know_prometheus() -> None:
         if path not in allowed and "prometheus_client" in path.read_text()
     )  # fmt: skip
     assert mentions == [], f"prometheus_client outside service/metrics.py and service/app.py: {mentions}"
+
+
+# The layers (../shared/architecture.json draws them): the core and its leaves know no web framework;
+# a task is declarations over the core and never imports an adapter; export uses only the core.
+WEB_FRAMEWORKS = ("fastapi", "starlette", "uvicorn")
+ADAPTERS = ("service.app", "service.routes", "service.inputs", "service.deps", "service.error_responses",
+            "service.http_limits", "service.connections", "service.observe", "service.auth", "service.codec",
+            "service.server", "service.workers", "service.__main__")  # fmt: skip
+CORE = ("service.manifest", "service.imaging", "service.runtime", "service.repository", "service.batching",
+        "service.sampling", "service.attention", "service.budget", "service.pipeline", "service.outputs",
+        "service.context", "service.settings", "service.errors", "service.text", "service.memory",
+        "service.metrics", "service.logs", "service.schemas")  # fmt: skip
+
+
+def web_imports(found: set[str]) -> list[str]:
+    return sorted(m for m in found if m.split(".")[0] in WEB_FRAMEWORKS or m.startswith(ADAPTERS))
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_the_core_knows_no_web_framework(name: str) -> None:
+    assert web_imports(imports_of(name)) == [], f"{name} imports {web_imports(imports_of(name))}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in modules() if n.startswith("service.tasks")))
+def test_a_task_imports_no_adapter_and_no_web_framework(name: str) -> None:
+    assert web_imports(imports_of(name)) == [], f"{name} imports {web_imports(imports_of(name))}"
+
+
+def test_the_rules_catch_a_task_that_imports_a_route() -> None:
+    source = "from service.routes.v1 import task_router\nfrom fastapi import APIRouter\n"
+    assert web_imports(imported(source, "service.tasks.x", set(modules()))) == ["fastapi", "service.routes.v1"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "export").glob("*.py")), ids=lambda p: p.name)
+def test_export_uses_only_the_core(path: Path) -> None:
+    found = imported(path.read_text(), module_name(path), set(modules()))
+    outside = sorted(m for m in found if m.startswith("service") and not m.startswith(CORE))
+    assert web_imports(found) == [] and outside == [], f"export/{path.name} imports {web_imports(found) + outside}"

@@ -162,14 +162,14 @@ class HeldStep:
 async def left_mid_step(model: ServedModel, cfg: GenerationConfig, batch: int, held: HeldStep) -> None:
     """A generation of `batch` images whose client leaves while `held` holds one of its steps; it
     releases what it holds as the route does, in its `finally`."""
-    decoding = model.decoding(cfg, batch)
+    sampler = model.sampler(cfg, batch)
 
     async def generate() -> None:
         try:
             labels = np.arange(batch) % cfg.num_classes
-            await finished(sample_rows(decoding.step, cfg, labels, np.random.default_rng(1)))
+            await finished(sample_rows(sampler.step, cfg, labels, np.random.default_rng(1)))
         finally:
-            decoding.release()
+            sampler.release()
 
     task = asyncio.create_task(generate())
     while not held.started.is_set():
@@ -195,11 +195,11 @@ def test_a_step_left_running_by_its_client_keeps_its_slot_until_it_ends() -> Non
         await left_mid_step(model, cfg, 1, held)
         assert pool.free == []  # its step still runs: the slot is still its
         with pytest.raises(ServiceError, match="0 of its 256 cache slots free"):
-            model.decoding(cfg, 1)
+            model.sampler(cfg, 1)
         held.gate.set()
         while not pool.free:
             await asyncio.sleep(0.001)
-        new = model.decoding(cfg, 1)  # the same slot, now that the step has ended
+        new = model.sampler(cfg, 1)  # the same slot, now that the step has ended
         images = await finished(sample_rows(new.step, cfg, np.array([7]), np.random.default_rng(3)))
         new.release()
         pool.release(others)
@@ -273,12 +273,12 @@ def test_the_queue_room_comes_back_with_the_slots_not_before() -> None:
         await left_mid_step(model, cfg, 4, held)
         assert batcher.reserved == 4 and pool.free == []  # both held while the step runs
         with pytest.raises(ServiceError, match="images queued"):  # the queue's own 503
-            model.decoding(cfg, 1)
+            model.sampler(cfg, 1)
         held.gate.set()
         while batcher.reserved:
             await asyncio.sleep(0.001)
         assert sorted(pool.free) == [0, 1, 2, 3]
-        model.decoding(cfg, 4).release()  # room and slots for a new one
+        model.sampler(cfg, 4).release()  # room and slots for a new one
 
     asyncio.run(scenario())
 

@@ -19,14 +19,13 @@ from service.errors import ServiceError
 from service.imaging import (
     REDUCING_GAP,
     Decoded,
-    decode,
     letterbox_size,
     preprocess_batch,
     to_unit_array,
 )
 from service.manifest import Preprocessing, read_manifest
 from service.settings import PROJECT_ROOT
-from tests.helpers import encode, held_out_digits, limits, png_bytes
+from tests.helpers import decode_one, encode, held_out_digits, limits, png_bytes
 
 REPOSITORY = PROJECT_ROOT / "model_repository"
 LIMIT = limits()
@@ -76,7 +75,7 @@ def unit_input(decoded: Decoded, spec: Preprocessing) -> np.ndarray:
 
 def differences(data: bytes, spec: Preprocessing) -> tuple[float, float]:
     """Mean and max |model input from the reduced decode - from the full decode|, in [0, 1] units."""
-    reduced, full = decode(data, LIMIT, spec), decode(data, LIMIT)
+    reduced, full = decode_one(data, LIMIT, spec), decode_one(data, LIMIT)
     diff = np.abs(unit_input(reduced, spec) - unit_input(full, spec))
     return float(diff.mean()), float(diff.max())
 
@@ -84,11 +83,11 @@ def differences(data: bytes, spec: Preprocessing) -> tuple[float, float]:
 @pytest.mark.parametrize("spec", SPECS)
 def test_photos_decode_reduced_with_their_full_size(spec: str) -> None:
     for data in photos().values():
-        decoded = decode(data, LIMIT, SPECS[spec])
+        decoded = decode_one(data, LIMIT, SPECS[spec])
         assert decoded.size == BIG
         assert decoded.image.size == REDUCED[spec]
         assert decoded.image.mode == SPECS[spec].color_mode
-        assert decode(data, LIMIT).image.size == BIG  # without a spec: full size
+        assert decode_one(data, LIMIT).image.size == BIG  # without a spec: full size
 
 
 @pytest.mark.parametrize(("size", "reduced"), [(BIG, (240, 180)), ((640, 480), (160, 120)), ((100, 60), (100, 60))])
@@ -97,7 +96,7 @@ def test_the_smallest_scale_that_keeps_two_pixels_per_model_pixel(
 ) -> None:
     spec = SPECS["vit"]
     image = Image.open(io.BytesIO(photos()["china.jpg"])).resize(size)
-    decoded = decode(jpeg(image), LIMIT, spec)
+    decoded = decode_one(jpeg(image), LIMIT, spec)
     assert (decoded.size, decoded.image.size) == (size, reduced)
     width, height = needed(size, spec)
     assert decoded.image.width >= min(width, size[0]) and decoded.image.height >= min(height, size[1])
@@ -110,7 +109,7 @@ def test_the_smallest_scale_that_keeps_two_pixels_per_model_pixel(
 def test_model_input_matches_the_full_decode(spec: str) -> None:
     mean_bound, max_bound = BOUNDS[spec]
     for name, data in photos().items():
-        full = decode(data, LIMIT)
+        full = decode_one(data, LIMIT)
         np.testing.assert_allclose(unit_input(full, SPECS[spec]), to_unit_array(full.image, SPECS[spec]), atol=1e-6)
         mean, worst = differences(data, SPECS[spec])
         assert mean <= mean_bound and worst <= max_bound, f"{name}: mean {mean:.5f}, max {worst:.5f}"
@@ -132,7 +131,7 @@ def test_model_input_matches_when_sides_are_not_a_multiple_of_the_scale(spec: st
     mean_bound, max_bound = ODD_BOUNDS
     for name, data in photos().items():
         odd = jpeg(Image.open(io.BytesIO(data)).resize(size))
-        assert decode(odd, LIMIT, SPECS[spec]).image.width < size[0]  # reduced
+        assert decode_one(odd, LIMIT, SPECS[spec]).image.width < size[0]  # reduced
         mean, worst = differences(odd, SPECS[spec])
         assert mean <= mean_bound and worst <= max_bound, f"{name}: mean {mean:.5f}, max {worst:.5f}"
 
@@ -143,8 +142,8 @@ def test_the_shipped_vit_answers_the_same_on_both() -> None:
     digits, labels = held_out_digits()
     images = [jpeg(d.resize(BIG, Image.Resampling.LANCZOS).convert("RGB")) for d in digits[:6]]
     images += list(photos().values())
-    reduced = preprocess_batch([decode(data, LIMIT, spec) for data in images], spec)  # the pipeline's input
-    full = preprocess_batch([decode(data, LIMIT) for data in images], spec)
+    reduced = preprocess_batch([decode_one(data, LIMIT, spec) for data in images], spec)  # the pipeline's input
+    full = preprocess_batch([decode_one(data, LIMIT) for data in images], spec)
     (on_reduced,), (on_full,) = session.run(None, {"pixel_values": reduced}), session.run(None, {"pixel_values": full})
     np.testing.assert_array_equal(on_reduced.argmax(-1), on_full.argmax(-1))
     np.testing.assert_array_equal(on_reduced.argmax(-1)[:6], labels[:6])  # and the digits are read right
@@ -163,7 +162,7 @@ def test_exif_rotated_jpegs_decode_upright(spec: str, orientation: int) -> None:
     reference = ImageOps.exif_transpose(stored)  # the full decode, turned upright
     assert reference.size == (1440, 1920)
 
-    decoded = decode(data, LIMIT, SPECS[spec])
+    decoded = decode_one(data, LIMIT, SPECS[spec])
     assert decoded.size == (1440, 1920)
     assert decoded.image.size == REDUCED[spec][::-1]
     mean_bound, max_bound = BOUNDS[spec]
@@ -194,7 +193,7 @@ def test_simplejpeg_gives_pillows_own_reduced_pixels(spec: str, orientation: int
     exif[0x0112] = orientation
     for photo in photos().values():
         data = jpeg(Image.open(io.BytesIO(photo)), exif=exif.tobytes())
-        ours, pillows = decode(data, LIMIT, SPECS[spec]).image, pillow_draft(data, SPECS[spec])
+        ours, pillows = decode_one(data, LIMIT, SPECS[spec]).image, pillow_draft(data, SPECS[spec])
         assert ours.size == pillows.size and ours.mode == pillows.mode
         assert np.array_equal(np.asarray(ours), np.asarray(pillows))
 
@@ -202,10 +201,10 @@ def test_simplejpeg_gives_pillows_own_reduced_pixels(spec: str, orientation: int
 def test_jpegs_simplejpeg_refuses_go_through_pillow() -> None:
     """CMYK decodes through Pillow; a truncated file is still a 422 naming the problem."""
     cmyk = encode(Image.open(io.BytesIO(photos()["china.jpg"])).convert("CMYK"), "JPEG", quality=90)
-    decoded = decode(cmyk, LIMIT, SPECS["vit"])
+    decoded = decode_one(cmyk, LIMIT, SPECS["vit"])
     assert decoded.size == BIG and decoded.image.size == REDUCED["vit"]
     with pytest.raises(ServiceError) as info:
-        decode(photos()["china.jpg"][:-20000], LIMIT, SPECS["vit"])
+        decode_one(photos()["china.jpg"][:-20000], LIMIT, SPECS["vit"])
     assert info.value.status == 422
 
 
@@ -215,9 +214,9 @@ def test_jpegs_simplejpeg_refuses_go_through_pillow() -> None:
 def test_other_formats_decode_at_full_size(fmt: str, params: dict[str, object]) -> None:
     image = Image.open(io.BytesIO(photos()["china.jpg"])).resize((640, 480))
     for spec in SPECS.values():
-        decoded = decode(encode(image, fmt, **params), LIMIT, spec)
+        decoded = decode_one(encode(image, fmt, **params), LIMIT, spec)
         assert decoded.image.size == decoded.size == (640, 480), fmt
-    assert decode(jpeg(image), LIMIT, SPECS["vit"]).image.size == (160, 120)  # a JPEG that size is reduced
+    assert decode_one(jpeg(image), LIMIT, SPECS["vit"]).image.size == (160, 120)  # a JPEG that size is reduced
 
 
 # through the app ----------------------------------------------------------------------------------
