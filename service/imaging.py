@@ -63,8 +63,7 @@ REDUCING_GAP = 2.0
 MAX_JPEG_SCANS = 64
 
 # Resampling works out coefficients along each side before it lets other threads run, and decoders
-# pay per row: a 1 x 40,000,000 image within the pixel limit held the event loop for 1.5 s. No photo
-# is longer on a side than JPEG allows.
+# pay per row, so a long thin image stalls everything: no side may be longer than JPEG allows.
 MAX_SIDE = 65_535
 
 # What decoding holds and costs, for the budgets. Modes of 2 or 4 bytes a pixel (16-bit, 32-bit,

@@ -14,7 +14,7 @@ import ctypes
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 4 * 2**20
 # Fixing the mmap threshold also fixes the trim threshold at its 128 KB default (glibc stops adapting
-# both), and the heap would be given back and grown again around every request: 7% of the photo path.
+# both): raised with it, so the heap is not given back and grown again around every request.
 TRIM_THRESHOLD = 64 * 2**20
 
 

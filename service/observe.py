@@ -28,8 +28,8 @@ def server_timing(timings: context.Timings, total: float) -> bytes:
 
 def _request_id(scope: Scope) -> str:
     """The client's X-Request-ID when it is a sane token, else a new one: 128 random bits as hex, like
-    uuid4().hex but from Python's generator, since ids need to be unique, not secret, and uuid4's
-    system call per request was 5% of the event loop's time under load."""
+    uuid4().hex but from Python's generator: ids need to be unique, not secret, and a system call
+    per request is not free."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             text: str = value.decode("latin-1")

@@ -179,10 +179,9 @@ def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int =
             run(feeds)
 
 
-# A one-image run longer than this (on the CPU, with every core but one) is heavy: the work a request
-# brings the event loop (HTTP, a photo's decoding: a few ms) is small beside it, so ONNX Runtime gets
-# every core. A ViT-B/16 on 2 cores: 0.47 of raw ONNX Runtime's images/s with one thread, 0.89 with two
-# (bench.gpu's service table); the shipped models (0.2 to 4.5 ms) keep a core for the loop.
+# A one-image run longer than this (on the CPU, with every core but one) dwarfs what a request brings
+# the event loop (HTTP, a photo's decoding: a few ms), so ONNX Runtime gets every core; shorter runs
+# leave a core to the loop (docs/benchmarks.md has the figures).
 HEAVY_RUN_S = 0.02
 
 

@@ -312,8 +312,8 @@ async def infer(
 
 def check_free_axes(feeds: dict[str, np.ndarray], manifest: Manifest) -> None:
     """Free axes past the batch (an image's own height and width, for a detector that keeps each
-    image's size) hold at least 1 and at most what the model's preprocessing makes: a 1 x 400,000
-    image tensor, 5 MB of body, took DETR's attention 5 GB."""
+    image's size) hold at least 1 and at most what the model's preprocessing makes (a long thin
+    tensor costs an attention graph memory quadratic in its length)."""
     longest = max(manifest.preprocessing.size)  # either side of a kept-aspect input is at most this
     bounds = {"height": longest, "width": longest}
     for spec in manifest.main.inputs:
