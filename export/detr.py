@@ -4,19 +4,18 @@ COCO mAP with pycocotools, export to ONNX with parity."""
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from export.boxes import xyxy_to_cxcywh
-from export.checkpoint import load_checkpoint, save_checkpoint
 from export.coco import CocoData, coco_detections, coco_map, load_coco
 from export.criterion import SetCriterion
+from export.family import Artifact, InputShape, TrainedFamily
 from export.matcher import HungarianMatcher
 from export.onnx_export import (
     PARITY_BATCH,
@@ -24,17 +23,14 @@ from export.onnx_export import (
     ExportError,
     check_parity,
     export_image_graph,
-    manifest_for,
-    publish,
-    require_free,
     require_parity,
-    staging,
     torch_outputs,
 )
 from export.scenes import write_scenes
+from export.training import Step, Training
 from models.detr import DETR, DETRConfig
 from service.imaging import letterbox_size, normalize, preprocess, to_unit_array
-from service.manifest import DETECTION, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.manifest import DETECTION, GraphSpec, Preprocessing, TensorSpec
 from service.outputs import detections
 
 SCENES = Path("runs/scenes")
@@ -42,16 +38,15 @@ SCENES = Path("runs/scenes")
 
 @dataclass
 class TrainConfig:
+    """AdamW with the backbone at its own rate, warm-up times cosine decay, clipped gradients, DETR's set loss."""
+
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
     backbone_lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 200
-    # loss weights; the matcher keeps DETR's costs (class 1, L1 5, GIoU 2). DETR weighs its class loss 1
-    # with an ImageNet-pretrained backbone; from scratch the class term needs a larger share of the
-    # gradient, or digit identity is learned far slower than the boxes (measured: class loss 2.24 vs
-    # 0.93 after 400 steps at weight 1 vs 5).
+    # the loss's weights (the matcher keeps DETR's costs); class 5, not DETR's 1: from scratch, not pretrained
     class_loss_weight: float = 5.0
     l1_loss_weight: float = 5.0
     giou_loss_weight: float = 2.0
@@ -127,17 +122,10 @@ def model_config(data: CocoData, image_size: int | None = None, channels: int | 
     return cfg
 
 
-def train(
-    source: dict[str, Any],
-    out: Path,
-    model_cfg: DETRConfig | None = None,
-    cfg: TrainConfig | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-) -> dict[str, Any]:
-    cfg = cfg or TrainConfig()
+def prepare(source: dict[str, Any], model_cfg: DETRConfig | None, cfg: TrainConfig, shape: InputShape) -> Training:
+    """Letterboxed images normalised by their own mean and std, boxes relative to the input; held-out COCO mAP."""
     train_data, held_out = load_data(source)
-    model_cfg = model_cfg or model_config(train_data, image_size, channels)
+    model_cfg = model_cfg or model_config(train_data, shape.image_size, shape.channels)
     size = (model_cfg.image_size, model_cfg.image_size)
     mode = "RGB" if model_cfg.in_channels == 3 else "L"
     zeros, ones = [0.0] * model_cfg.in_channels, [1.0] * model_cfg.in_channels
@@ -145,78 +133,57 @@ def train(
     units = np.stack([to_unit_array(image, unit_spec) for image in train_data.images])
     stats = {"mean": units.mean(axis=(0, 2, 3)).tolist(), "std": units.std(axis=(0, 2, 3)).tolist()}
     spec = unit_spec.model_copy(update=stats)
-    x = torch.from_numpy(normalize(units, spec))
-    targets = targets_for(train_data, spec)
-
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = DETR(model_cfg)
-    started = time.perf_counter()
-    losses = _fit(model, x, targets, cfg, gen)
-    seconds = time.perf_counter() - started
-    quality = evaluate(held_out, *forward_all(model, inputs_for(held_out, spec)), spec)
-    return save_checkpoint(
-        out,
-        model,
-        model_cfg,
-        cfg,
-        seconds,
-        preprocessing=spec.model_dump(),
-        labels=train_data.classes,
-        source=source,
-        data={
-            "name": "digit scenes (export.scenes), COCO format" if source["kind"] == "scenes" else "COCO data set",
-            "train_images": len(train_data.images),
-            "held_out_images": len(held_out.images),
-            "held_out_boxes": int(sum(len(b) for b in held_out.boxes)),
-        },
-        quality=quality,
-        losses=losses,
-    )
+    return Training(
+        model_cfg, cfg, examples=len(units),
+        step=batch_step(torch.from_numpy(normalize(units, spec)), targets_for(train_data, spec), model_cfg, cfg),
+        lr_factor=warmup_times_cosine(cfg.epochs * math.ceil(len(units) / cfg.batch_size), cfg.warmup_steps),
+        evaluate=lambda model: evaluate(held_out, *forward_all(model, inputs_for(held_out, spec)), spec),
+        fields={"preprocessing": spec.model_dump(), "labels": train_data.classes, "source": source,
+                "data": data_description(source, train_data, held_out)},
+        parameter_groups=lambda model: parameter_groups(model, cfg.backbone_lr),
+        clip_norm=cfg.clip_norm,
+    )  # fmt: skip
 
 
-def _fit(
-    model: DETR, x: torch.Tensor, targets: list[dict[str, torch.Tensor]], cfg: TrainConfig, gen: torch.Generator
-) -> list[float]:
-    """Returns the mean weighted loss (final and auxiliary layers) of each epoch."""
+def data_description(source: dict[str, Any], train_data: CocoData, held_out: CocoData) -> dict[str, Any]:
+    """What the checkpoint and the manifest say of the data."""
+    return {
+        "name": "digit scenes (export.scenes), COCO format" if source["kind"] == "scenes" else "COCO data set",
+        "train_images": len(train_data.images),
+        "held_out_images": len(held_out.images),
+        "held_out_boxes": int(sum(len(b) for b in held_out.boxes)),
+    }
+
+
+def warmup_times_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """A linear warm-up over `warmup_steps` multiplying a cosine decay over the whole run."""
+    return lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1.0)))
+
+
+def parameter_groups(model: DETR, backbone_lr: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the transformer and heads at the base rate, the backbone at its own."""
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    return [{"params": rest}, {"params": backbone, "lr": backbone_lr}]
+
+
+def batch_step(
+    x: torch.Tensor, targets: list[dict[str, torch.Tensor]], model_cfg: DETRConfig, cfg: TrainConfig
+) -> Step:
+    """DETR's set loss over the final and auxiliary decoder layers (Hungarian-matched with DETR's costs);
+    the progress bar shows the final layer's terms."""
     criterion = SetCriterion(
-        model.config.num_classes,
+        model_cfg.num_classes,
         HungarianMatcher(class_weight=1.0, l1_weight=5.0, giou_weight=2.0),
         class_weight=cfg.class_loss_weight,
         l1_weight=cfg.l1_loss_weight,
         giou_weight=cfg.giou_loss_weight,
     )
-    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
-    optimizer = torch.optim.AdamW(
-        [{"params": rest}, {"params": backbone, "lr": cfg.backbone_lr}], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    total = cfg.epochs * math.ceil(len(x) / cfg.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))),
-    )
-    progress = tqdm(range(cfg.epochs), desc="detr", unit="epoch")
-    history = []
-    for _ in progress:
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        terms: list[dict[str, float]] = []
-        losses = []
-        for i in range(0, len(x), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            outputs = model(x[idx], return_aux=True)
-            loss, final = criterion(outputs, [targets[j] for j in idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            optimizer.step()
-            schedule.step()
-            terms.append(final)
-            losses.append(loss.item())
-        progress.set_postfix({k: f"{np.mean([t[k] for t in terms]):.3f}" for k in terms[0]})
-        history.append(float(np.mean(losses)))
-    return history
+
+    def step(model: DETR, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return criterion(model(x[idx], return_aux=True), [targets[j] for j in idx])  # type: ignore[no-any-return]
+
+    return step
 
 
 class DETRForOnnx(torch.nn.Module):
@@ -256,33 +223,25 @@ def detr_graphs(cfg: DETRConfig, spec: Preprocessing) -> dict[str, GraphSpec]:
     }
 
 
-def export(
-    checkpoint_path: Path, repository: Path, name: str = "detr", version: int = 1, force: bool = False
-) -> Manifest:
-    require_free(repository, name, version, force)  # before the work, not after it
-    model, checkpoint = load_checkpoint(checkpoint_path, DETR, DETRConfig)
+def write_artifact(model: DETR, checkpoint: dict[str, Any], folder: Path) -> Artifact:
+    """The detection and attention graphs in `folder`, parity-checked on the held-out scenes, with the
+    same detections as PyTorch's at the served threshold."""
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     _, held_out = load_data(checkpoint["source"])
     inputs = inputs_for(held_out, spec)
     graphs = detr_graphs(model.config, spec)
-    with staging(name, version) as staged:
-        onnx_logits, onnx_boxes = export_image_graph(DETRForOnnx(model), inputs, staged, graphs["main"])
-        # the attention graph, checked on a subset: its maps are large
-        subset = inputs[: 2 * PARITY_BATCH]
-        onnx_attention = export_image_graph(DETRForOnnx(model, attention=True), subset, staged, graphs["attention"])
-        compared = compare_outputs(model, inputs, [onnx_logits, onnx_boxes], graphs["main"])
-        compared += compare_outputs(model, subset, onnx_attention, graphs["attention"], attention=True)
-        parity = check_parity(compared, PARITY_BATCH)
-        require_parity(parity)
-        ref_logits, ref_boxes = compared[0].float32, compared[1].float32
-        require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
-        onnx_quality = evaluate(held_out, onnx_logits, onnx_boxes, spec)
-        manifest = manifest_for(
-            checkpoint, name=name, version=version, task=DETECTION, architecture="detr", graphs=graphs,
-            preprocessing=spec, quality={f"{k}_onnx": v for k, v in onnx_quality.items()}, parity=parity,
-        )  # fmt: skip
-        publish(manifest, staged, repository, force)
-    return manifest
+    onnx_logits, onnx_boxes = export_image_graph(DETRForOnnx(model), inputs, folder, graphs["main"])
+    # the attention graph, checked on a subset: its maps are large
+    subset = inputs[: 2 * PARITY_BATCH]
+    onnx_attention = export_image_graph(DETRForOnnx(model, attention=True), subset, folder, graphs["attention"])
+    compared = compare_outputs(model, inputs, [onnx_logits, onnx_boxes], graphs["main"])
+    compared += compare_outputs(model, subset, onnx_attention, graphs["attention"], attention=True)
+    parity = check_parity(compared, PARITY_BATCH)
+    require_parity(parity)
+    ref_logits, ref_boxes = compared[0].float32, compared[1].float32
+    require_same_detections(held_out, (ref_logits, ref_boxes), (onnx_logits, onnx_boxes), spec)
+    onnx_quality = evaluate(held_out, onnx_logits, onnx_boxes, spec)
+    return Artifact(graphs, spec, parity, quality={f"{k}_onnx": v for k, v in onnx_quality.items()})
 
 
 def compare_outputs(
@@ -321,3 +280,11 @@ def min_iou(a: np.ndarray, b: np.ndarray) -> float:
     inter = np.clip(bottom_right - top_left, 0, None).prod(-1)
     area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
     return float((inter / (area(a) + area(b) - inter)).min())
+
+
+FAMILY = TrainedFamily(
+    name="detr", model_class=DETR, model_config=DETRConfig, train_config=TrainConfig,
+    data_help="COCO, DIR/{train,held_out}/annotations.json with images/ beside each (default: digit scenes)",
+    task=DETECTION, architecture="detr", source=source, prepare=prepare, write_artifact=write_artifact,
+)  # fmt: skip
+train, export = FAMILY.train, FAMILY.export  # the family's own, as this module's functions

@@ -10,8 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
+from export.families import FAMILIES
 from export.fp16 import export_fp16
-from export.train import MODELS, RUNS
+from export.train import RUNS
 from service.settings import PROJECT_ROOT
 
 
@@ -24,13 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, checkpoint: Path) -> None:
-    name, module = args.name or args.model, MODELS[args.model]
+    name, family = args.name or args.model, FAMILIES[args.model]
+    options = family.export_options(args.repository)
     if getattr(args, "fp16", False):
-        # the Image Transformer's digits are judged by the ViT of the repository it is published to
-        judge = {"classifier": args.repository / "vit"} if args.model == "imagetransformer" else {}
-        manifest = export_fp16(module, checkpoint, args.repository, name, args.version, args.force, **judge)
+        manifest = export_fp16(family, checkpoint, args.repository, name, args.version, args.force, **options)
     else:
-        manifest = module.export(checkpoint, args.repository, name=name, version=args.version, force=args.force)
+        manifest = family.export(
+            checkpoint, args.repository, name=name, version=args.version, force=args.force, **options
+        )
     published = {"published": f"{args.repository}/{manifest.name}/{manifest.version}"}
     gate = {"fp16_gate": manifest.fp16_gate.model_dump()} if manifest.fp16_gate else {}
     print(json.dumps({**published, "quality": manifest.quality, "parity": manifest.parity.model_dump(), **gate}))
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace, checkpoint: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m export.export", description=__doc__)
-    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("model", choices=sorted(FAMILIES))
     parser.add_argument("--checkpoint", type=Path, help="default runs/<model>/checkpoint.pt")
     add_arguments(parser)
     parser.add_argument("--fp16", action="store_true", help="float16 graphs, gated on held-out quality")

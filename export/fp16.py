@@ -12,8 +12,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -138,16 +137,23 @@ def convert_artifact(
     return converted
 
 
+class Exporter(Protocol):
+    """A trained family (export.family.TrainedFamily) or its module: what has the float32, parity-gated `export`."""
+
+    @property
+    def export(self) -> Callable[..., Manifest]: ...
+
+
 def export_fp16(
-    module: ModuleType, checkpoint: Path, repository: Path, name: str, version: int = 1, force: bool = False,
+    family: Exporter, checkpoint: Path, repository: Path, name: str, version: int = 1, force: bool = False,
     convert: Convert = to_fp16, **options: Any,
 ) -> Manifest:  # fmt: skip
-    """`module.export` (parity-gated, float32) into a scratch repository, then converted, gated and
+    """`family.export` (parity-gated, float32) into a scratch repository, then converted, gated and
     published to `repository` (the service loads it before it is moved in)."""
     require_free(repository, name, version, force)  # before the work, not after it
     with tempfile.TemporaryDirectory(prefix="export-fp16-") as tmp:
         full, half = Path(tmp) / "float32", Path(tmp) / "float16"
-        module.export(checkpoint, full, name=name, version=version, **options)
+        family.export(checkpoint, full, name=name, version=version, **options)
         target = half / name / str(version)
         target.mkdir(parents=True)
         manifest = convert_artifact(full / name / str(version), target, convert=convert)

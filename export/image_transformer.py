@@ -6,7 +6,6 @@ graph, and check that the cached steps give the full-sequence logits."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,27 +15,23 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from tqdm import tqdm
 
-from export.checkpoint import load_checkpoint, save_checkpoint
 from export.data import DIGITS_HELD_OUT
+from export.family import Artifact, InputShape, TrainedFamily
 from export.onnx_export import (
     BATCH,
     TRACED_BATCH,
     Compared,
     ExportError,
     check_parity,
-    manifest_for,
-    publish,
-    require_free,
     require_parity,
-    staging,
     to_onnx,
     torch_outputs,
 )
 from export.pooled import write_pooled
+from export.training import Step, Training, warmup_cosine
 from models.image_transformer import ImageTransformer, ImageTransformerConfig
-from service.manifest import GENERATION, TASK_CHECKS, GenerationConfig, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.manifest import GENERATION, TASK_CHECKS, GenerationConfig, GraphSpec, Parity, Preprocessing, TensorSpec
 from service.outputs import levels_to_image
 from service.sampling import POOLED_GRAPH, cache_names, sample
 
@@ -45,6 +40,8 @@ PARITY_BATCH = 5
 
 @dataclass
 class TrainConfig:
+    """AdamW, linear warm-up then cosine decay, labels dropped now and then (class-conditional and not)."""
+
     epochs: int = 100
     batch_size: int = 64
     lr: float = 1e-3
@@ -97,85 +94,59 @@ def model_log_probs(model: ImageTransformer, pixels: torch.Tensor, labels: torch
     return logits.log_softmax(-1)
 
 
-def train(
-    source: dict[str, Any],
-    out: Path,
-    model_cfg: ImageTransformerConfig | None = None,
-    cfg: TrainConfig | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-) -> dict[str, Any]:
-    if image_size or channels:
+def prepare(
+    source: dict[str, Any], model_cfg: ImageTransformerConfig | None, cfg: TrainConfig, shape: InputShape
+) -> Training:
+    """The digits' own 17 levels on the ViT's split; held-out bits per dimension beside a marginal baseline."""
+    if shape.image_size or shape.channels:
         raise SystemExit("the Image Transformer models the 8x8 grey digits: no --image-size or --channels")
-    cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ImageTransformerConfig()
     train_x, train_y, test_x, test_y = load_split(source["seed"])
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = ImageTransformer(model_cfg)
-    started = time.perf_counter()
-    losses = _fit(model, train_x, train_y, cfg, gen)
-    seconds = time.perf_counter() - started
-    baseline = marginal_baseline(train_x, train_y, model_cfg.levels, model_cfg.num_classes)
+    data = {
+        "name": "scikit-learn digits, 8x8, 17 grey levels (the data set's own)",
+        "train": len(train_y),
+        "held_out": len(test_y),
+        "split": f"stratified, seed {source['seed']} (the ViT's split)",
+    }
+    steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
+    return Training(
+        model_cfg, cfg, examples=len(train_x),
+        step=batch_step(train_x, train_y, model_cfg.num_classes, cfg.label_dropout),
+        lr_factor=warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch),
+        evaluate=lambda model: held_out_bits(model, train_x, train_y, test_x, test_y),
+        fields={"labels": [str(d) for d in range(model_cfg.num_classes)], "source": source, "data": data},
+    )  # fmt: skip
+
+
+def batch_step(x: torch.Tensor, y: torch.Tensor, no_label: int, label_dropout: float) -> Step:
+    """Next-pixel cross-entropy (nats per pixel); each label is dropped to `no_label` with `label_dropout`,
+    so the model also learns the unconditional distribution."""
+
+    def step(model: ImageTransformer, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        drop = torch.rand(len(idx), generator=gen) < label_dropout
+        logits = model(x[idx], torch.where(drop, no_label, y[idx]))
+        assert isinstance(logits, torch.Tensor)
+        loss = F.cross_entropy(logits.flatten(0, 1), x[idx].flatten())
+        return loss, {"bits_per_dim": loss.item() / math.log(2)}
+
+    return step
+
+
+def held_out_bits(
+    model: ImageTransformer, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor
+) -> dict[str, float]:
+    """Held-out bits per dimension, labelled and unlabelled, beside the per-pixel marginal baseline."""
+    cfg = model.config
+    baseline = marginal_baseline(train_x, train_y, cfg.levels, cfg.num_classes)
     quality = {
         "bits_per_dim": bits_per_dim(model_log_probs(model, test_x, test_y), test_x),
         "baseline_bits_per_dim": bits_per_dim(baseline[test_y], test_x),
         "bits_per_dim_unconditional": bits_per_dim(
-            model_log_probs(model, test_x, torch.full_like(test_y, model_cfg.num_classes)), test_x
+            model_log_probs(model, test_x, torch.full_like(test_y, cfg.num_classes)), test_x
         ),
     }
     quality["ratio_to_baseline"] = quality["bits_per_dim"] / quality["baseline_bits_per_dim"]
-    return save_checkpoint(
-        out,
-        model,
-        model_cfg,
-        cfg,
-        seconds,
-        labels=[str(d) for d in range(model_cfg.num_classes)],
-        source=source,
-        data={
-            "name": "scikit-learn digits, 8x8, 17 grey levels (the data set's own)",
-            "train": len(train_y),
-            "held_out": len(test_y),
-            "split": f"stratified, seed {source['seed']} (the ViT's split)",
-        },
-        quality=quality,
-        losses=losses,
-    )
-
-
-def _fit(
-    model: ImageTransformer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
-) -> list[float]:
-    """Returns the mean training loss (nats per pixel) of each epoch."""
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))),
-    )
-    no_label = model.config.num_classes
-    progress = tqdm(range(cfg.epochs), desc="image transformer", unit="epoch")
-    history = []
-    for _ in progress:
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        losses = []
-        for i in range(0, len(x), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            drop = torch.rand(len(idx), generator=gen) < cfg.label_dropout
-            logits = model(x[idx], torch.where(drop, no_label, y[idx]))
-            assert isinstance(logits, torch.Tensor)
-            loss = F.cross_entropy(logits.flatten(0, 1), x[idx].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        progress.set_postfix(bits_per_dim=f"{np.mean(losses) / math.log(2):.3f}")
-        history.append(float(np.mean(losses)))
-    return history
+    return quality
 
 
 class ScoreGraph(torch.nn.Module):
@@ -315,56 +286,63 @@ def recognition_rate(
     return float((logits.argmax(-1) == labels).mean())
 
 
-def export(
-    checkpoint_path: Path,
-    repository: Path,
-    name: str = "imagetransformer",
-    version: int = 1,
-    force: bool = False,
-    classifier: Path | None = None,
-) -> Manifest:
-    """Export both graphs; `classifier` (default: the repository's `vit`) judges the generated digits."""
-    classifier = classifier or repository / "vit"
-    require_free(repository, name, version, force)  # before the work, not after it
-    model, checkpoint = load_checkpoint(checkpoint_path, ImageTransformer, ImageTransformerConfig)
+def write_artifact(model: ImageTransformer, checkpoint: dict[str, Any], folder: Path, classifier: Path) -> Artifact:
+    """The scoring, attention, decoding-step and pooled-step graphs in `folder`, parity-checked; the
+    generated digits judged by the ViT published at `classifier`."""
     cfg = GenerationConfig.model_validate(checkpoint["config"])
     *_, test_x, test_y = load_split(checkpoint["source"]["seed"])
     specs = graphs(cfg)
-    with staging(name, version) as staged:
-        export_graphs(model, cfg, staged, specs)
-        score, attention, step = (
-            ort.InferenceSession(str(staged / specs[g].file), providers=["CPUExecutionProvider"])
-            for g in ("main", "attention", "step")
-        )
-        feeds = {"pixels": test_x[:PARITY_BATCH].numpy(), "labels": test_y[:PARITY_BATCH].numpy()}
-        single = torch_outputs(AttentionGraph(model), *feeds.values())
-        double = torch_outputs(AttentionGraph(model), *feeds.values(), double=True)
-        onnx_logits, _ = score.run(None, feeds)
-        stepped = cached_logits(step, cfg, *feeds.values())
-        # the scoring graph against PyTorch, the cached steps against the full sequence, the attention graph
-        compared = [
-            Compared("main.logits", onnx_logits, single[0], double[0]),
-            Compared("step.logits", stepped, single[0], double[0]),
-            *(
-                Compared(f"attention.{n}", *arrays)
-                for n, *arrays in zip(("logits", "attention"), attention.run(None, feeds), single, double, strict=True)
-            ),
-        ]
-        parity = check_parity(compared, PARITY_BATCH)
-        require_parity(parity)
-        (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
-        onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))
-        specs[POOLED_GRAPH] = write_pooled(specs["step"], staged)  # checked against the step graph
-        rate = recognition_rate(step, cfg, classifier)
-        if rate is None:
-            raise ExportError(f"no ready ViT at {classifier} to judge the generated digits: export the ViT first")
-        preprocessing = Preprocessing(
-            color_mode="L", size=(cfg.height, cfg.width), resample="box", mean=[0.0], std=[1.0]
-        )
-        manifest = manifest_for(
-            checkpoint, name=name, version=version, task=GENERATION, architecture="image_transformer",
-            graphs=specs, preprocessing=preprocessing, parity=parity,
-            quality={"bits_per_dim_onnx": onnx_bits, "vit_recognition_rate": rate},
-        )  # fmt: skip
-        publish(manifest, staged, repository, force)
-    return manifest
+    export_graphs(model, cfg, folder, specs)
+    score, attention, step = (
+        ort.InferenceSession(str(folder / specs[g].file), providers=["CPUExecutionProvider"])
+        for g in ("main", "attention", "step")
+    )
+    feeds = {"pixels": test_x[:PARITY_BATCH].numpy(), "labels": test_y[:PARITY_BATCH].numpy()}
+    parity = require_graph_parity(model, cfg, (score, attention, step), feeds)
+    (_, log_likelihood) = score.run(None, {"pixels": test_x.numpy(), "labels": test_y.numpy()})
+    onnx_bits = float(-log_likelihood.sum() / (log_likelihood.size * cfg.length * math.log(2)))
+    specs[POOLED_GRAPH] = write_pooled(specs["step"], folder)  # checked against the step graph
+    rate = recognition_rate(step, cfg, classifier)
+    if rate is None:
+        raise ExportError(f"no ready ViT at {classifier} to judge the generated digits: export the ViT first")
+    preprocessing = Preprocessing(color_mode="L", size=(cfg.height, cfg.width), resample="box", mean=[0.0], std=[1.0])
+    return Artifact(
+        specs, preprocessing, parity, quality={"bits_per_dim_onnx": onnx_bits, "vit_recognition_rate": rate}
+    )
+
+
+def require_graph_parity(
+    model: ImageTransformer, cfg: GenerationConfig, sessions: tuple[ort.InferenceSession, ...], feeds: dict[str, Any]
+) -> Parity:
+    """The scoring graph against PyTorch, the cached steps against the full sequence, the attention graph;
+    ExportError where any output is out of its tolerance."""
+    score, attention, step = sessions
+    single = torch_outputs(AttentionGraph(model), *feeds.values())
+    double = torch_outputs(AttentionGraph(model), *feeds.values(), double=True)
+    onnx_logits, _ = score.run(None, feeds)
+    stepped = cached_logits(step, cfg, *feeds.values())
+    compared = [
+        Compared("main.logits", onnx_logits, single[0], double[0]),
+        Compared("step.logits", stepped, single[0], double[0]),
+        *(
+            Compared(f"attention.{n}", *arrays)
+            for n, *arrays in zip(("logits", "attention"), attention.run(None, feeds), single, double, strict=True)
+        ),
+    ]
+    parity = check_parity(compared, PARITY_BATCH)
+    require_parity(parity)
+    return parity
+
+
+def export_options(repository: Path) -> dict[str, Any]:
+    """The ViT published in the same repository judges the generated digits (also through --fp16's scratch folder)."""
+    return {"classifier": repository / "vit"}
+
+
+FAMILY = TrainedFamily(
+    name="imagetransformer", model_class=ImageTransformer, model_config=ImageTransformerConfig,
+    train_config=TrainConfig, data_help="not taken (the digits only)",
+    task=GENERATION, architecture="image_transformer", source=source, prepare=prepare,
+    write_artifact=write_artifact, export_options=export_options,
+)  # fmt: skip
+train, export = FAMILY.train, FAMILY.export  # the family's own, as this module's functions

@@ -14,24 +14,20 @@ from typing import Any
 
 import torch
 
-from export.train import MODELS
-from models.detr import DETRConfig
-from models.image_transformer import ImageTransformerConfig
-from models.vit import ViTConfig
+from export.families import FAMILIES
+from export.family import TrainedFamily
 from service.manifest import Manifest, read_manifest
 from service.settings import PROJECT_ROOT
 
-CONFIGS: dict[str, type] = {"vit": ViTConfig, "detr": DETRConfig, "imagetransformer": ImageTransformerConfig}
-# absolute: a retrain at another thread count (or library version) ends at other weights; 0.01 is
-# about 4 of the 360 held-out digits, or a hundredth of a bit per pixel
+# absolute: about 4 of the 360 held-out digits, or a hundredth of a bit per pixel
 TOLERANCE = 0.01
 
 
-def train_config(module: Any, manifest: Manifest) -> Any:
-    """The TrainConfig the manifest records (it also holds epochs, threads and maybe seconds)."""
-    fields = {f.name for f in dataclasses.fields(module.TrainConfig)}
+def train_config(family: TrainedFamily, manifest: Manifest) -> Any:
+    """The train config the manifest records (beside it: epochs, threads and maybe seconds)."""
+    fields = {f.name for f in dataclasses.fields(family.train_config)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest.training.items() if k in fields}
-    return module.TrainConfig(**values)
+    return family.train_config(**values)
 
 
 def compare(recorded: dict[str, float], measured: dict[str, float], tolerance: float) -> list[dict[str, Any]]:
@@ -43,14 +39,14 @@ def compare(recorded: dict[str, float], measured: dict[str, float], tolerance: f
     ]
 
 
-def retrain(module: Any, manifest: Manifest, model_cfg: Any, threads: int) -> dict[str, float]:
+def retrain(family: TrainedFamily, manifest: Manifest, threads: int) -> dict[str, float]:
     """The held-out figures of a fresh training run as the manifest describes it, on `threads` threads."""
+    model_cfg, cfg = family.model_config(**manifest.config), train_config(family, manifest)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="reproduce-") as tmp:
-            out = Path(tmp) / "checkpoint.pt"
-            checkpoint = module.train(manifest.data["source"], out, model_cfg, train_config(module, manifest))
+            checkpoint = family.train(manifest.data["source"], Path(tmp) / "checkpoint.pt", model_cfg, cfg)
     finally:
         torch.set_num_threads(before)
     quality: dict[str, float] = checkpoint["quality"]
@@ -59,7 +55,7 @@ def retrain(module: Any, manifest: Manifest, model_cfg: Any, threads: int) -> di
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m export.reproduce", description=__doc__)
-    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("model", choices=sorted(FAMILIES))
     parser.add_argument("--repository", type=Path, default=PROJECT_ROOT / "model_repository")
     parser.add_argument("--name", help="default: the model kind")
     parser.add_argument("--version", type=int, default=1)
@@ -67,9 +63,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, help="default: the manifest's (bit-for-bit needs the same)")
     args = parser.parse_args(argv)
     manifest = read_manifest(args.repository / (args.name or args.model) / str(args.version))
-    module = MODELS[args.model]
     threads = args.threads or manifest.training.get("threads") or torch.get_num_threads()
-    quality = retrain(module, manifest, CONFIGS[args.model](**manifest.config), threads)
+    quality = retrain(FAMILIES[args.model], manifest, threads)
     rows = compare(manifest.quality, quality, args.tolerance)
     print(json.dumps({"threads": threads, "tolerance": args.tolerance, "figures": rows}, indent=1))
     if not rows or not all(row["within"] for row in rows):

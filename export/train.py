@@ -6,23 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from types import ModuleType
 
-from export import detr, image_transformer, vit
+from export.families import FAMILIES
 
 RUNS = Path("runs")
-# each module has source(), TrainConfig, train() and export()
-MODELS: dict[str, ModuleType] = {"vit": vit, "detr": detr, "imagetransformer": image_transformer}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument(
-        "--data",
-        type=Path,
-        help="vit: an ImageFolder (DIR/<class>/<image>), default digits; "
-        "detr: DIR/{train,held_out}/annotations.json (COCO), default generated digit scenes",
-    )
+    parser.add_argument("model", choices=sorted(FAMILIES))
+    data_help = "; ".join(f"{family.name}: {family.data_help}" for family in FAMILIES.values())
+    parser.add_argument("--data", type=Path, help=data_help)
     parser.add_argument("--seed", type=int, default=0, help="split and training seed")
     parser.add_argument("--epochs", type=int, help="override the default number of epochs")
     parser.add_argument("--image-size", type=int, help="model input side (default: from the data; vit, detr)")
@@ -32,13 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     """Train as `args` say; returns the checkpoint's path."""
-    module = MODELS[args.model]
-    out = args.checkpoint or RUNS / args.model / "checkpoint.pt"
-    cfg = module.TrainConfig(seed=args.seed)
+    family = FAMILIES[args.model]
+    out: Path = args.checkpoint or RUNS / args.model / "checkpoint.pt"
+    cfg = family.train_config(seed=args.seed)
     if args.epochs:
         cfg.epochs = args.epochs
-    shape = {"image_size": args.image_size, "channels": args.channels}
-    checkpoint = module.train(module.source(args.data, args.seed), out, cfg=cfg, **shape)
+    source = family.source(args.data, args.seed)
+    checkpoint = family.train(source, out, cfg=cfg, image_size=args.image_size, channels=args.channels)
     print(json.dumps({"checkpoint": str(out), "quality": checkpoint["quality"], "training": checkpoint["training"]}))
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -12,29 +11,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-from export.checkpoint import load_checkpoint, save_checkpoint
 from export.data import LabelledData, Split, load_digits_data, load_image_folder
+from export.family import Artifact, InputShape, TrainedFamily
 from export.onnx_export import (
     PARITY_BATCH,
     Compared,
     check_parity,
     export_image_graph,
-    manifest_for,
-    publish,
-    require_free,
     require_parity,
-    staging,
     torch_outputs,
 )
+from export.training import Step, Training, warmup_cosine
 from models.vit import ViT, ViTConfig
 from service.imaging import normalize, preprocess, to_unit_array
-from service.manifest import CLASSIFICATION, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.manifest import CLASSIFICATION, GraphSpec, Preprocessing, TensorSpec
 
 
 @dataclass
 class TrainConfig:
+    """AdamW, linear warm-up then cosine decay, label smoothing; random affine warps and inversion."""
+
     epochs: int = 120
     batch_size: int = 64
     lr: float = 2e-3
@@ -117,99 +114,63 @@ def model_config(data: LabelledData, image_size: int | None = None, channels: in
                      num_classes=len(data.classes))  # fmt: skip
 
 
-def train(
-    source: dict[str, Any],
-    out: Path,
-    model_cfg: ViTConfig | None = None,
-    cfg: TrainConfig | None = None,
-    image_size: int | None = None,
-    channels: int | None = None,
-) -> dict[str, Any]:
-    """Train, evaluate held-out top-1 and save `{"model", "config", ...}` to `out`; returns the checkpoint."""
-    cfg = cfg or TrainConfig()
+def prepare(source: dict[str, Any], model_cfg: ViTConfig | None, cfg: TrainConfig, shape: InputShape) -> Training:
+    """The training images in each of UPSCALE_VIEWS, normalised by their own mean and std; held-out top-1."""
     if source["kind"] != "digits":  # inverting a photo makes a different photo
         cfg = replace(cfg, invert_prob=0.0)
     data = load_data(source)
-    if source["kind"] == "digits":  # the shipped model's input: 8x8 digits upscaled 4x
-        image_size = image_size or 32
-    model_cfg = model_cfg or model_config(data, image_size, channels)
+    image_size = shape.image_size or (32 if source["kind"] == "digits" else None)  # digits: 8x8 upscaled 4x
+    model_cfg = model_cfg or model_config(data, image_size, shape.channels)
     unit_spec = Preprocessing(
         color_mode="L" if model_cfg.in_channels == 1 else "RGB",
         size=(model_cfg.image_size, model_cfg.image_size),
         mean=[0.0] * model_cfg.in_channels,
         std=[1.0] * model_cfg.in_channels,
     )
-    train_views = torch.stack([unit_tensor(data.train, unit_spec, up) for up in UPSCALE_VIEWS.values()])
-    mean, std = train_views[0].mean(dim=(0, 2, 3)), train_views[0].std(dim=(0, 2, 3))
+    views = torch.stack([unit_tensor(data.train, unit_spec, up) for up in UPSCALE_VIEWS.values()])
+    mean, std = views[0].mean(dim=(0, 2, 3)), views[0].std(dim=(0, 2, 3))
     spec = unit_spec.model_copy(update={"mean": mean.tolist(), "std": std.tolist()})
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = ViT(model_cfg)
-    started = time.perf_counter()
-    losses = _fit(model, train_views, torch.from_numpy(data.train.labels), spec, cfg, gen)
-    seconds = time.perf_counter() - started
+    steps_per_epoch = math.ceil(len(data.train.labels) / cfg.batch_size)
+    return Training(
+        model_cfg, cfg, examples=len(data.train.labels),
+        step=batch_step(views, torch.from_numpy(data.train.labels), spec, cfg),
+        lr_factor=warmup_cosine(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch),
+        evaluate=lambda model: held_out_top1(model, data.held_out, unit_spec, spec, cfg),
+        fields={"preprocessing": spec.model_dump(), "labels": data.classes, "source": source, "data": data.description},
+    )  # fmt: skip
 
+
+def batch_step(views: torch.Tensor, y: torch.Tensor, spec: Preprocessing, cfg: TrainConfig) -> Step:
+    """views `[views, N, C, H, W]`: each image of a batch in a randomly chosen view, augmented, then
+    normalised; label-smoothed cross-entropy."""
+    mean = torch.tensor(spec.mean)[:, None, None]
+    std = torch.tensor(spec.std)[:, None, None]
+
+    def step(model: ViT, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        picked = views[torch.randint(len(views), (len(idx),), generator=gen), idx]
+        logits = model((augment(picked, cfg, gen) - mean) / std)
+        loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
+        return loss, {"loss": loss.item(), "train_acc": float((logits.argmax(-1) == y[idx]).float().mean())}
+
+    return step
+
+
+def held_out_top1(
+    model: ViT, held_out: Split, unit_spec: Preprocessing, spec: Preprocessing, cfg: TrainConfig
+) -> dict[str, float]:
+    """Top-1 on each view of the held-out images, and on them inverted where training inverted."""
     quality = {}
     for view, upscale in UPSCALE_VIEWS.items():
-        units = unit_tensor(data.held_out, unit_spec, upscale)
+        units = unit_tensor(held_out, unit_spec, upscale)
         name = "top1" if upscale is None else f"top1_{view}"
-        quality[name] = top1(predict(model, _normalize(units, spec)), data.held_out.labels)
+        quality[name] = top1(predict(model, _normalize(units, spec)), held_out.labels)
         if cfg.invert_prob > 0:
-            quality[f"{name}_inverted"] = top1(predict(model, _normalize(1 - units, spec)), data.held_out.labels)
-    return save_checkpoint(
-        out,
-        model,
-        model_cfg,
-        cfg,
-        seconds,
-        preprocessing=spec.model_dump(),
-        labels=data.classes,
-        source=source,
-        data=data.description,
-        quality=quality,
-        losses=losses,
-    )
+            quality[f"{name}_inverted"] = top1(predict(model, _normalize(1 - units, spec)), held_out.labels)
+    return quality
 
 
 def _normalize(units: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     return torch.from_numpy(normalize(units.numpy(), spec))
-
-
-def _fit(
-    model: ViT, views: torch.Tensor, y: torch.Tensor, spec: Preprocessing, cfg: TrainConfig, gen: torch.Generator
-) -> list[float]:
-    """views `[views, N, C, H, W]`: each step takes every image in a randomly chosen view. Returns the
-    mean training loss of each epoch."""
-    n = views.shape[1]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))),
-    )
-    mean = torch.tensor(spec.mean)[:, None, None]
-    std = torch.tensor(spec.std)[:, None, None]
-    progress = tqdm(range(cfg.epochs), desc="vit", unit="epoch")
-    history = []
-    for _ in progress:
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        losses, correct = [], 0
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            picked = views[torch.randint(len(views), (len(idx),), generator=gen), idx]
-            logits = model((augment(picked, cfg, gen) - mean) / std)
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            correct += int((logits.argmax(-1) == y[idx]).sum())
-        progress.set_postfix(loss=f"{np.mean(losses):.3f}", train_acc=f"{correct / n:.3f}")
-        history.append(float(np.mean(losses)))
-    return history
 
 
 class WithAttention(torch.nn.Module):
@@ -224,12 +185,8 @@ class WithAttention(torch.nn.Module):
         return logits, attention
 
 
-def export(
-    checkpoint_path: Path, repository: Path, name: str = "vit", version: int = 1, force: bool = False
-) -> Manifest:
-    """Export a checkpoint to `repository/name/version/`, only if it passes parity on held-out images."""
-    require_free(repository, name, version, force)  # before the work, not after it
-    model, checkpoint = load_checkpoint(checkpoint_path, ViT, ViTConfig)
+def write_artifact(model: ViT, checkpoint: dict[str, Any], folder: Path) -> Artifact:
+    """The classification and attention graphs in `folder`, parity-checked on the held-out images."""
     spec = Preprocessing.model_validate(checkpoint["preprocessing"])
     held_out = load_data(checkpoint["source"]).held_out
     # the service's exact path: decoded image -> preprocess
@@ -238,36 +195,30 @@ def export(
     image = TensorSpec(name="pixel_values", dtype="float32", shape=image_shape)
     logits = TensorSpec(name="logits", dtype="float32", shape=["batch", len(checkpoint["labels"])])
     tokens = model.config.grid**2 + 1
+    attention = TensorSpec(
+        name="attention", dtype="float32", shape=["batch", model.config.depth, model.config.heads, tokens, tokens]
+    )
     graphs = {
         "main": GraphSpec(file="model.onnx", inputs=[image], outputs=[logits]),
         # served only on request, so classification never computes or copies attention
-        "attention": GraphSpec(
-            file="attention.onnx",
-            inputs=[image],
-            outputs=[
-                logits,
-                TensorSpec(
-                    name="attention",
-                    dtype="float32",
-                    shape=["batch", model.config.depth, model.config.heads, tokens, tokens],
-                ),
-            ],
-        ),  # fmt: skip
+        "attention": GraphSpec(file="attention.onnx", inputs=[image], outputs=[logits, attention]),
     }
     with_attention = WithAttention(model)
-    with staging(name, version) as staged:
-        (onnx_logits,) = export_image_graph(model, inputs, staged, graphs["main"])
-        onnx_attention = export_image_graph(with_attention, inputs, staged, graphs["attention"])
-        single, double = torch_outputs(with_attention, inputs), torch_outputs(with_attention, inputs, double=True)
-        compared = [Compared("main.logits", onnx_logits, single[0], double[0])] + [
-            Compared(f"attention.{n}", *arrays)
-            for n, *arrays in zip(("logits", "attention"), onnx_attention, single, double, strict=True)
-        ]
-        parity = check_parity(compared, PARITY_BATCH)
-        require_parity(parity)
-        manifest = manifest_for(
-            checkpoint, name=name, version=version, task=CLASSIFICATION, architecture="vit", graphs=graphs,
-            preprocessing=spec, quality={"top1_onnx": top1(onnx_logits, held_out.labels)}, parity=parity,
-        )  # fmt: skip
-        publish(manifest, staged, repository, force)
-    return manifest
+    (onnx_logits,) = export_image_graph(model, inputs, folder, graphs["main"])
+    onnx_attention = export_image_graph(with_attention, inputs, folder, graphs["attention"])
+    single, double = torch_outputs(with_attention, inputs), torch_outputs(with_attention, inputs, double=True)
+    compared = [Compared("main.logits", onnx_logits, single[0], double[0])] + [
+        Compared(f"attention.{n}", *arrays)
+        for n, *arrays in zip(("logits", "attention"), onnx_attention, single, double, strict=True)
+    ]
+    parity = check_parity(compared, PARITY_BATCH)
+    require_parity(parity)
+    return Artifact(graphs, spec, parity, quality={"top1_onnx": top1(onnx_logits, held_out.labels)})
+
+
+FAMILY = TrainedFamily(
+    name="vit", model_class=ViT, model_config=ViTConfig, train_config=TrainConfig,
+    data_help="an ImageFolder, DIR/<class>/<image> (default: the digits)",
+    task=CLASSIFICATION, architecture="vit", source=source, prepare=prepare, write_artifact=write_artifact,
+)  # fmt: skip
+train, export = FAMILY.train, FAMILY.export  # the family's own, as this module's functions
