@@ -157,7 +157,7 @@ def test_only_the_metrics_module_and_the_app_know_prometheus() -> None:
 
 
 # The layers (../shared/architecture.json draws them): the core and its leaves know no web framework;
-# a task is declarations over the core and never imports an adapter; export uses only the core.
+# a task is declarations over the core and never imports an adapter (export: test_architecture_export.py).
 WEB_FRAMEWORKS = ("fastapi", "starlette", "uvicorn")
 ADAPTERS = ("service.app", "service.routes", "service.inputs", "service.deps", "service.error_responses",
             "service.http_limits", "service.connections", "service.observe", "service.auth", "service.codec",
@@ -185,10 +185,3 @@ def test_a_task_imports_no_adapter_and_no_web_framework(name: str) -> None:
 def test_the_rules_catch_a_task_that_imports_a_route() -> None:
     source = "from service.routes.v1 import task_router\nfrom fastapi import APIRouter\n"
     assert web_imports(imported(source, "service.tasks.x", set(modules()))) == ["fastapi", "service.routes.v1"]
-
-
-@pytest.mark.parametrize("path", sorted((ROOT / "export").glob("*.py")), ids=lambda p: p.name)
-def test_export_uses_only_the_core(path: Path) -> None:
-    found = imported(path.read_text(), module_name(path), set(modules()))
-    outside = sorted(m for m in found if m.startswith("service") and not m.startswith(CORE))
-    assert web_imports(found) == [] and outside == [], f"export/{path.name} imports {web_imports(found) + outside}"
