@@ -124,6 +124,19 @@ class QualityGate(_Strict):
     samples: int
 
 
+class QuantizationGate(_Strict):
+    """An INT8 version measured against the float32 version it was quantized from, on held-out (or
+    calibration) images: each figure both ways, the bounds, and whether it passed (a forced publish
+    records a failed gate)."""
+
+    method: Literal["dynamic"] = Field(description="ONNX Runtime's dynamic quantization of MatMul and Gemm weights")
+    source_version: int
+    samples: int
+    figures: dict[str, tuple[float, float]] = Field(description="name -> (float32, int8)")
+    bounds: dict[str, float] = Field(description="top1_agreement at least; accuracy and map within")
+    passed: bool
+
+
 class BatchPolicy(_Strict):
     """Dynamic batching defaults for a model; settings can override them per model."""
 
@@ -154,8 +167,11 @@ class Manifest(_Strict):
     # and a detector's input pixels per feature cell (None: a square grid over the square input)
     prefix_tokens: int = Field(1, ge=0)
     feature_stride: int | None = Field(None, ge=1)
-    precision: Literal["float32", "float16"] = Field("float32", description="of the graphs' weights and math")
+    precision: Literal["float32", "float16", "int8"] = Field(
+        "float32", description="of the main graph's weights and math"
+    )
     fp16_gate: QualityGate | None = Field(None, description="the float16 conversion's quality gate, if converted")
+    int8_gate: QuantizationGate | None = Field(None, description="the INT8 quantization's quality gate, if quantized")
 
     @model_validator(mode="after")
     def _has_main_graph(self) -> Manifest:
