@@ -69,6 +69,7 @@ class ServedModel:
     # inference threads of this model's own, one per graph: runs never queue behind image decoding
     executor: ThreadPoolExecutor | None = None
     failed_graphs: dict[str, str] = field(default_factory=dict)  # optional graph -> why it did not load
+    batch_rates: dict[str, dict[int, float]] = field(default_factory=dict)  # graph -> batch -> images/s measured
     load_seconds: float = 0.0
 
     @property
@@ -202,6 +203,29 @@ def deserves_every_core(session: ort.InferenceSession, spec: GraphSpec, settings
     return time.perf_counter() - started > HEAVY_RUN_S
 
 
+# Doubling a heavy graph's batch must raise its images/s by this much to be worth the latency it adds
+BATCH_GAIN = 1.1
+
+
+def batch_knee(run: GraphRun, spec: GraphSpec, sizes: list[int]) -> tuple[int, dict[int, float]]:
+    """The batch size past which doubling stops paying (images/s up by less than BATCH_GAIN), and the
+    images/s measured at each size tried (each warmed by one run, then the best of two); the sizes
+    past the knee are never run. A heavy model on a CPU gains nothing from batching: its knee is 1."""
+    rates: dict[int, float] = {}
+    for size in sizes:
+        feeds = zeros(spec, size)
+        run(feeds)
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            run(feeds)
+            seconds.append(time.perf_counter() - started)
+        rates[size] = size / min(seconds)
+        if len(rates) > 1 and rates[size] < BATCH_GAIN * max(rate for s, rate in rates.items() if s < size):
+            return max(s for s in rates if s < size), rates
+    return sizes[-1], rates
+
+
 def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
     """The manifest's batching defaults, overridden per model by settings."""
     return BatchPolicy.model_validate({**manifest.serving.model_dump(), **settings.batch_policy.get(manifest.name, {})})
@@ -246,7 +270,8 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
     session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
     check_graph(session, spec)
-    if settings.warmup and deserves_every_core(session, spec, settings):
+    heavy = settings.warmup and deserves_every_core(session, spec, settings)
+    if heavy:
         log.info("model %s: %s is heavy, ONNX Runtime gets every core", model.name, spec.file)
         threads = every_core(settings.workers)
         del session  # its weights go before the second session's come: one copy at a time
@@ -255,9 +280,14 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
         pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
         run = pool.run
+    if heavy and batched and graph == "main" and "max_batch_size" not in settings.batch_policy.get(model.name, {}):
+        cap, model.batch_rates[graph] = batch_knee(run, spec, sizes)  # warms the sizes it keeps
+        log.info("model %s: batches of at most %d (images/s by batch size: %s)", model.name, cap,
+                 {size: round(rate, 1) for size, rate in model.batch_rates[graph].items()})  # fmt: skip
+        policy = policy.model_copy(update={"max_batch_size": cap})
     # every batch size for the serving graphs, once for the on-request ones; always with CUDA graphs:
     # captured under live traffic, another thread's allocation or copy would break a capture
-    if settings.warmup or cuda_graph(session):
+    elif settings.warmup or cuda_graph(session):
         warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1)
     model.sessions[graph], model.runs[graph] = session, run
     model.cache_pool = pool or model.cache_pool

@@ -31,6 +31,11 @@ class ModelInfo(BaseModel):
     batch_sizes: dict[str, dict[int, int]] = Field(
         {}, description="per batched graph: images per run -> runs so far (what the dynamic batcher formed)"
     )
+    max_batch_size: dict[str, int] = Field({}, description="per batched graph: the most images one run takes")
+    batch_rates: dict[str, dict[int, float]] = Field(
+        {}, description="where measured at start (a heavy graph on the CPU): images/s by batch size, which chose "
+        "max_batch_size (the size past which doubling gains under 10%)",
+    )  # fmt: skip
 
 
 class ModelList(BaseModel):
@@ -46,7 +51,10 @@ def describe(model: ServedModel) -> ModelInfo:
         load_seconds=round(model.load_seconds, 3),
         failed_graphs=model.failed_graphs,
         batch_sizes={graph: dict(sorted(b.batch_sizes.items())) for graph, b in model.batchers.items()},
-    )
+        max_batch_size={graph: b.policy.max_batch_size for graph, b in model.batchers.items()},
+        batch_rates={graph: {size: round(rate, 2) for size, rate in rates.items()}
+                     for graph, rates in model.batch_rates.items()},
+    )  # fmt: skip
     if m := model.manifest:
         info = info.model_copy(
             update={
