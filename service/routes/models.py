@@ -21,6 +21,7 @@ class ModelInfo(BaseModel):
     version: int | None = None
     task: str | None = None
     architecture: str | None = None
+    precision: str | None = Field(None, description="of the main graph: float32, float16 or int8")
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use, best first")
     labels: list[str] = []
     input_size: Pair | None = Field(None, description="(height, width) images are resized to")
@@ -61,6 +62,7 @@ def describe(model: ServedModel) -> ModelInfo:
                 "version": m.version,
                 "task": m.task,
                 "architecture": m.architecture,
+                "precision": m.precision,
                 "labels": m.labels,
                 "input_size": list(m.preprocessing.size),
                 "quality": m.quality,

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from export import quantize
 from export.onnx_export import ExportError
+from service.app import create_app
 from service.manifest import read_manifest
 from service.repository import load_model
 from service.settings import Settings
@@ -39,6 +41,9 @@ def test_the_vit_quantized_passes_its_gate_and_serves(repository: Path, capsys: 
     assert abs(gate.figures["accuracy"][1] - gate.figures["accuracy"][0]) <= 0.005
     served = load_model(repository / "vit", Settings(device="cpu"), manifest_checks(TASKS))
     assert served.state == "ready" and served.path.name == "2"  # the highest version serves
+    with TestClient(create_app(Settings(model_repository=repository))) as client:
+        shown = {m["name"]: (m["version"], m["precision"]) for m in client.get("/v1/models").json()["models"]}
+    assert shown == {"vit": (2, "int8"), "detr": (1, "float32")}
     assert read_manifest(repository / "vit" / "1").precision == "float32"  # the source is untouched
     assert (repository / "vit" / "2" / "attention.onnx").read_bytes() == (
         repository / "vit" / "1" / "attention.onnx"
