@@ -97,7 +97,7 @@ def write_model(repository: Path) -> None:
         name=MODEL, version=1, task=NAME, architecture="linear", graphs={"main": main}, preprocessing=SPEC,
         labels=[], data={"name": "none: fixed random weights"}, quality={}, parity=parity, opset=18,
         versions={"onnx": onnx.__version__},
-        serving=BatchPolicy(max_batch_size=MAX_BATCH, max_queue_delay_ms=100),  # long enough for company
+        serving=BatchPolicy(max_batch_size=MAX_BATCH, max_queue_delay_ms=300),  # company, even on a loaded machine
     )  # fmt: skip
     write_manifest(manifest, folder)
 
