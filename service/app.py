@@ -65,7 +65,10 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
             sampling.cancel()
         await app.state.registry.close()
 
-    app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # no trailing-slash redirects: Starlette's name the client's Host (and X-Forwarded-Proto) as their
+    # target, which a shared cache in front would keep and serve to others; /v1/models/ is a 404
+    app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)  # fmt: skip
     app.state.settings = settings
     app.state.tasks = tasks
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503

@@ -62,19 +62,38 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
 }
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters, lower case ("" where there is none)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """application/json, or a +json type (application/problem+json, say)."""
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def require_json(request: Request) -> None:
+    """415 for a body that does not say it is JSON. A text/plain (or form) POST is a request a
+    browser sends from any page without asking the server first (no CORS preflight): a JSON route
+    that took one could be driven by any page its user visits."""
+    if not is_json(media := media_type(request)):
+        shown = quoted(media) if media else "a body without Content-Type"
+        raise ServiceError(415, "unsupported_media_type", f"{shown} is not accepted; send application/json")
+
+
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     """The encoded images of a request, and any options sent in its body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "multipart/form-data":
         images, options = await _from_multipart(request, max_images)
-    elif content_type == "application/json":
+    elif is_json(content_type):
         body = await request.body()  # a big one parses off the event loop
         parse = partial(_from_json, body, max_images)
         images, options = parse() if len(body) <= INLINE_BYTES else await run_in_threadpool(parse)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         images, options = [await request.body()], {}
     else:
-        shown = content_type or "no Content-Type"
+        shown = quoted(content_type) if content_type else "a body without Content-Type"
         raise ServiceError(415, "unsupported_media_type", f"{shown} is not accepted; send {ACCEPTED}")
     if not images:
         raise ServiceError(422, "no_image", f"the request holds no image; send {ACCEPTED}")
@@ -135,9 +154,11 @@ Model = TypeVar("Model", bound=BaseModel)
 
 def json_body(model: type[Model]) -> Callable[[Request], Awaitable[Model]]:
     """A dependency reading a JSON body into `model` as FastAPI would, but within the JSON value cap
-    and, for a big body, off the event loop (FastAPI parses a body model on the loop)."""
+    and, for a big body, off the event loop (FastAPI parses a body model on the loop); a body not
+    sent as JSON (application/json or +json) gets 415."""
 
     async def read(request: Request) -> Model:
+        require_json(request)
         body = await request.body()
         _within_json_cap(body)
         try:

@@ -120,7 +120,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="longest silence on a connection before its first request or between two; then closed"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="longest time to receive a request's body; then 408 and the connection is closed"
+        10.0,
+        gt=0,
+        description="longest time to receive a request's whole body, from its headers (10 s: a 20 MiB body needs "
+        "2 MB/s; raise it for slower clients); then 408 and the connection is closed",
     )
     send_timeout_s: float = Field(
         30.0, gt=0, description="longest a client may leave an answer unread (its buffers full); then it is dropped"
