@@ -12,18 +12,18 @@ import binascii
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.codec import MAX_JSON_VALUES, CodecError, check_json_values
+from service.codec import MAX_JSON_KEYS, MAX_JSON_VALUES, CodecError, check_json_values
 from service.errors import ServiceError
-from service.pipeline import INLINE_BYTES
+from service.pipeline import INLINE_BYTES, Opts
+from service.routes.options import validate_options
 from service.text import quoted
 
 ACCEPTED = "multipart/form-data (field 'file'), image/*, or application/json {\"images\": [base64, ...]}"
@@ -126,21 +126,26 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
 
 
 def _within_json_cap(body: bytes) -> None:
-    """413 for a JSON body of more values than MAX_JSON_VALUES, before it is parsed (see service.codec)."""
+    """413 for a JSON body of more values than MAX_JSON_VALUES or keys than MAX_JSON_KEYS, before it is
+    parsed (see service.codec)."""
     try:
         check_json_values(body)
     except CodecError as exc:
-        message = f"the JSON body holds more than {MAX_JSON_VALUES} values"
+        message = f"the JSON body holds more than {MAX_JSON_VALUES} values, or {MAX_JSON_KEYS} object keys (colons)"
         raise ServiceError(413, "json_too_large", message) from exc
 
 
-def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+def _load_json(body: bytes) -> Any:
     _within_json_cap(body)
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     # ValueError: also a number of over 4,300 digits; RecursionError: nested too deep
     except (ValueError, RecursionError) as exc:
         raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {quoted(exc, 200)}") from exc
+
+
+def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    payload = _load_json(body)
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise ServiceError(422, "invalid_request", 'the JSON body must be an object with a list "images"')
     encoded = payload.pop("images")
@@ -149,25 +154,22 @@ def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any
     return [decode_base64(item, f"images[{i}]") for i, item in enumerate(encoded)], payload
 
 
-Model = TypeVar("Model", bound=BaseModel)
+def json_body(model: type[Opts]) -> Callable[[Request], Awaitable[Opts]]:
+    """A dependency reading a JSON body into `model` as FastAPI would, but within the JSON value cap,
+    unknown keys refused by name in a bounded list (routes/options.py) and, for a big body, off the
+    event loop (FastAPI parses a body model on the loop); a body not sent as JSON (application/json
+    or +json) gets 415."""
 
+    def parse(body: bytes) -> Opts:
+        payload = _load_json(body)
+        if not isinstance(payload, dict):
+            raise ServiceError(422, "invalid_request", "the JSON body must be an object")
+        return validate_options(model, payload, lambda _: "body")
 
-def json_body(model: type[Model]) -> Callable[[Request], Awaitable[Model]]:
-    """A dependency reading a JSON body into `model` as FastAPI would, but within the JSON value cap
-    and, for a big body, off the event loop (FastAPI parses a body model on the loop); a body not
-    sent as JSON (application/json or +json) gets 415."""
-
-    async def read(request: Request) -> Model:
+    async def read(request: Request) -> Opts:
         require_json(request)
         body = await request.body()
-        _within_json_cap(body)
-        try:
-            if len(body) <= INLINE_BYTES:
-                return model.model_validate_json(body)
-            return await run_in_threadpool(model.model_validate_json, body)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False)
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from exc
+        return parse(body) if len(body) <= INLINE_BYTES else await run_in_threadpool(parse, body)
 
     return read
 
