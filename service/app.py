@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.auth import ApiKeyMiddleware
-from service.budget import ImageLimits, PixelBudget
+from service.budget import BYTES_PER_PIXEL, ImageLimits, MemoryBudget
 from service.error_responses import install_error_handlers
 from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
-    budget = PixelBudget(settings.max_decoding_pixels)
+    budget = MemoryBudget(BYTES_PER_PIXEL * settings.max_decoding_pixels)
     app.state.image_limits = ImageLimits(
         settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget,
         max_images=settings.max_images_per_request,
