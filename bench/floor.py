@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request, Response
 
-from service.budget import ImageLimits, PixelBudget
+from service.budget import ImageLimits, MemoryBudget
 from service.imaging import decode_all, open_all, preprocess_batch
 from service.inputs import read_images
 from service.manifest import read_manifest
 from service.settings import PROJECT_ROOT
 
 SPEC = read_manifest(PROJECT_ROOT / "model_repository" / "vit" / "1").preprocessing
-LIMITS = ImageLimits(40_000_000, 100_000_000, 10**9, PixelBudget(200_000_000))
+LIMITS = ImageLimits(40_000_000, 100_000_000, 10**9, MemoryBudget(800_000_000))
 ANSWER = b'{"model":"floor","results":[[{"label":"0","score":1.0}]]}'
 
 app = FastAPI()

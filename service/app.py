@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.auth import ApiKeyMiddleware
-from service.budget import ImageLimits, PixelBudget
+from service.budget import BYTES_PER_PIXEL, ImageLimits, MemoryBudget
 from service.error_responses import install_error_handlers
 from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
@@ -65,13 +65,16 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
             sampling.cancel()
         await app.state.registry.close()
 
-    app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # no trailing-slash redirects: Starlette's name the client's Host (and X-Forwarded-Proto) as their
+    # target, which a shared cache in front would keep and serve to others; /v1/models/ is a 404
+    app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)  # fmt: skip
     app.state.settings = settings
     app.state.tasks = tasks
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry([])
-    budget = PixelBudget(settings.max_decoding_pixels)
+    budget = MemoryBudget(BYTES_PER_PIXEL * settings.max_decoding_pixels)
     app.state.image_limits = ImageLimits(
         settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget,
         max_images=settings.max_images_per_request,

@@ -1,7 +1,9 @@
 """What decoding may cost. Per image, the header's size (`max_image_pixels`); per request, the sum of
-its images' pixels (memory) and of their decoding passes (CPU: a progressive JPEG is decoded once
-per scan); per process, the pixels being decoded at once, so that concurrent requests within their
-own limits cannot add up to more memory than the host has: a request waits for room instead."""
+its images' pixels, of the bytes their decoding holds (memory: pixels times the bytes a pixel of the
+mode it expands to takes, see service.imaging.held_bytes) and of their decoding passes (CPU: a
+progressive JPEG is decoded once per scan); per process, the bytes being decoded and held at once,
+so that concurrent requests within their own limits cannot add up to more memory than the host has:
+a request waits for room instead. The memory limits are set in pixels of BYTES_PER_PIXEL bytes."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import anyio.to_thread
 from service.errors import ServiceError
 
 WAIT_STEP_S = 0.25  # how often a waiting request looks whether its client has gone
+BYTES_PER_PIXEL = 4  # of the pixel limits' pixels: an RGB pixel as Pillow holds it
 
 
 class Sized(Protocol):
@@ -26,6 +29,7 @@ class Sized(Protocol):
     def pixels(self) -> int: ...
     @property
     def passes(self) -> int: ...
+    def held(self, model_mode: str | None = None) -> int: ...
 
 
 class Abandoned(ServiceError):
@@ -33,8 +37,8 @@ class Abandoned(ServiceError):
         super().__init__(499, "client_left", "the request was abandoned before its images were decoded")
 
 
-class PixelBudget:
-    """Pixels being decoded and held at once, process-wide. Taken in the worker thread that decodes
+class MemoryBudget:
+    """Bytes being decoded and held at once, process-wide. Taken in the worker thread that decodes
     (so the common case costs no extra hop), given back by the request when it ends."""
 
     def __init__(self, limit: int) -> None:
@@ -42,22 +46,22 @@ class PixelBudget:
         self.used = 0
         self._room = threading.Condition()
 
-    def take(self, pixels: int, claim: Claim) -> None:
-        """Blocks until `pixels` fit, unless the claim is abandoned first (then raises `Abandoned`)."""
+    def take(self, amount: int, claim: Claim) -> None:
+        """Blocks until `amount` fits, unless the claim is abandoned first (then raises `Abandoned`)."""
         with self._room:
-            while not claim.abandoned and self.used + pixels > self.limit:
+            while not claim.abandoned and self.used + amount > self.limit:
                 self._room.wait(WAIT_STEP_S)
             if claim.abandoned:
                 raise Abandoned
-            self.used += pixels
-            claim.pixels += pixels
+            self.used += amount
+            claim.held += amount
 
     def give_back(self, claim: Claim) -> None:
         """Ends the claim: its pixels are free again, and a thread still decoding for it stops at the next image."""
         with self._room:
             claim.abandoned = True
-            self.used -= claim.pixels
-            claim.pixels = 0
+            self.used -= claim.held
+            claim.held = 0
             self._room.notify_all()
 
 
@@ -65,7 +69,7 @@ class PixelBudget:
 class Claim:
     """One request's share of the budget; `abandoned` once the request has ended (answered or gone)."""
 
-    pixels: int = 0
+    held: int = 0
     abandoned: bool = False
 
 
@@ -93,7 +97,7 @@ class ImageLimits:
     max_image_pixels: int
     max_request_pixels: int
     max_request_work: int  # pixels x passes
-    budget: PixelBudget = field(compare=False)
+    budget: MemoryBudget = field(compare=False)
     threads: ImageThreads = field(default_factory=ImageThreads, compare=False)
     max_images: int = 256  # images in one request, uploaded or generated (the max_images_per_request setting)
 
@@ -101,19 +105,29 @@ class ImageLimits:
         """`work(*args)` in one of the image threads: off the event loop, and never too many at once."""
         return await self.threads.run(work, *args)
 
-    def check_request(self, images: Sequence[Sized]) -> int:
-        """The request's pixels, if its images together are within the request limits (else 413)."""
+    @property
+    def max_request_bytes(self) -> int:
+        return BYTES_PER_PIXEL * self.max_request_pixels
+
+    def check_request(self, images: Sequence[Sized], model_mode: str | None = None) -> int:
+        """The bytes the request's decoding holds, for a model taking `model_mode`, if its images
+        together are within the request limits (else 413)."""
         pixels = sum(image.pixels for image in images)
         if pixels > self.max_request_pixels:
-            message = (f"the images hold {pixels} pixels together (16-bit and float ones count twice); the limit per "
-                       f"request is {self.max_request_pixels}")  # fmt: skip
+            message = f"the images hold {pixels} pixels together; the limit per request is {self.max_request_pixels}"
+            raise ServiceError(413, "request_too_large", message)
+        held = sum(image.held(model_mode) for image in images)
+        if held > self.max_request_bytes:
+            message = (f"decoding these images holds {held / 2**20:.0f} MiB (a pixel takes 1 to 16 bytes by what "
+                       "it becomes: greyscale 1, RGB 4, a palette 5, with an alpha channel 8, WebP up to 16); the "
+                       f"limit per request is {self.max_request_bytes / 2**20:.0f} MiB")  # fmt: skip
             raise ServiceError(413, "request_too_large", message)
         work = sum(image.pixels * image.passes for image in images)
         if work > self.max_request_work:
             message = (f"decoding these images takes {work} pixel passes (a progressive JPEG counts each scan); "
                        f"the limit per request is {self.max_request_work}")  # fmt: skip
             raise ServiceError(413, "decode_budget", message)
-        return pixels
+        return held
 
     @contextmanager
     def claim(self) -> Iterator[Claim]:

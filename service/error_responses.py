@@ -14,13 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.context import CLIENT_LEFT, CLOSED_EARLY, request_id
 from service.errors import ServiceError
+from service.text import LISTED_ITEMS, QUOTED_CHARS, clipped
 
 log = logging.getLogger("service")
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    """The one error shape; it carries the request id the response's X-Request-ID also has."""
-    body = {"code": code, "message": message, **extra}
+    """The one error shape; it carries the request id the response's X-Request-ID also has. The
+    message is cut to MESSAGE_CHARS, whatever client text it quotes."""
+    body = {"code": code, "message": clipped(message), **extra}
     if rid := request_id():
         body["request_id"] = rid
     return JSONResponse({"error": body}, status_code=status)
@@ -41,12 +43,20 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with the first LISTED_ITEMS errors, each place and message cut (a key name is the client's
+    own text), and how many there were in all: the answer stays a few KB whatever was sent."""
     assert isinstance(exc, RequestValidationError)
     request.app.state.metrics.rejected.labels("invalid_request").inc()
+    errors = exc.errors()
+    total = getattr(exc, "total", len(errors))
     details = [
-        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
-    ]
+        {"loc": [p if isinstance(p, int) else clipped(p, QUOTED_CHARS) for p in e.get("loc", ())],
+         "msg": clipped(e.get("msg", ""), 4 * QUOTED_CHARS), "type": clipped(e.get("type", ""), QUOTED_CHARS)}
+        for e in errors[:LISTED_ITEMS]
+    ]  # fmt: skip
     message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+    if total > len(details):
+        message += f"; and {total - len(details)} more"
     return error_response(422, "invalid_request", message, details=details)
 
 

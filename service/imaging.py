@@ -66,14 +66,45 @@ MAX_JPEG_SCANS = 64
 # pay per row, so a long thin image stalls everything: no side may be longer than JPEG allows.
 MAX_SIDE = 65_535
 
-# What decoding holds and costs, for the budgets. Modes of 2 or 4 bytes a pixel (16-bit, 32-bit,
-# float), converted to 8 bits after decoding, and WebP, whose decoder holds several RGBA copies (15
-# bytes a pixel measured), count twice. Pillow's BMP RLE decoder is written in Python (about 100 ns a
+# What decoding costs, for the budgets. Pillow's BMP RLE decoder is written in Python (about 100 ns a
 # pixel: 40 passes), and raw TIFF strips and tiles are decoded one Python call each (about 10 us:
 # 4,096 pixel passes each).
 WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 RLE_PASSES = 40
 TILE_PASSES = 4096
+
+# What decoding holds, in bytes a pixel, priced from the header before any pixel is decoded: what a
+# file becomes, not what it weighs (a 52 KB PNG can hold 40 Mpx). Pillow keeps "1", "L" and "P" in
+# one byte a pixel, 16-bit greyscale in two, every other mode in four (RGB, RGBA, LA, CMYK, 32-bit,
+# float). The decoded image is held beside its 8-bit conversion (L for greyscale, RGB for the rest:
+# see _to_8bit; transparency is composited a band at a time, so a palette with transparency never
+# becomes a whole RGBA copy), and that beside the model's colour mode where it differs. libwebp
+# decodes into a buffer of its own, which Pillow copies: WebP holds WEBP_EXTRA more (measured).
+ONE_BYTE_MODES = ("1", "L", "P")
+WEBP_EXTRA = 8
+BAND_PIXELS = 2**20  # pixels converted at a time where a conversion goes by bands
+BAND_BYTES = 16 * BAND_PIXELS  # what a band's copies hold: RGBA, the white ground, the composite, RGB
+
+
+def stored_bytes(mode: str) -> int:
+    """Bytes a pixel of `mode` takes in Pillow's memory."""
+    return 1 if mode in ONE_BYTE_MODES else 2 if mode.startswith("I;16") else 4
+
+
+def eight_bit_mode(mode: str) -> str:
+    """The mode _to_8bit makes of an image in `mode`."""
+    return "L" if mode in ("L", "1", *WIDE_MODES) else "RGB"
+
+
+def held_bytes(mode: str, file_format: str | None, model_mode: str | None = None) -> int:
+    """Bytes a pixel holds at the peak of its decoding (see ONE_BYTE_MODES), for a model taking
+    `model_mode` (None: the image is kept at full size as decoded, to be drawn on)."""
+    converted = eight_bit_mode(mode)
+    decoding = stored_bytes(mode) + (0 if converted == mode else stored_bytes(converted))
+    if file_format == "WEBP":
+        decoding += WEBP_EXTRA
+    fitting = stored_bytes(converted) + (stored_bytes(model_mode) if model_mode not in (None, converted) else 0)
+    return max(decoding, fitting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +117,13 @@ class Opened:
 
     @property
     def pixels(self) -> int:
-        """What decoding holds in memory, in pixels of 8-bit channels (see WIDE_MODES)."""
-        heavy = self.image.mode in WIDE_MODES or self.image.format == "WEBP"
-        return self.image.width * self.image.height * (2 if heavy else 1)
+        """The image's pixels, by its header."""
+        return self.image.width * self.image.height
+
+    def held(self, model_mode: str | None = None) -> int:
+        """Bytes its decoding holds at the peak, for a model taking `model_mode` (see held_bytes)."""
+        banded = self.image.mode in WIDE_MODES or _transparent(self.image)
+        return self.pixels * held_bytes(self.image.mode, self.image.format, model_mode) + banded * BAND_BYTES
 
 
 def open_image(data: bytes, max_pixels: int) -> Opened:
@@ -142,7 +177,16 @@ def decode_opened(opened: Opened, spec: Preprocessing | None = None) -> Decoded:
         raise ServiceError(413, "image_too_large", "the image needs more memory to decode than the server has") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise ServiceError(422, "corrupt_image", f"the image could not be decoded: {quoted(exc, 200)}") from exc
-    return Decoded(_to_8bit(image), image.size)
+    return Decoded(_to_8bit_alone(image), image.size)
+
+
+def _to_8bit_alone(image: Image.Image) -> Image.Image:
+    """`_to_8bit(image)`, the decoded original closed once converted: the request's Opened would
+    otherwise keep it until its images are preprocessed, beside the conversion (see held_bytes)."""
+    converted = _to_8bit(image)
+    if converted is not image:
+        image.close()
+    return converted
 
 
 def _decode_reduced(data: bytes, image: Image.Image, spec: Preprocessing) -> Decoded:
@@ -159,7 +203,7 @@ def _decode_reduced(data: bytes, image: Image.Image, spec: Preprocessing) -> Dec
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
     box = _upright_box(drafted[1], reduced, orientation) if drafted else None
-    return Decoded(_to_8bit(image), upright, box)
+    return Decoded(_to_8bit_alone(image), upright, box)
 
 
 def _decode_into_array(data: bytes, drafted: Image.Image) -> Image.Image | None:
@@ -208,29 +252,46 @@ def _to_8bit(image: Image.Image) -> Image.Image:
         return _wide_to_8bit(image)
     if image.mode == "1":
         return image.convert("L")
-    if "A" in image.mode or image.mode == "P" and "transparency" in image.info:
-        # composite transparency onto white, as a browser would show it
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if _transparent(image):
+        return _on_white(image)
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
-WIDE_BLOCK = 2**20  # pixels converted at a time: the float copy stays small whatever the image
+def _transparent(image: Image.Image) -> bool:
+    """Whether _to_8bit composites the image onto white: an alpha channel, or a palette's transparency."""
+    return "A" in image.mode or image.mode == "P" and "transparency" in image.info
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """Transparency composited onto white, as a browser shows it, into RGB, a band of rows at a time:
+    the RGBA copy, the white ground and the composite exist for one band only (whole, they took 12
+    bytes a pixel more), and Pillow's alpha_composite, which holds the interpreter's lock for all it
+    is given (0.25 s for 40 Mpx), holds it a few milliseconds at a time. Pixel for pixel the same as
+    compositing the whole image: each output pixel depends on its own input pixel alone."""
+    width, height = image.size
+    composited = Image.new("RGB", image.size)
+    rows = max(1, BAND_PIXELS // width)
+    white = Image.new("RGBA", (width, min(rows, height)), (255, 255, 255, 255))
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height))).convert("RGBA")  # crop keeps the palette
+        ground = white if band.size == white.size else white.crop((0, 0, *band.size))
+        composited.paste(Image.alpha_composite(ground, band).convert("RGB"), (0, top))
+    return composited
 
 
 def _wide_to_8bit(image: Image.Image) -> Image.Image:
     """16-bit (or wider) greyscale to 8 bits: the 0..65535 range scaled down (round(x / 257)), not
-    clipped; a block of rows at a time, so no full-size float copy is ever held."""
-    wide = np.asarray(image)
-    narrow = np.empty(wide.shape, dtype=np.uint8)
-    rows = max(1, WIDE_BLOCK // max(1, wide.shape[1]))
-    for top in range(0, len(wide), rows):
-        block = wide[top : top + rows].astype(np.float32)
+    clipped; a band of rows at a time (numpy reads a Pillow image through a copy of its bytes), so
+    neither a full-size copy nor a float one is ever held."""
+    width, height = image.size
+    narrow = Image.new("L", image.size)
+    rows = max(1, BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        block = np.asarray(image.crop((0, top, width, min(top + rows, height)))).astype(np.float32)
         block /= 257.0
         np.clip(block, 0, 255, out=block)
-        narrow[top : top + rows] = np.rint(block, out=block)
-    return Image.fromarray(narrow, mode="L")
+        narrow.paste(Image.fromarray(np.rint(block, out=block).astype(np.uint8), mode="L"), (0, top))
+    return narrow
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -342,12 +403,12 @@ def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     return normalize(to_unit_array(image, spec), spec)
 
 
-def open_all(images: list[bytes], limits: ImageLimits) -> list[Opened]:
+def open_all(images: list[bytes], limits: ImageLimits, model_mode: str | None = None) -> list[Opened]:
     """Every image of a request, its header read and checked (see `open_image`), and all of them
-    together within the request's limits."""
+    together within the request's limits, for a model taking `model_mode` (see held_bytes)."""
     with timed("decode"):
         opened = _per_image(images, lambda data: open_image(data, limits.max_image_pixels))
-        limits.check_request(opened)
+        limits.check_request(opened, model_mode)
         return opened
 
 

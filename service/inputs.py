@@ -12,18 +12,18 @@ import binascii
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.codec import MAX_JSON_VALUES, CodecError, check_json_values
+from service.codec import MAX_JSON_KEYS, MAX_JSON_VALUES, CodecError, check_json_values
 from service.errors import ServiceError
-from service.pipeline import INLINE_BYTES
+from service.pipeline import INLINE_BYTES, Opts
+from service.routes.options import validate_options
 from service.text import quoted
 
 ACCEPTED = "multipart/form-data (field 'file'), image/*, or application/json {\"images\": [base64, ...]}"
@@ -62,19 +62,38 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
 }
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters, lower case ("" where there is none)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(media: str) -> bool:
+    """application/json, or a +json type (application/problem+json, say)."""
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def require_json(request: Request) -> None:
+    """415 for a body that does not say it is JSON. A text/plain (or form) POST is a request a
+    browser sends from any page without asking the server first (no CORS preflight): a JSON route
+    that took one could be driven by any page its user visits."""
+    if not is_json(media := media_type(request)):
+        shown = quoted(media) if media else "a body without Content-Type"
+        raise ServiceError(415, "unsupported_media_type", f"{shown} is not accepted; send application/json")
+
+
 async def read_images(request: Request, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
     """The encoded images of a request, and any options sent in its body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "multipart/form-data":
         images, options = await _from_multipart(request, max_images)
-    elif content_type == "application/json":
+    elif is_json(content_type):
         body = await request.body()  # a big one parses off the event loop
         parse = partial(_from_json, body, max_images)
         images, options = parse() if len(body) <= INLINE_BYTES else await run_in_threadpool(parse)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         images, options = [await request.body()], {}
     else:
-        shown = content_type or "no Content-Type"
+        shown = quoted(content_type) if content_type else "a body without Content-Type"
         raise ServiceError(415, "unsupported_media_type", f"{shown} is not accepted; send {ACCEPTED}")
     if not images:
         raise ServiceError(422, "no_image", f"the request holds no image; send {ACCEPTED}")
@@ -107,21 +126,26 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
 
 
 def _within_json_cap(body: bytes) -> None:
-    """413 for a JSON body of more values than MAX_JSON_VALUES, before it is parsed (see service.codec)."""
+    """413 for a JSON body of more values than MAX_JSON_VALUES or keys than MAX_JSON_KEYS, before it is
+    parsed (see service.codec)."""
     try:
         check_json_values(body)
     except CodecError as exc:
-        message = f"the JSON body holds more than {MAX_JSON_VALUES} values"
+        message = f"the JSON body holds more than {MAX_JSON_VALUES} values, or {MAX_JSON_KEYS} object keys (colons)"
         raise ServiceError(413, "json_too_large", message) from exc
 
 
-def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+def _load_json(body: bytes) -> Any:
     _within_json_cap(body)
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     # ValueError: also a number of over 4,300 digits; RecursionError: nested too deep
     except (ValueError, RecursionError) as exc:
         raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {quoted(exc, 200)}") from exc
+
+
+def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any]]:
+    payload = _load_json(body)
     if not isinstance(payload, dict) or not isinstance(payload.get("images"), list):
         raise ServiceError(422, "invalid_request", 'the JSON body must be an object with a list "images"')
     encoded = payload.pop("images")
@@ -130,23 +154,22 @@ def _from_json(body: bytes, max_images: int) -> tuple[list[bytes], dict[str, Any
     return [decode_base64(item, f"images[{i}]") for i, item in enumerate(encoded)], payload
 
 
-Model = TypeVar("Model", bound=BaseModel)
+def json_body(model: type[Opts]) -> Callable[[Request], Awaitable[Opts]]:
+    """A dependency reading a JSON body into `model` as FastAPI would, but within the JSON value cap,
+    unknown keys refused by name in a bounded list (routes/options.py) and, for a big body, off the
+    event loop (FastAPI parses a body model on the loop); a body not sent as JSON (application/json
+    or +json) gets 415."""
 
+    def parse(body: bytes) -> Opts:
+        payload = _load_json(body)
+        if not isinstance(payload, dict):
+            raise ServiceError(422, "invalid_request", "the JSON body must be an object")
+        return validate_options(model, payload, lambda _: "body")
 
-def json_body(model: type[Model]) -> Callable[[Request], Awaitable[Model]]:
-    """A dependency reading a JSON body into `model` as FastAPI would, but within the JSON value cap
-    and, for a big body, off the event loop (FastAPI parses a body model on the loop)."""
-
-    async def read(request: Request) -> Model:
+    async def read(request: Request) -> Opts:
+        require_json(request)
         body = await request.body()
-        _within_json_cap(body)
-        try:
-            if len(body) <= INLINE_BYTES:
-                return model.model_validate_json(body)
-            return await run_in_threadpool(model.model_validate_json, body)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False)
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from exc
+        return parse(body) if len(body) <= INLINE_BYTES else await run_in_threadpool(parse, body)
 
     return read
 

@@ -51,7 +51,8 @@ class Metrics:
         )
         self.connections_closed = Counter(
             "vitserve_connections_closed", "Connections closed or refused to protect the others, by reason "
-            "(header_timeout, headers_too_large, evicted, refused, dropped)", ["reason"], registry=r
+            "(header_timeout, headers_too_large, pipelined_too_deep, malformed, evicted, refused, dropped, ...)",
+            ["reason"], registry=r,
         )  # fmt: skip
         self.connections_open = Gauge("vitserve_connections_open", "Connections open and counted against the cap",
                                       registry=r, multiprocess_mode="livesum")  # fmt: skip

@@ -132,7 +132,7 @@ async def decoded(
     then `preprocess(job)`. Off the event loop where the images are big."""
     if sum(len(data) for data in images) > INLINE_BYTES:  # big decodes never block the event loop
         return await limits.run(_open_and_prepare, job, images, limits, claim, full_size, preprocess)
-    opened = open_all(images, limits)
+    opened = open_all(images, limits, _model_mode(job, full_size))
     if sum(image.pixels for image in opened) > INLINE_PIXELS:
         return await limits.run(_prepare, job, opened, limits, claim, full_size, preprocess)
     return _prepare(job, opened, None, None, full_size, preprocess)  # a few thousand pixels: not worth the lock
@@ -142,7 +142,12 @@ def _open_and_prepare(
     job: Job[Opts], images: list[bytes], limits: ImageLimits, claim: Claim, full_size: bool,
     preprocess: Callable[[Job[Opts]], P],
 ) -> P:  # fmt: skip
-    return _prepare(job, open_all(images, limits), limits, claim, full_size, preprocess)
+    return _prepare(job, open_all(images, limits, _model_mode(job, full_size)), limits, claim, full_size, preprocess)
+
+
+def _model_mode(job: Job[Any], full_size: bool) -> str | None:
+    """The colour mode the request's images are converted to at full size (None: kept as decoded)."""
+    return None if full_size else job.manifest.preprocessing.color_mode
 
 
 def _prepare(
@@ -150,7 +155,7 @@ def _prepare(
     preprocess: Callable[[Job[Opts]], P],
 ) -> P:  # fmt: skip
     if limits is not None and claim is not None:  # waits here, in a worker thread, for room
-        limits.budget.take(sum(image.pixels for image in images), claim)
+        limits.budget.take(sum(image.held(_model_mode(job, full_size)) for image in images), claim)
     job.images = decode_all(images, None if full_size else job.manifest.preprocessing, claim)
     with timed("preprocess"):
         return preprocess(job)

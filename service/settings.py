@@ -93,8 +93,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 2**20, gt=0, description="largest request body; larger gets 413")
     max_image_pixels: int = Field(40_000_000, gt=0, description="largest image (width x height); larger gets 413")
     max_request_pixels: int = Field(
-        100_000_000, gt=0, description="most pixels in one request's images together; more gets 413"
-    )
+        100_000_000, gt=0,
+        description="most pixels in one request's images together, and 4 bytes each the most their decoding may "
+        "hold (a pixel takes 1 to 16 bytes by what it becomes: greyscale 1, RGB 4, a palette 5, an alpha channel 8, "
+        "WebP up to 16); more gets 413",
+    )  # fmt: skip
     max_request_decode_work: int = Field(
         1_000_000_000, gt=0,
         description="most pixel passes one request may decode (a progressive JPEG's pixels count once per scan: "
@@ -102,8 +105,8 @@ class Settings(BaseSettings):
     )  # fmt: skip
     max_decoding_pixels: int = Field(
         200_000_000, gt=0,
-        description="most pixels decoded and held at once by all requests together (about 4 bytes each); "
-        "more waits for room",
+        description="4 bytes each: the most that decoding may hold at once for all requests together, each "
+        "image priced from its header as above; more waits for room",
     )  # fmt: skip
     shutdown_drain_s: float = Field(
         2.0, ge=0, description="on SIGTERM, seconds readiness reports 503 while requests are still served"
@@ -120,7 +123,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="longest silence on a connection before its first request or between two; then closed"
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="longest time to receive a request's body; then 408 and the connection is closed"
+        10.0,
+        gt=0,
+        description="longest time to receive a request's whole body, from its headers (10 s: a 20 MiB body needs "
+        "2 MB/s; raise it for slower clients); then 408 and the connection is closed",
     )
     send_timeout_s: float = Field(
         30.0, gt=0, description="longest a client may leave an answer unread (its buffers full); then it is dropped"

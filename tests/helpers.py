@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from export.data import load_digits_data
-from service.budget import ImageLimits, PixelBudget
+from service.budget import ImageLimits, MemoryBudget
 from service.imaging import Decoded, decode_all, open_all
 from service.manifest import Preprocessing
 
@@ -59,7 +59,7 @@ def triton_images(images: list[bytes], parameters: dict[str, object] | None = No
 
 def limits(max_pixels: int = 10**8) -> ImageLimits:
     """Image limits for direct calls: `max_pixels` per image, room for many such images."""
-    return ImageLimits(max_pixels, 10**10, 10**12, PixelBudget(10**10))
+    return ImageLimits(max_pixels, 10**10, 10**12, MemoryBudget(10**10))
 
 
 def decode_one(data: bytes, limits: ImageLimits, spec: Preprocessing | None = None) -> Decoded:

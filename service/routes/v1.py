@@ -25,6 +25,7 @@ from service.routes.options import parse_options, query_parameters
 from service.sampling import finished
 from service.settings import Settings
 from service.tasks.base import Route, Task
+from service.text import clipped
 
 log = logging.getLogger("service")
 IMAGE_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -152,7 +153,7 @@ async def events(stream: Stream[Any], limits: ImageLimits) -> AsyncIterator[str]
             grey = stream.grey(images[:, row]).tolist()
             yield f"event: row\ndata: {json.dumps({'row': row, 'pixels': grey})}\n\n"
     except Exception as exc:
-        error = {"code": exc.code, "message": exc.message} if isinstance(exc, ServiceError) else None
+        error = {"code": exc.code, "message": clipped(exc.message)} if isinstance(exc, ServiceError) else None
         if error is None:
             log.exception("a generation stream failed")
             error = {"code": "internal_error", "message": "generation failed; the server's log has the details"}

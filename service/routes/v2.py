@@ -39,7 +39,7 @@ from service.repository import ModelRegistry, ServedModel, mark_served
 from service.routes.options import parse_options
 from service.settings import Settings
 from service.tasks.base import ImageView, Task
-from service.text import quoted
+from service.text import clipped, quoted
 
 T = TypeVar("T")
 IMAGE_SUFFIX = "_image"
@@ -56,11 +56,11 @@ class V2Route(APIRoute):
                 return await handler(request)
             except ServiceError as exc:
                 status = exc.status if exc.status in (404, 503) else 400
-                return JSONResponse({"error": exc.message}, status_code=status, headers=exc.headers)
+                return JSONResponse({"error": clipped(exc.message)}, status_code=status, headers=exc.headers)
             except RequestValidationError as exc:
                 return JSONResponse({"error": _invalid(exc)}, status_code=400)
             except CodecError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
+                return JSONResponse({"error": clipped(exc)}, status_code=400)
 
         return protocol_errors
 
@@ -77,7 +77,8 @@ def _invalid(exc: RequestValidationError, most: int = 3) -> str:
     """`parameter 'top_k': Input should be greater than or equal to 1; ...`: the first few errors, their
     names cut short (a client's parameter names are its own text)."""
     errors = [(".".join(str(p) for p in e.get("loc", ())[1:]), e.get("msg", "")) for e in exc.errors()]
-    shown = [f"parameter {quoted(where)}: {msg}" if where else msg for where, msg in errors[:most]]
+    shown = [f"parameter {quoted(where)}: {clipped(msg, 256)}" if where else clipped(msg, 256)
+             for where, msg in errors[:most]]  # fmt: skip
     return "; ".join(shown) + ("; ..." if len(errors) > most else "")
 
 

@@ -111,15 +111,15 @@ def test_a_long_thin_image_renders_within_the_picture_cap(client: TestClient) ->
         assert np.asarray(picture).size > 0
 
 
-def test_16_bit_images_count_twice_and_convert_by_blocks() -> None:
-    """A 16-bit or float pixel is 2-4 bytes before its 8-bit conversion: the budgets count it twice,
-    and the conversion never holds a full-size float copy (a 36 Mpx PNG took +500 MB and 4.7 s)."""
-    from service.imaging import WIDE_BLOCK, decode_image, open_image
+def test_16_bit_images_are_priced_by_their_bytes_and_convert_by_blocks() -> None:
+    """A 16-bit pixel is 2 bytes before its 8-bit conversion, held beside it: the budgets price it at
+    3, and the conversion never holds a full-size float copy (a 36 Mpx PNG took +500 MB and 4.7 s)."""
+    from service.imaging import BAND_BYTES, BAND_PIXELS, decode_image, open_image
 
-    wide = np.zeros((WIDE_BLOCK // 1000 + 7, 1000), dtype=np.uint16)  # more rows than one block holds
+    wide = np.zeros((BAND_PIXELS // 1000 + 7, 1000), dtype=np.uint16)  # more rows than one band holds
     wide[:, :6] = [0, 128, 129, 30000, 65407, 65535]  # round(x / 257): 0, 0, 1, 117, 255, 255
     data = png_bytes(Image.fromarray(wide))
-    assert open_image(data, 10**8).pixels == 2 * wide.size
+    assert open_image(data, 10**8).held("L") == 3 * wide.size + BAND_BYTES
     narrow = np.asarray(decode_image(data, 10**8))
     assert narrow.dtype == np.uint8 and (narrow[:, :6] == [0, 0, 1, 117, 255, 255]).all()
     assert (narrow[:, 6:] == 0).all()
@@ -170,7 +170,7 @@ def test_dear_decoders_count_as_more_passes_and_webp_twice() -> None:
     assert open_image(strips.getvalue(), 10**8).passes == 1 + 4000 * 4096 // (600 * 4000) + 1
     webp = io.BytesIO()
     Image.new("RGB", (100, 100)).save(webp, "WEBP", lossless=True)
-    assert open_image(webp.getvalue(), 10**8).pixels == 2 * 100 * 100
+    assert open_image(webp.getvalue(), 10**8).held("RGB") == (4 + 8) * 100 * 100  # libwebp's buffer, then Pillow's
 
 
 def test_a_big_rle_bitmap_is_over_the_decode_budget(client: TestClient) -> None:

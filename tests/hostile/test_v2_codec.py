@@ -310,7 +310,7 @@ CASES: list[tuple[str, str, Any, bytes, str | None, str]] = [
      None, "; ..."),
     ("a parameter named by a lone surrogate", "vit_image",
      b'{"parameters": {"\\ud800": 1}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], '
-     b'"data": ["x"]}]}', b"", None, "string"),
+     b'"data": ["x"]}]}', b"", None, "\\ud800"),
     ("threshold out of range", "detr_image", {**image(["x"]), "parameters": {"threshold": 1.5}}, b"", None,
      "threshold"),
     ("images not 1-D", "vit_image", image(["x"], shape=[1, 1]), b"", None, "shape [n]"),
