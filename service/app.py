@@ -106,6 +106,6 @@ def watch(registry: ModelRegistry, metrics: Metrics) -> None:
     """Wires the metrics to what was loaded: each model's load time and readiness, each batcher's
     queue depth and batch sizes."""
     for model in registry.models.values():
-        metrics.model_loaded(model.name, model.state == "ready", model.load_seconds)
+        metrics.model_loaded(model.name, model.state == "ready", model.load_seconds, model.resident_bytes)
         for graph, batcher in model.batchers.items():
             batcher.on_run = metrics.track_batcher(model.name, graph, partial(getattr, batcher, "queued_images"))

@@ -10,6 +10,7 @@ where reuse pays, are untouched; and each arena gives back what it has free beyo
 from __future__ import annotations
 
 import ctypes
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 MMAP_THRESHOLD = 4 * 2**20
@@ -29,3 +30,12 @@ def give_back_big_blocks() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory (Linux's /proc/self/statm), or None where it cannot be read."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])  # noqa: SIM115 (one read, closed on return)
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")

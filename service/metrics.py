@@ -44,6 +44,9 @@ class Metrics:
                                   registry=r, multiprocess_mode="livesum")  # fmt: skip
         self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm each model", ["model"],
                                   registry=r, multiprocess_mode="livemax")  # fmt: skip
+        self.resident_bytes = Gauge("vitserve_model_resident_bytes", "Resident memory each model took at load, "
+                                    "summed over workers", ["model"], registry=r,
+                                    multiprocess_mode="livesum")  # fmt: skip
         self.model_ready = Gauge("vitserve_model_ready", "1 when a model serves, 0 when it failed to load", ["model"],
                                  registry=r, multiprocess_mode="livemin")  # fmt: skip
         self.rejected = Counter(
@@ -82,8 +85,10 @@ class Metrics:
         else:
             gauge.set_function(read)
 
-    def model_loaded(self, model: str, ready: bool, seconds: float) -> None:
+    def model_loaded(self, model: str, ready: bool, seconds: float, resident: int | None = None) -> None:
         self.load_seconds.labels(model).set(seconds)
+        if resident is not None:
+            self.resident_bytes.labels(model).set(resident)
         self.model_ready.labels(model).set(1 if ready else 0)
 
     def track_batcher(self, model: str, graph: str, queued_images: Callable[[], float]) -> Callable[[int], None]:

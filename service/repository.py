@@ -23,6 +23,7 @@ from service import context
 from service.batching import Batcher, Reservation
 from service.errors import ServiceError
 from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
+from service.memory import resident_bytes
 from service.runtime import (
     CPU,
     GraphRun,
@@ -71,6 +72,7 @@ class ServedModel:
     failed_graphs: dict[str, str] = field(default_factory=dict)  # optional graph -> why it did not load
     batch_rates: dict[str, dict[int, float]] = field(default_factory=dict)  # graph -> batch -> images/s measured
     load_seconds: float = 0.0
+    resident_bytes: int | None = None  # what the process's resident memory grew by while loading it
 
     @property
     def providers(self) -> list[str]:
@@ -339,6 +341,16 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
     return model
 
 
+def load_measured(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
+    """load_model, with what the process's resident memory grew by meanwhile (models load one at a
+    time: it is this model's sessions, weights and warm-up)."""
+    before = resident_bytes()
+    model = load_model(model_dir, settings, checks)
+    after = resident_bytes()
+    model.resident_bytes = max(0, after - before) if before is not None and after is not None else None
+    return model
+
+
 def _reason(exc: Exception, repository: Path) -> str:
     """One line saying why, with paths relative to the repository (readiness is open to anyone)."""
     if isinstance(exc, FileNotFoundError):
@@ -366,7 +378,7 @@ class ModelRegistry:
             log.error("model repository %s does not exist", root)
             return cls([], f"the model repository {root.name!r} does not exist (VITSERVE_MODEL_REPOSITORY)")
         dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return cls([load_model(d, settings, checks) for d in dirs])
+        return cls([load_measured(d, settings, checks) for d in dirs])
 
     async def close(self) -> None:
         for model in self.models.values():

@@ -28,6 +28,9 @@ class ModelInfo(BaseModel):
     quality: dict[str, float] = {}
     data: dict[str, Any] = {}
     load_seconds: float
+    resident_bytes: int | None = Field(
+        None, description="what the process's resident memory grew by while loading it (sessions, weights, warm-up)"
+    )
     failed_graphs: dict[str, str] = Field({}, description="optional graphs (attention) that did not load, and why")
     batch_sizes: dict[str, dict[int, int]] = Field(
         {}, description="per batched graph: images per run -> runs so far (what the dynamic batcher formed)"
@@ -50,6 +53,7 @@ def describe(model: ServedModel) -> ModelInfo:
         reason=model.reason,
         providers=model.providers,
         load_seconds=round(model.load_seconds, 3),
+        resident_bytes=model.resident_bytes,
         failed_graphs=model.failed_graphs,
         batch_sizes={graph: dict(sorted(b.batch_sizes.items())) for graph, b in model.batchers.items()},
         max_batch_size={graph: b.policy.max_batch_size for graph, b in model.batchers.items()},

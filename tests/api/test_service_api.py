@@ -247,3 +247,13 @@ def test_slow_answers_get_504_with_their_request_id() -> None:
         assert response.json()["error"] | {"message": ""} == {"code": "timeout", "message": "", "request_id": "slow-1"}
         metrics = generate_latest(client.app.state.metrics.registry).decode()  # type: ignore[attr-defined]
         assert 'vitserve_rejected_total{reason="timeout"} 1.0' in metrics
+
+
+def test_models_and_metrics_show_what_each_model_took_in_memory(client: TestClient) -> None:
+    from service.memory import resident_bytes
+
+    assert (resident_bytes() or 0) > 10 * 2**20  # this process: Python, numpy, ONNX Runtime at least
+    models = client.get("/v1/models").json()["models"]
+    assert all(isinstance(m["resident_bytes"], int) and m["resident_bytes"] >= 0 for m in models)
+    metrics = client.get("/metrics").text
+    assert all(f'vitserve_model_resident_bytes{{model="{m["name"]}"}}' in metrics for m in models)
