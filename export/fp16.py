@@ -45,18 +45,19 @@ class HeldOut:
     feeds: dict[str, np.ndarray]
     metric: str
     figures: Figures
+    labels: np.ndarray | None = None  # a classifier's true classes, in the feeds' order
 
 
 def classification(manifest: Manifest) -> HeldOut:
     from export import vit
 
-    images = vit.load_data(manifest.data["source"]).held_out.images
-    feeds = {"pixel_values": np.stack([preprocess(image, manifest.preprocessing) for image in images])}
+    held_out = vit.load_data(manifest.data["source"]).held_out
+    feeds = {"pixel_values": np.stack([preprocess(image, manifest.preprocessing) for image in held_out.images])}
 
     def agreement(full: list[np.ndarray], half: list[np.ndarray]) -> tuple[float, float]:
         return 1.0, float((full[0].argmax(-1) == half[0].argmax(-1)).mean())
 
-    return HeldOut(feeds, "argmax_agreement", agreement)
+    return HeldOut(feeds, "argmax_agreement", agreement, held_out.labels)
 
 
 def detection(manifest: Manifest) -> HeldOut:

@@ -320,17 +320,15 @@ def open_session(
 ) -> ort.InferenceSession:
     """A session on these providers, without ONNX Runtime's own fallback (create_session does its
     own, and says why); without CUDA graphs where ONNX Runtime refuses to capture the graph."""
+    open_with = partial(ort.InferenceSession, str(path), options, providers=providers, enable_fallback=0)
     try:
-        return ort.InferenceSession(
-            str(path), options, providers=providers, provider_options=per_provider, enable_fallback=0
-        )
+        return open_with(provider_options=per_provider)
     except Exception as exc:  # ONNX Runtime refuses CUDA graphs for a graph with nodes off the GPU
         if not any(p.get("enable_cuda_graph") == "1" for p in per_provider):
             raise
         log.warning("%s: no CUDA graphs, ONNX Runtime refused them (%s)", path.name, one_line(exc)[:300])
-        per_provider = [{k: v for k, v in p.items() if k != "enable_cuda_graph"} for p in per_provider]
-        return ort.InferenceSession(
-            str(path), options, providers=providers, provider_options=per_provider, enable_fallback=0
+        return open_with(
+            provider_options=[{k: v for k, v in p.items() if k != "enable_cuda_graph"} for p in per_provider]
         )
 
 

@@ -23,7 +23,6 @@ from service.inputs import IMAGE_REQUEST_BODY, decode_base64, json_body, json_re
 from service.pipeline import ImagePipeline, Job, Opts, Stream, StreamPipeline
 from service.routes.options import parse_options, query_parameters
 from service.sampling import finished
-from service.settings import Settings
 from service.tasks.base import Route, Task
 from service.text import clipped
 
@@ -52,8 +51,7 @@ def add_upload_route(router: APIRouter, route: Route, pipeline: ImagePipeline[An
     """Images uploaded in any of the accepted forms, options in the query string or the body."""
 
     async def endpoint(request: Request) -> Response:
-        settings: Settings = request.app.state.settings
-        images, body_options = await read_images(request, settings.max_images_per_request)
+        images, body_options = await read_images(request, request.app.state.image_limits.max_images)
         options = parse_options(pipeline.options, dict(request.query_params), body_options)
         return await answer_images(request, pipeline, images, options)
 
@@ -68,7 +66,7 @@ def add_json_image_route(router: APIRouter, route: Route, pipeline: ImagePipelin
 
     async def endpoint(request: Request) -> Response:
         options = await read_body(request)
-        return await answer_images(request, pipeline, [field_image(options, route)], options)
+        return await answer_images(request, pipeline, field_images(options, route), options)
 
     responses: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}} if pipeline.render else {}
     _add(router, route, endpoint, responses, json_request_body(pipeline.options))
@@ -82,9 +80,8 @@ def add_stream_route(router: APIRouter, route: Route, pipeline: StreamPipeline[A
 
     async def endpoint(request: Request) -> Response:
         options = await read_body(request)
-        images = [] if getattr(options, route.image_field or "", None) is None else [field_image(options, route)]
         limits: ImageLimits = request.app.state.image_limits
-        stream = await pipeline(request.app.state.registry, images, options, limits)
+        stream = await pipeline(request.app.state.registry, field_images(options, route), options, limits)
         if getattr(options, "stream", False) or "text/event-stream" in request.headers.get("accept", ""):
             return StreamingResponse(events(stream, limits), media_type="text/event-stream", headers=SSE_HEADERS,
                                      background=BackgroundTask(release_on_loop, stream))  # fmt: skip
@@ -114,9 +111,10 @@ def _add(
     )  # fmt: skip
 
 
-def field_image(options: BaseModel, route: Route) -> bytes:
-    assert route.image_field is not None
-    return decode_base64(getattr(options, route.image_field), route.image_field)
+def field_images(options: BaseModel, route: Route) -> list[bytes]:
+    """The image a JSON body carries as base64 in the route's image field: none where it is unset."""
+    encoded = getattr(options, route.image_field) if route.image_field else None
+    return [] if encoded is None else [decode_base64(encoded, route.image_field or "")]
 
 
 async def answer_images(

@@ -362,7 +362,7 @@ async def infer_images(
 ) -> dict[str, np.ndarray]:
     """The image view: BYTES images through the task's pipeline, its options from the request's
     parameters, validated by the same model as /v1's; its answer as the task's tensors."""
-    images = _images(parsed, settings.max_images_per_request)
+    images = _images(parsed, limits.max_images)
     options = {k: v for k, v in parsed.parameters.items() if k not in PROTOCOL_PARAMETERS}
     if options.get("render") or options.get("model", view.model.name) != view.model.name:
         raise CodecError("an image view answers tensors of its own model: no render, no model")
