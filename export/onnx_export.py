@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -213,16 +214,28 @@ def publish(manifest: Manifest, staged: Path, repository: Path, force: bool = Fa
     the repository. An existing version is replaced only with `force`: refused, nothing is written."""
     require_free(repository, manifest.name, manifest.version, force)
     write_manifest(manifest, staged)
-    every_graph = Settings(device="cpu", warmup=True, device_cache="on")
+    every_graph = Settings(device="cpu", warmup=True, device_cache="on", lazy_attention=False)
     served = load_model(staged.parent, every_graph, TASK_CHECKS)
     if served.state != "ready" or served.failed_graphs:  # an optional graph too: every graph must load
         reason = served.reason or "; ".join(f"{graph}: {why}" for graph, why in served.failed_graphs.items())
         raise ExportError(f"the service cannot load the exported model: {reason}")
-    target = repository / manifest.name / str(manifest.version)
-    if target.exists():
-        shutil.rmtree(target)
+    return move_in(staged, repository / manifest.name / str(manifest.version))
+
+
+def move_in(staged: Path, target: Path) -> Path:
+    """Copies `staged` beside `target` under a name the service never reads (a dot first), then
+    renames it into place: a service polling the repository sees the whole version or none of it.
+    A version replaced (`--force`) is renamed aside first and deleted after."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(staged, target)
+    beside = target.parent / f".{target.name}.incoming-{os.getpid()}"
+    old = target.parent / f".{target.name}.replaced-{os.getpid()}"
+    for leftover in (beside, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(staged, beside)
+    if target.exists():
+        target.rename(old)
+    beside.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 

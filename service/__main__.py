@@ -1,5 +1,6 @@
-"""`python -m service [--host H] [--port N] [--workers N]`: serve the model repository with uvicorn,
-in one process or in N worker processes sharing the port (service/workers.py)."""
+"""`python -m service [--host H] [--port N] [--workers N] [--model-control-mode none|poll|explicit]
+[--repository-poll-secs S]`: serve the model repository with uvicorn, in one process or in N worker
+processes sharing the port (service/workers.py)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--workers", type=int, default=settings.workers, help=f"worker processes (default {settings.workers})"
     )
+    parser.add_argument("--model-control-mode", choices=["none", "poll", "explicit"],
+                        default=settings.model_control_mode, help="Triton's: none (default), poll or explicit "
+                        "(docs/lifecycle.md)")  # fmt: skip
+    parser.add_argument("--repository-poll-secs", type=float, default=settings.repository_poll_secs,
+                        help="poll mode: seconds between reads of the repository")  # fmt: skip
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.exit(2, "--workers must be at least 1\n")
+    if args.repository_poll_secs <= 0:
+        parser.exit(2, "--repository-poll-secs must be above 0\n")
+    if args.model_control_mode == "explicit" and args.workers > 1:
+        parser.exit(2, "--model-control-mode explicit needs one worker (a load call reaches one process); use poll\n")
     settings = settings.model_copy(
         update={"host": args.host, "port": args.port, "model_repository": args.model_repository,
-                "workers": args.workers}
+                "workers": args.workers, "model_control_mode": args.model_control_mode,
+                "repository_poll_secs": args.repository_poll_secs}
     )  # fmt: skip
     logs.configure(settings.log_level, settings.log_json)
     try:

@@ -10,18 +10,19 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 
 from service import __version__
 from service.auth import ApiKeyMiddleware
+from service.batching import Batcher
 from service.budget import BYTES_PER_PIXEL, ImageLimits, MemoryBudget
 from service.error_responses import install_error_handlers
 from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
 from service.metrics import Metrics
 from service.observe import ObservingMiddleware
-from service.repository import ModelRegistry
-from service.routes import health, models, page, v2
+from service.registry import ModelRegistry
+from service.repository import ServedModel
+from service.routes import control, health, models, page, v2
 from service.routes.v1 import task_router
 from service.runtime import check_device
 from service.settings import Settings, get_settings
@@ -50,8 +51,9 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
         # a GPU provider that cannot run: served without (logged), or no start
         app.state.settings = serving = check_device(settings)
         # loading blocks startup: the server accepts no request before every model is loaded and warm
-        app.state.registry = await run_in_threadpool(ModelRegistry.load, serving, manifest_checks(tasks))
-        watch(app.state.registry, metrics)
+        app.state.registry = registry = ModelRegistry(serving, manifest_checks(tasks))
+        watch(registry, metrics)
+        await registry.start()
         # what was loaded lives as long as the process: out of the collector's sight, full
         # collections under load stay short
         gc.collect()
@@ -60,10 +62,14 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
             log.warning("not every model is ready: see GET /health/ready")
         # with several workers, gauges read from functions are written out each second
         sampling = asyncio.create_task(_sample(metrics)) if metrics.multiprocess else None
+        polling = None
+        if serving.model_control_mode == "poll":
+            polling = asyncio.create_task(registry.watch(serving.repository_poll_secs))
         yield
-        if sampling is not None:
-            sampling.cancel()
-        await app.state.registry.close()
+        for task in (sampling, polling):
+            if task is not None:
+                task.cancel()
+        await registry.close()
 
     # no trailing-slash redirects: Starlette's name the client's Host (and X-Forwarded-Proto) as their
     # target, which a shared cache in front would keep and serve to others; /v1/models/ is a 404
@@ -73,7 +79,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.state.tasks = tasks
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
-    app.state.registry = ModelRegistry([])
+    app.state.registry = ModelRegistry(settings)
     budget = MemoryBudget(BYTES_PER_PIXEL * settings.max_decoding_pixels)
     app.state.image_limits = ImageLimits(
         settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget,
@@ -83,15 +89,17 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
-    if settings.api_key is not None:
-        key = settings.api_key.get_secret_value()
-        app.add_middleware(ApiKeyMiddleware, key=key, protect_health=settings.auth_health, metrics=metrics)
+    if settings.api_key is not None or settings.control_api_key is not None:
+        key, control_key = (k.get_secret_value() if k else None for k in (settings.api_key, settings.control_api_key))
+        app.add_middleware(ApiKeyMiddleware, key=key, protect_health=settings.auth_health, metrics=metrics,
+                           control_key=control_key)  # fmt: skip
     app.add_middleware(ObservingMiddleware, metrics=metrics)
     for task in tasks.values():  # first: routes are matched in order, and these carry the load
         app.include_router(task_router(task))
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(v2.router)
+    app.include_router(control.router)
     app.include_router(page.router)
     return app
 
@@ -103,9 +111,19 @@ async def _sample(metrics: Metrics) -> None:
 
 
 def watch(registry: ModelRegistry, metrics: Metrics) -> None:
-    """Wires the metrics to what was loaded: each model's load time and readiness, each batcher's
-    queue depth and batch sizes."""
-    for model in registry.models.values():
-        metrics.model_loaded(model.name, model.state == "ready", model.load_seconds, model.resident_bytes)
+    """Wires the metrics to each model version the registry loads (its load time, memory and
+    readiness, each batcher's queue depth and batch sizes), and unwires them when it unloads it."""
+
+    def track(model: ServedModel, graph: str, batcher: Batcher) -> None:
+        queued = partial(getattr, batcher, "queued_images")
+        batcher.on_run = metrics.track_batcher(model.name, model.version, graph, queued)
+
+    def loaded(model: ServedModel) -> None:
+        metrics.model_loaded(model.name, model.version, model.state == "ready", model.load_seconds,
+                             model.resident_bytes)  # fmt: skip
         for graph, batcher in model.batchers.items():
-            batcher.on_run = metrics.track_batcher(model.name, graph, partial(getattr, batcher, "queued_images"))
+            track(model, graph, batcher)
+        model.on_batcher = partial(track, model)  # a graph loaded on its first request
+
+    registry.on_loaded = loaded
+    registry.on_unloaded = lambda model: metrics.model_unloaded(model.name, model.version, list(model.batchers))

@@ -1,6 +1,7 @@
-"""An optional API key. With `VITSERVE_API_KEY` set, every route but health, metrics and the docs
+"""Optional API keys. With `VITSERVE_API_KEY` set, every route but health, metrics and the docs
 needs it, as `Authorization: Bearer <key>` or `X-API-Key: <key>` (health and metrics too with
-`VITSERVE_AUTH_HEALTH`). Keys are compared in constant time and never logged."""
+`VITSERVE_AUTH_HEALTH`). With `VITSERVE_CONTROL_API_KEY` set, the model repository's routes (load,
+unload, index) need that key instead. Keys are compared in constant time and never logged."""
 
 from __future__ import annotations
 
@@ -13,21 +14,31 @@ from service.metrics import Metrics
 
 HEALTH = ("/health/", "/v2/health/", "/metrics")
 DOCS = ("/docs", "/openapi.json", "/redoc")
+CONTROL = "/v2/repository/"
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, key: str, protect_health: bool, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, key: str | None, protect_health: bool, metrics: Metrics, control_key: str | None = None
+    ) -> None:
         self.app = app
-        self.key = key.encode()
+        self.key = key.encode() if key is not None else None
+        self.control_key = control_key.encode() if control_key is not None else self.key
         self.protect_health = protect_health
         self.metrics = metrics
 
-    def _open(self, path: str) -> bool:
-        """The page and the docs are open (the page asks for the key); health too unless guarded."""
-        return path == "/" or path.startswith(DOCS) or (not self.protect_health and path.startswith(HEALTH))
+    def _needed(self, path: str) -> bytes | None:
+        """The key a path needs, or None. The page and the docs are open (the page asks for the key);
+        health too unless guarded."""
+        if path.startswith(CONTROL):
+            return self.control_key
+        if path == "/" or path.startswith(DOCS) or (not self.protect_health and path.startswith(HEALTH)):
+            return None
+        return self.key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self._open(scope["path"]) or hmac.compare_digest(presented(scope), self.key):
+        needed = self._needed(scope["path"]) if scope["type"] == "http" else None
+        if needed is None or hmac.compare_digest(presented(scope), needed):
             await self.app(scope, receive, send)
             return
         self.metrics.rejected.labels("unauthorized").inc()

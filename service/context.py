@@ -6,7 +6,7 @@ A leaf module: it imports nothing from the service, and everything may import it
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -24,6 +24,8 @@ class RequestContext:
     timings: Timings = field(default_factory=dict)
     model: str = ""
     provider: str = ""
+    version: int = 0
+    releases: list[Callable[[], None]] = field(default_factory=list)  # called when the request ends
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("request_context", default=None)
@@ -41,7 +43,10 @@ def begin(request_id: str) -> tuple[RequestContext, Token[RequestContext | None]
 def end(token: Token[RequestContext | None]) -> None:
     global _in_flight
     _in_flight -= 1
+    context = _current.get()
     _current.reset(token)
+    for release in context.releases if context else ():
+        release()
 
 
 def in_flight() -> int:
@@ -58,11 +63,17 @@ def request_id() -> str | None:
     return context.request_id if context else None
 
 
-def served_by(model: str, provider: str) -> None:
-    """Labels this request's metrics with the model (and its execution provider) that answered it."""
+Lease = Callable[[], Callable[[], None]]  # takes a hold on something; returns its release
+
+
+def served_by(model: str, provider: str, version: int = 0, lease: Lease | None = None) -> None:
+    """Labels this request's metrics with the model (its version and execution provider) that answered
+    it; `lease` takes a hold on the model that the request keeps until it ends."""
     context = _current.get()
     if context is not None:
-        context.model, context.provider = model, provider
+        context.model, context.provider, context.version = model, provider, version
+        if lease is not None:
+            context.releases.append(lease())
 
 
 def record(stage: str, seconds: float, timings: Timings | None = None) -> None:

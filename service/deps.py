@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.repository import ModelRegistry
+from service.registry import ModelRegistry
 from service.settings import Settings
 
 

@@ -2,7 +2,8 @@
 reads it). The service learns everything about a model from here, nothing from code.
 
 Layout of a repository (Triton-like): `<repository>/<name>/<version>/manifest.json` beside the ONNX
-graphs it names. The highest numeric version of each model is served.
+graphs it names, and an optional `<repository>/<name>/config.json` holding the model's version
+policy, in Triton's words (default: the highest version is served).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"  # beside a model's version folders: its version policy
 
 DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
 
@@ -248,6 +250,50 @@ TASK_CHECKS: dict[str, Callable[[Manifest], None]] = {
     DETECTION: check_detection,
     GENERATION: check_generation,
 }
+
+
+class Latest(_Strict):
+    num_versions: int = Field(1, ge=1)
+
+
+class Specific(_Strict):
+    versions: list[int] = Field(min_length=1)
+
+
+class VersionPolicy(_Strict):
+    """Which of a model's versions are served, as Triton's `version_policy`: the latest N (default
+    1), all, or specific ones; exactly one of the three."""
+
+    latest: Latest | None = None
+    all: dict[str, Any] | None = None
+    specific: Specific | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        if sum(kind is not None for kind in (self.latest, self.all, self.specific)) > 1:
+            raise ValueError("a version policy is one of latest, all or specific")
+        return self
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions to serve of those present, highest first."""
+        present = sorted(versions, reverse=True)
+        if self.all is not None:
+            return present
+        if self.specific is not None:
+            return [v for v in present if v in self.specific.versions]
+        return present[: (self.latest or Latest()).num_versions]
+
+
+class ModelConfig(_Strict):
+    """`<name>/config.json`: what belongs to a model across its versions (Triton's model config, of
+    which this service reads the version policy)."""
+
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+
+
+def read_model_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / CONFIG_FILE
+    return ModelConfig.model_validate_json(path.read_text()) if path.is_file() else ModelConfig()
 
 
 def read_manifest(version_dir: Path) -> Manifest:

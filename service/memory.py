@@ -9,6 +9,7 @@ where reuse pays, are untouched; and each arena gives back what it has free beyo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -39,3 +40,10 @@ def resident_bytes() -> int | None:
     except (OSError, IndexError, ValueError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim() -> None:
+    """Gives the main arena's free memory back to the system (glibc's malloc_trim; elsewhere nothing):
+    after an unload, what the model's sessions held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)

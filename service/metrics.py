@@ -8,6 +8,7 @@ are sampled into their files instead (a function cannot be read across processes
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from functools import lru_cache
@@ -38,17 +39,18 @@ class Metrics:
         self.stage_seconds = Histogram("vitserve_stage_seconds", "Time per request stage (decode, preprocess, queue, "
                                        "inference, postprocess, encode, total)", ["stage", "model", "provider"],
                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        by_version = ["model", "version"]
         self.batch_size = Histogram("vitserve_batch_size", "Images per inference run formed by the batcher",
-                                    ["model", "graph"], buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
-        self.queue_images = Gauge("vitserve_queue_images", "Images waiting in a batcher's queue", ["model", "graph"],
-                                  registry=r, multiprocess_mode="livesum")  # fmt: skip
-        self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm each model", ["model"],
-                                  registry=r, multiprocess_mode="livemax")  # fmt: skip
-        self.resident_bytes = Gauge("vitserve_model_resident_bytes", "Resident memory each model took at load, "
-                                    "summed over workers", ["model"], registry=r,
+                                    [*by_version, "graph"], buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
+        self.queue_images = Gauge("vitserve_queue_images", "Images waiting in a batcher's queue",
+                                  [*by_version, "graph"], registry=r, multiprocess_mode="livesum")  # fmt: skip
+        self.load_seconds = Gauge("vitserve_model_load_seconds", "Time to load and warm each model version",
+                                  by_version, registry=r, multiprocess_mode="livemax")  # fmt: skip
+        self.resident_bytes = Gauge("vitserve_model_resident_bytes", "Resident memory each model version took at "
+                                    "load, summed over workers", by_version, registry=r,
                                     multiprocess_mode="livesum")  # fmt: skip
-        self.model_ready = Gauge("vitserve_model_ready", "1 when a model serves, 0 when it failed to load", ["model"],
-                                 registry=r, multiprocess_mode="livemin")  # fmt: skip
+        self.model_ready = Gauge("vitserve_model_ready", "1 when a model version serves, 0 when it failed to load",
+                                 by_version, registry=r, multiprocess_mode="livemin")  # fmt: skip
         self.rejected = Counter(
             "vitserve_rejected", "Requests refused, by reason (the error code)", ["reason"], registry=r
         )
@@ -85,16 +87,30 @@ class Metrics:
         else:
             gauge.set_function(read)
 
-    def model_loaded(self, model: str, ready: bool, seconds: float, resident: int | None = None) -> None:
-        self.load_seconds.labels(model).set(seconds)
+    def model_loaded(self, model: str, version: int, ready: bool, seconds: float, resident: int | None = None) -> None:
+        labels = (model, str(version))
+        self.load_seconds.labels(*labels).set(seconds)
         if resident is not None:
-            self.resident_bytes.labels(model).set(resident)
-        self.model_ready.labels(model).set(1 if ready else 0)
+            self.resident_bytes.labels(*labels).set(resident)
+        self.model_ready.labels(*labels).set(1 if ready else 0)
 
-    def track_batcher(self, model: str, graph: str, queued_images: Callable[[], float]) -> Callable[[int], None]:
+    def model_unloaded(self, model: str, version: int, graphs: list[str]) -> None:
+        """Its series gone, and the functions that read its queues dropped (they hold its batchers)."""
+        labels = (model, str(version))
+        for gauge in (self.load_seconds, self.resident_bytes, self.model_ready):
+            _remove(gauge, labels)
+        for graph in graphs:
+            _remove(self.batch_size, (*labels, graph))
+            queue = self.queue_images.labels(*labels, graph)
+            self.sampled = [(gauge, read) for gauge, read in self.sampled if gauge is not queue]
+            _remove(self.queue_images, (*labels, graph))
+
+    def track_batcher(
+        self, model: str, version: int, graph: str, queued_images: Callable[[], float]
+    ) -> Callable[[int], None]:
         """Reads the queue depth when scraped; returns what to call with each batch's size."""
-        self._read_from(self.queue_images.labels(model, graph), queued_images)
-        return self.batch_size.labels(model, graph).observe
+        self._read_from(self.queue_images.labels(model, str(version), graph), queued_images)
+        return self.batch_size.labels(model, str(version), graph).observe
 
     def track_connections(self, open_connections: Callable[[], float]) -> Callable[[str], None]:
         """Reads the open connections when scraped; returns what to call with each closure's reason."""
@@ -109,6 +125,11 @@ class Metrics:
             for stage, seconds in timings.items():
                 self._stage_histogram(stage, model, provider).observe(seconds)
             self._stage_histogram("total", model, provider).observe(total)
+
+
+def _remove(metric: Gauge | Histogram, labels: tuple[str, ...]) -> None:
+    with contextlib.suppress(KeyError):  # never set
+        metric.remove(*labels)
 
 
 def worker_gone(pid: int) -> None:

@@ -1,6 +1,7 @@
 """One pure ASGI middleware that observes every request: it opens the request context (with the
 client's X-Request-ID when sane, else a new one); when the response starts, adds the
-`Server-Timing` (the stages so far) and `X-Request-ID` headers; when it ends, logs one line and
+`Server-Timing` (the stages so far), `X-Request-ID` and (where a model answered) `X-Model-Version`
+headers; when it ends, logs one line and
 records the request's metrics. A client that left before its answer was complete is logged as such,
 with status 499 (nginx's "client closed request"), not as the server's error."""
 
@@ -62,6 +63,8 @@ class ObservingMiddleware:
                 status = message["status"]
                 extra = [(b"server-timing", server_timing(request.timings, time.perf_counter() - started)),
                          (b"x-request-id", request.request_id.encode())]  # fmt: skip
+                if request.version:  # which version of the model answered
+                    extra.append((b"x-model-version", str(request.version).encode()))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

@@ -19,7 +19,8 @@ from service.budget import Claim, ImageLimits
 from service.context import timed
 from service.imaging import Decoded, Opened, decode_all, open_all, preprocess_batch
 from service.manifest import Manifest
-from service.repository import ModelRegistry, ServedModel
+from service.registry import ModelRegistry
+from service.repository import ServedModel
 
 
 class ModelOptions(BaseModel):
@@ -28,6 +29,7 @@ class ModelOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="model name (default: the first ready model for this task)")
+    version: int | None = Field(None, ge=1, description="model version (default: its highest served)")
 
 
 Opts = TypeVar("Opts", bound=ModelOptions)  # a pipeline's options
@@ -115,7 +117,7 @@ class ImagePipeline(Generic[Opts, A]):
 
 def start_job(registry: ModelRegistry, task: str, graph: str, options: Opts) -> Job[Opts]:
     """The request's model (the one it names, or the first ready one of the task; 404 or 503 else)."""
-    model = registry.resolve(options.model, task, graph)
+    model = registry.resolve(options.model, task, graph, options.version)
     assert model.manifest is not None  # resolve returns ready models only
     return Job(model, model.manifest, options, graph)
 

@@ -1,12 +1,14 @@
-"""The model repository: find every model, load it in isolation, and look models up for requests.
+"""One model version from the repository: its folder found, its sessions loaded in isolation and
+warmed up, its batchers, and the leases requests hold on it while they use it.
 
-A model that fails to load (missing or corrupt file, invalid or mismatched manifest) is kept with
-its reason and state "failed"; the other models serve.
+A version that fails to load (missing or corrupt file, invalid or mismatched manifest) comes back
+with its reason and state "failed"; what else serves is the registry's business (service/registry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +39,6 @@ from service.runtime import (
 )
 from service.sampling import POOLED_GRAPH, CachePool, NoFreeSlots, PooledSteps, Step, host_steps
 from service.settings import Settings
-from service.text import quoted
 
 # task name -> its check of a manifest (raises ValueError when the manifest does not suit the task)
 ManifestChecks = Mapping[str, Callable[[Manifest], None]]
@@ -73,6 +74,13 @@ class ServedModel:
     batch_rates: dict[str, dict[int, float]] = field(default_factory=dict)  # graph -> batch -> images/s measured
     load_seconds: float = 0.0
     resident_bytes: int | None = None  # what the process's resident memory grew by while loading it
+    version: int = 0
+    fingerprint: str = ""  # of its folder's files: a changed file is a new version to load
+    leases: int = 0  # requests using it now: an unload or a replacement waits for them
+    # graphs loaded on their first request (attention: a second copy of the weights), and what loads one
+    lazy: dict[str, Callable[[], None]] = field(default_factory=dict)
+    lazy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    on_batcher: Callable[[str, Batcher], None] | None = None  # told of a batcher made after it was served
 
     @property
     def providers(self) -> list[str]:
@@ -90,11 +98,64 @@ class ServedModel:
         """Queue room for `size` images on the graph's batcher, for a run of many steps (503 if full)."""
         return self.batchers[graph].reserve(size) if graph in self.batchers else None
 
+    def lease(self) -> Callable[[], None]:
+        """Holds the model for a request until the returned release (idempotent) is called."""
+        self.leases += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.leases -= 1
+
+        return release
+
+    def close_now(self) -> None:
+        """Drops its sessions and threads (batchers must be closed first: `close`)."""
+        self.sessions.clear()
+        self.runs.clear()
+        self.batchers.clear()
+        self.lazy.clear()
+        self.cache_pool = None
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor = None
+
+    async def close(self) -> None:
+        """Its batchers stopped, then its sessions and threads dropped (their memory with them)."""
+        for batcher in self.batchers.values():
+            await batcher.close()
+        self.close_now()
+
+    def has_graph(self, graph: str) -> bool:
+        return graph in self.sessions or graph in self.lazy
+
+    async def load_lazy(self, graph: str) -> None:
+        """A graph loaded on its first request, off the event loop, once (503 with the reason if it
+        fails: the model serves on without it)."""
+        async with self.lazy_lock:
+            if graph in self.lazy:
+                load = self.lazy[graph]
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, load)
+                except Exception as exc:
+                    self.failed_graphs[graph] = _reason(exc, self.path.parent.parent)
+                    log.error("model %s serves without its %s graph: %s", self.name, graph, self.failed_graphs[graph])
+                del self.lazy[graph]
+                if graph in self.batchers and self.on_batcher is not None:
+                    self.on_batcher(graph, self.batchers[graph])
+        if graph in self.failed_graphs:
+            raise ServiceError(503, "graph_not_ready", f"model {self.name!r}'s {graph} graph failed to load: "
+                               f"{self.failed_graphs[graph]}")  # fmt: skip
+
     async def run(
         self, feeds: dict[str, np.ndarray], graph: str = "main", reservation: Reservation | None = None
     ) -> list[np.ndarray]:
         """Run a graph on the model's inference threads, so the event loop keeps serving meanwhile:
         through its batcher where it has one, else alone."""
+        if graph in self.lazy:
+            await self.load_lazy(graph)
         feeds = self._as_declared(feeds, graph)
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds, reservation)
@@ -245,11 +306,26 @@ def is_fp16(model: ServedModel, spec: GraphSpec) -> bool:
     return converted or any(t.dtype == "float16" for t in [*spec.inputs, *spec.outputs])
 
 
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """The model's version folders by number (names of digits only: a folder being written beside,
+    `.2.tmp` say, is not one)."""
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+
+
 def latest_version(model_dir: Path) -> Path:
-    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    versions = version_dirs(model_dir)
     if not versions:
         raise ValueError(f"no numeric version folder in {model_dir}")
-    return max(versions, key=lambda p: int(p.name))
+    return versions[max(versions)]
+
+
+def fingerprint(version_dir: Path) -> str:
+    """Names, sizes and modification times of a version's files: any change makes another fingerprint."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in version_dir.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 # Graphs a model serves without when they fail to load: only the routes that need them answer 503
@@ -297,12 +373,36 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         model.batchers[graph] = Batcher(f"{model.name}/{graph}", run, policy, model.executor)
 
 
-def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
-    model = ServedModel(name=model_dir.name, path=model_dir)
+def load_graphs(model: ServedModel, manifest: Manifest, settings: Settings) -> None:
+    """Every graph the settings ask for; the attention graph on its first request where
+    `lazy_attention` (its file must be there now)."""
+    policy = batch_policy(manifest, settings)
+    for graph, spec in manifest.graphs.items():
+        if not should_load(graph, settings):
+            continue
+        if graph == "attention" and settings.lazy_attention:
+            if not (model.path / spec.file).is_file():
+                missing = FileNotFoundError(None, None, str(model.path / spec.file))
+                model.failed_graphs[graph] = _reason(missing, model.path.parent.parent)
+            else:
+                model.lazy[graph] = partial(load_graph, model, graph, spec, settings, policy)
+            continue
+        try:
+            load_graph(model, graph, spec, settings, policy)
+        except Exception as exc:
+            if graph not in OPTIONAL_GRAPHS:
+                raise
+            model.failed_graphs[graph] = _reason(exc, model.path.parent.parent)  # the model serves without it
+            log.error("model %s serves without its %s graph: %s", model.name, graph, model.failed_graphs[graph])
+
+
+def load_version(version_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
+    """One version of a model, loaded and warmed up; "failed" with the reason where it cannot serve."""
+    model_dir = version_dir.parent
+    model = ServedModel(name=model_dir.name, path=version_dir, fingerprint=fingerprint(version_dir))
+    model.version = int(version_dir.name) if version_dir.name.isdigit() else 0
     started = time.perf_counter()
     try:
-        version_dir = latest_version(model_dir)
-        model.path = version_dir
         manifest = read_manifest(version_dir)
         if (manifest.name, str(manifest.version)) != (model_dir.name, version_dir.name):
             raise ValueError(
@@ -312,28 +412,12 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
             raise ValueError(f"task {manifest.task!r} is not one this service serves ({sorted(checks)})")
         checks[manifest.task](manifest)
         model.manifest = manifest
-        policy = batch_policy(manifest, settings)
         model.executor = ThreadPoolExecutor(len(manifest.graphs), thread_name_prefix=f"infer-{model.name}")
-        for graph, spec in manifest.graphs.items():
-            if not should_load(graph, settings):
-                continue
-            try:
-                load_graph(model, graph, spec, settings, policy)
-            except Exception as exc:
-                if graph not in OPTIONAL_GRAPHS:
-                    raise
-                model.failed_graphs[graph] = _reason(exc, model_dir.parent)  # the model serves without it
-                log.error("model %s serves without its %s graph: %s", model.name, graph, model.failed_graphs[graph])
-    except Exception as exc:  # any other failure takes down this model only
+        load_graphs(model, manifest, settings)
+    except Exception as exc:  # any other failure takes down this version only
         model.reason = _reason(exc, model_dir.parent)
-        model.sessions.clear()
-        model.runs.clear()
-        model.batchers.clear()
-        model.cache_pool = None
-        if model.executor is not None:
-            model.executor.shutdown(wait=False)
-            model.executor = None
-        log.error("model %s failed to load: %s", model.name, model.reason)
+        model.close_now()
+        log.error("model %s v%s failed to load: %s", model.name, version_dir.name, model.reason)
     else:
         model.state = "ready"
         log.info("model %s v%s (%s) ready on %s", model.name, manifest.version, manifest.task, model.providers)
@@ -341,11 +425,19 @@ def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> S
     return model
 
 
-def load_measured(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
-    """load_model, with what the process's resident memory grew by meanwhile (models load one at a
-    time: it is this model's sessions, weights and warm-up)."""
+def load_model(model_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
+    """The model's highest version (a model without one comes back "failed", saying so)."""
+    try:
+        return load_version(latest_version(model_dir), settings, checks)
+    except (OSError, ValueError) as exc:
+        return ServedModel(name=model_dir.name, path=model_dir, reason=_reason(exc, model_dir.parent))
+
+
+def load_measured(version_dir: Path, settings: Settings, checks: ManifestChecks) -> ServedModel:
+    """load_version, with what the process's resident memory grew by meanwhile (versions load one at
+    a time: it is this version's sessions, weights and warm-up)."""
     before = resident_bytes()
-    model = load_model(model_dir, settings, checks)
+    model = load_version(version_dir, settings, checks)
     after = resident_bytes()
     model.resident_bytes = max(0, after - before) if before is not None and after is not None else None
     return model
@@ -361,66 +453,7 @@ def _reason(exc: Exception, repository: Path) -> str:
 
 
 def mark_served(model: ServedModel) -> ServedModel:
-    """Marks the current request as served by `model` (for its metrics), and returns it."""
-    context.served_by(model.name, model.providers[0] if model.providers else "")
+    """Marks the current request as served by `model` (for its metrics and its answer's version
+    header), and holds the model for the request until it ends (an unload waits for it)."""
+    context.served_by(model.name, model.providers[0] if model.providers else "", model.version, model.lease)
     return model
-
-
-class ModelRegistry:
-    def __init__(self, models: list[ServedModel], reason: str | None = None) -> None:
-        self.models = {m.name: m for m in sorted(models, key=lambda m: m.name)}
-        self.reason = reason or (None if models else "the model repository holds no model")
-
-    @classmethod
-    def load(cls, settings: Settings, checks: ManifestChecks) -> ModelRegistry:
-        root = settings.model_repository
-        if not root.is_dir():
-            log.error("model repository %s does not exist", root)
-            return cls([], f"the model repository {root.name!r} does not exist (VITSERVE_MODEL_REPOSITORY)")
-        dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return cls([load_measured(d, settings, checks) for d in dirs])
-
-    async def close(self) -> None:
-        for model in self.models.values():
-            for batcher in model.batchers.values():
-                await batcher.close()
-            if model.executor is not None:
-                model.executor.shutdown(wait=False, cancel_futures=True)
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.models) and all(m.state == "ready" for m in self.models.values())
-
-    def resolve(self, name: str | None, task: str, graph: str = "main") -> ServedModel:
-        """The model a request asked for, or the first ready model of its task; it must have `graph`."""
-        model = self._pick(name, task)
-        if graph in model.failed_graphs:
-            raise ServiceError(503, "graph_not_ready", f"model {model.name!r}'s {graph} graph failed to load: "
-                               f"{model.failed_graphs[graph]}")  # fmt: skip
-        if graph not in model.sessions:
-            raise ServiceError(422, f"no_{graph}_graph", f"model {model.name!r} was exported without a {graph!r} graph")
-        return mark_served(model)
-
-    def _pick(self, name: str | None, task: str) -> ServedModel:
-        if name is not None:
-            model = self.named(name)
-            if model.manifest is not None and model.manifest.task != task:
-                raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
-            return model
-        candidates = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
-        ready = [m for m in candidates if m.state == "ready"]
-        if ready:
-            return ready[0]
-        failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]
-        if failed:
-            raise ServiceError(503, "model_not_ready", f"no {task} model is ready ({'; '.join(failed)})")
-        raise ServiceError(404, "no_model", f"the repository has no {task} model")
-
-    def named(self, name: str) -> ServedModel:
-        """The model of that name, ready: 404 where there is none, 503 where it is not ready."""
-        model = self.models.get(name)
-        if model is None:
-            raise ServiceError(404, "unknown_model", f"unknown model {quoted(name)}; models: {sorted(self.models)}")
-        if model.state != "ready" or model.manifest is None:
-            raise ServiceError(503, "model_not_ready", f"model {name!r} is not ready: {model.reason}")
-        return model

@@ -27,6 +27,23 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port `python -m service` listens on")
     workers: int = Field(1, ge=1, description="worker processes `python -m service` runs (each loads every model)")
     model_repository: Path = Field(PROJECT_ROOT / "model_repository", description="folder of <name>/<version>/")
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="Triton's model control modes. none: the models present at start load then, and only a restart "
+        "changes them; poll: the repository is read again every repository_poll_secs, and new or changed versions "
+        "load (beside those serving, which they replace once ready) while removed ones unload; explicit: the models "
+        "present at start load then, and after that only POST /v2/repository/models/<name>/load and .../unload "
+        "change them (one worker only: a call reaches one process)",
+    )
+    repository_poll_secs: float = Field(15.0, gt=0, description="how often poll mode reads the repository")
+    control_api_key: SecretStr | None = Field(
+        None, description="if set, the repository's load and unload routes need this key (else api_key, if set)"
+    )
+    lazy_attention: bool = Field(
+        True,
+        description="load a model's attention graph on its first attention request, not at start: it holds a "
+        "second copy of the model's weights (a ViT-B/16's 0.35 GB), paid only where attention maps are asked for",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto",
         description="auto: CUDA where a probe graph runs on it at start, else the CPU (with a warning saying why); "
@@ -149,12 +166,19 @@ class Settings(BaseSettings):
             raise ValueError("need max_image_pixels <= max_request_pixels <= max_decoding_pixels")
         return self
 
-    @field_validator("api_key")
+    @model_validator(mode="after")
+    def _explicit_control_in_one_process(self) -> Settings:
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise ValueError("model_control_mode explicit needs one worker (a load call reaches one process); "
+                             "use poll with several workers")  # fmt: skip
+        return self
+
+    @field_validator("api_key", "control_api_key")
     @classmethod
     def _key_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
         """A set but empty key (an unset variable passed through, say) would guard nothing: refuse it."""
         if key is not None and not key.get_secret_value().strip():
-            raise ValueError("VITSERVE_API_KEY is set but empty: unset it, or give a key")
+            raise ValueError("the key is set but empty: unset it, or give a key")
         return key
 
 

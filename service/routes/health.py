@@ -16,6 +16,10 @@ router = APIRouter(tags=["health"])
 class ModelStatus(BaseModel):
     state: Literal["ready", "failed"]
     reason: str | None = None
+    versions: list[int] = Field([], description="the versions serving, highest (the default) first")
+    failed_versions: dict[int, str] = Field(
+        {}, description="versions whose last load failed, and why (those serving before serve on)"
+    )
     failed_graphs: dict[str, str] = Field({}, description="optional graphs that did not load, and why")
 
 
@@ -45,9 +49,11 @@ async def ready(request: Request, registry: RegistryDep, response: Response) -> 
     """200 when every model in the repository is loaded and warmed up; else 503 with each model's
     state. 503 too from the moment a SIGTERM asks the server to drain."""
     models = {
-        m.name: ModelStatus(state=m.state, reason=m.reason, failed_graphs=m.failed_graphs)
-        for m in registry.models.values()
-    }
+        name: ModelStatus(state=m.state, reason=m.reason or entry.reason, failed_graphs=m.failed_graphs,
+                          versions=sorted(entry.versions, reverse=True),
+                          failed_versions={v: f.reason or "" for v, f in entry.failures.items()})
+        for name, entry in registry.entries.items() if (m := entry.shown())
+    }  # fmt: skip
     draining = bool(request.app.state.draining)
     ready = registry.ready and not draining
     if not ready:

@@ -19,6 +19,7 @@ class ModelInfo(BaseModel):
     state: Literal["ready", "failed"]
     reason: str | None = None
     version: int | None = None
+    default: bool = Field(False, description="the version a request that names none gets (the highest serving)")
     task: str | None = None
     architecture: str | None = None
     precision: str | None = Field(None, description="of the main graph: float32, float16 or int8")
@@ -78,5 +79,6 @@ def describe(model: ServedModel) -> ModelInfo:
 
 @router.get("/v1/models")
 async def list_models(registry: RegistryDep) -> ModelList:
-    """Every model in the repository, ready or not (with the reason)."""
-    return ModelList(models=[describe(m) for m in registry.models.values()])
+    """Every version of every model in the repository, serving or not (with the reason)."""
+    defaults = {id(m) for m in registry.models.values() if m.state == "ready"}
+    return ModelList(models=[describe(m).model_copy(update={"default": id(m) in defaults}) for m in registry.served()])

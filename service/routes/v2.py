@@ -35,7 +35,8 @@ from service.deps import RegistryDep, SettingsDep
 from service.errors import ServiceError
 from service.manifest import Manifest
 from service.pipeline import INLINE_BYTES
-from service.repository import ModelRegistry, ServedModel, mark_served
+from service.registry import ModelRegistry
+from service.repository import ServedModel, mark_served
 from service.routes.options import parse_options
 from service.settings import Settings
 from service.tasks.base import ImageView, Task
@@ -88,16 +89,19 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_cl
 class ProtocolModel:
     """One model as the protocol sees it: a raw graph, or the image view of a vision model."""
 
-    def __init__(self, model: ServedModel, image: ImageView[Any] | None = None) -> None:
+    def __init__(
+        self, model: ServedModel, image: ImageView[Any] | None = None, versions: list[int] | None = None
+    ) -> None:
         self.model, self.image = model, image
         assert model.manifest is not None
         self.manifest = model.manifest
         self.name = model.name + (IMAGE_SUFFIX if image else "")
+        self.versions = versions or [model.version]  # every version served
 
     def metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "versions": [str(self.manifest.version)],
+            "versions": [str(v) for v in self.versions],
             "platform": "vitserve_image" if self.image else "onnxruntime_onnx",
             "inputs": self._inputs(),
             "outputs": self._outputs(),
@@ -130,13 +134,14 @@ def protocol_model(
     registry: ModelRegistry, tasks: dict[str, Task], name: str, version: str | None = None
 ) -> ProtocolModel:
     image = name.endswith(IMAGE_SUFFIX) and name[: -len(IMAGE_SUFFIX)] in registry.models
-    model = registry.named(name[: -len(IMAGE_SUFFIX)] if image else name)  # the registry's 404 and 503
+    if version is not None and not (version.isascii() and version.isdigit()):
+        raise ServiceError(404, "unknown_version", f"model {quoted(name)} has no version {quoted(version)}")
+    base = name[: -len(IMAGE_SUFFIX)] if image else name
+    model = registry.named(base, int(version) if version is not None else None)  # the registry's 404 and 503
     if image and _image_view(tasks, model) is None:
         raise ServiceError(404, "unknown_model", f"model {quoted(model.name)} has no image view")
-    assert model.manifest is not None
-    if version is not None and version != str(model.manifest.version):
-        raise ServiceError(404, "unknown_version", f"model {quoted(name)} has no version {quoted(version)}")
-    return ProtocolModel(mark_served(model), _image_view(tasks, model) if image else None)
+    versions = sorted(registry.entries[base].versions, reverse=True)
+    return ProtocolModel(mark_served(model), _image_view(tasks, model) if image else None, versions)
 
 
 def protocol_models(registry: ModelRegistry, tasks: dict[str, Task]) -> list[ProtocolModel]:
@@ -154,7 +159,7 @@ async def server_metadata(registry: RegistryDep, tasks: TasksDep) -> dict[str, A
     return {
         "name": "vitserve",
         "version": __version__,
-        "extensions": ["binary_tensor_data"],
+        "extensions": ["binary_tensor_data", "model_repository"],
         "models": [v.name for v in protocol_models(registry, tasks)],
     }
 
@@ -364,8 +369,9 @@ async def infer_images(
     parameters, validated by the same model as /v1's; its answer as the task's tensors."""
     images = _images(parsed, limits.max_images)
     options = {k: v for k, v in parsed.parameters.items() if k not in PROTOCOL_PARAMETERS}
-    if options.get("render") or options.get("model", view.model.name) != view.model.name:
-        raise CodecError("an image view answers tensors of its own model: no render, no model")
-    parsed_options = parse_options(image.pipeline.options, {}, {**options, "model": view.model.name})
+    if options.get("render") or options.get("model", view.model.name) != view.model.name or "version" in options:
+        raise CodecError("an image view answers tensors of its own model: no render, no model, no version")
+    own = {"model": view.model.name, "version": view.model.version}
+    parsed_options = parse_options(image.pipeline.options, {}, {**options, **own})
     _, answer = await image.pipeline(registry, images, parsed_options, limits)
     return image.tensors(answer)

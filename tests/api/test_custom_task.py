@@ -172,7 +172,7 @@ def test_options_from_query_form_and_json_are_validated_by_its_model(app_client:
             assert (response.status_code, error["code"]) == (422, "invalid_request"), response.text
             assert query.split("=")[0] in error["message"]
     openapi = app_client.get("/openapi.json").json()["paths"]["/v1/embed"]["post"]
-    assert {p["name"] for p in openapi["parameters"]} == {"model", "normalize"}
+    assert {p["name"] for p in openapi["parameters"]} == {"model", "version", "normalize"}
 
 
 def test_listed_ready_and_beside_the_shipped_task(app_client: TestClient) -> None:

@@ -23,7 +23,8 @@ def test_health(client: TestClient) -> None:
     ready = client.get("/health/ready")
     assert ready.status_code == 200
     models = {
-        name: {"state": "ready", "reason": None, "failed_graphs": {}} for name in ("detr", "imagetransformer", "vit")
+        name: {"state": "ready", "reason": None, "versions": [1], "failed_versions": {}, "failed_graphs": {}}
+        for name in ("detr", "imagetransformer", "vit")
     }
     assert ready.json() == {"ready": True, "draining": False, "reason": None, "models": models}
 
@@ -53,7 +54,7 @@ def test_openapi_documents_every_input_form(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     operation = spec["paths"]["/v1/classify"]["post"]
     assert set(operation["requestBody"]["content"]) == {"multipart/form-data", "image/*", "application/json"}
-    assert {p["name"] for p in operation["parameters"]} == {"model", "top_k"}
+    assert {p["name"] for p in operation["parameters"]} == {"model", "version", "top_k"}
 
 
 def test_unknown_route_is_a_json_404(client: TestClient) -> None:
@@ -100,7 +101,7 @@ def broken_repository(tiny_repository: Path, tmp_path: Path) -> Path:
 
 
 def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
-    for client in client_for(Settings(model_repository=broken_repository, device="cpu")):
+    for client in client_for(Settings(model_repository=broken_repository, device="cpu", lazy_attention=False)):
         ready = client.get("/health/ready")
         assert ready.status_code == 503
         states = ready.json()["models"]
@@ -134,6 +135,26 @@ def test_a_broken_model_takes_down_only_itself(broken_repository: Path) -> None:
         assert response.status_code == 503 and "not ready" in response.json()["error"]["message"]
 
 
+def test_an_attention_graph_loads_on_its_first_request(broken_repository: Path) -> None:
+    """By default an attention graph (a second copy of the weights) loads when first asked for: a
+    broken one then answers 503 with the reason, and readiness shows it from then on."""
+    png = {"content": DIGIT, "headers": {"content-type": "image/png"}}
+    for client in client_for(Settings(model_repository=broken_repository, device="cpu")):
+        model = client.app.state.registry.named(TINY_NAME)  # type: ignore[attr-defined]
+        assert set(model.sessions) == {"main"} and set(model.lazy) == {"attention"}
+        assert client.get("/health/ready").json()["models"]["bad_attention"]["failed_graphs"] == {}
+        answer = client.post(f"/v1/classify/attention?model={TINY_NAME}", **png)
+        assert answer.status_code == 200 and set(model.sessions) == {"main", "attention"} and not model.lazy
+        metrics = client.get("/metrics").text
+        assert f'vitserve_batch_size_count{{graph="attention",model="{TINY_NAME}",version="1"}}' in metrics
+        for _ in range(2):  # refused the same way each time, the reason kept
+            refused = client.post("/v1/classify/attention?model=bad_attention", **png)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "graph_not_ready"
+        failed = client.get("/health/ready").json()["models"]["bad_attention"]["failed_graphs"]
+        assert "bad_attention/1/attention.onnx" in failed["attention"]
+        assert client.post("/v1/classify?model=bad_attention", **png).status_code == 200
+
+
 def test_a_missing_repository_says_so_in_readiness(tmp_path: Path) -> None:
     for client in client_for(Settings(model_repository=tmp_path / "nowhere", device="cpu")):
         ready = client.get("/health/ready")
@@ -159,9 +180,9 @@ def test_metrics_count_requests_stages_batches_and_rejections(client: TestClient
     assert 'vitserve_requests_total{model="vit",route="/v1/classify",status="200"}' in text
     assert 'vitserve_rejected_total{reason="unsupported_image"}' in text
     assert 'vitserve_stage_seconds_count{model="vit",provider="CPUExecutionProvider",stage="inference"}' in text
-    assert 'vitserve_batch_size_count{graph="main",model="vit"}' in text
-    assert 'vitserve_queue_images{graph="main",model="vit"} 0.0' in text
-    assert 'vitserve_model_ready{model="detr"} 1.0' in text and "vitserve_model_load_seconds" in text
+    assert 'vitserve_batch_size_count{graph="main",model="vit",version="1"}' in text
+    assert 'vitserve_queue_images{graph="main",model="vit",version="1"} 0.0' in text
+    assert 'vitserve_model_ready{model="detr",version="1"} 1.0' in text and "vitserve_model_load_seconds" in text
 
 
 def test_request_ids_are_kept_or_made_and_reach_errors(client: TestClient) -> None:
@@ -256,4 +277,4 @@ def test_models_and_metrics_show_what_each_model_took_in_memory(client: TestClie
     models = client.get("/v1/models").json()["models"]
     assert all(isinstance(m["resident_bytes"], int) and m["resident_bytes"] >= 0 for m in models)
     metrics = client.get("/metrics").text
-    assert all(f'vitserve_model_resident_bytes{{model="{m["name"]}"}}' in metrics for m in models)
+    assert all(f'vitserve_model_resident_bytes{{model="{m["name"]}",version="1"}}' in metrics for m in models)

@@ -49,7 +49,7 @@ def test_two_workers_serve_count_and_survive(tmp_path: Path) -> None:
                     counts.add(float(CLASSIFIED.search(scraper.get("/metrics").text).group(1)))  # type: ignore[union-attr]
             assert counts == {12.0}
             metrics = client.get("/metrics").text
-            assert 'vitserve_model_ready{model="vit"} 1.0' in metrics
+            assert 'vitserve_model_ready{model="vit",version="1"} 1.0' in metrics
 
         victim = workers_of(server.process.pid)[0]
         os.kill(victim, signal.SIGKILL)  # no chance to drain: the parent starts another

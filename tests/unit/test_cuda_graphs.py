@@ -270,6 +270,6 @@ def test_graphs_on_are_warmed_up_even_with_warm_up_off(monkeypatch: pytest.Monke
     """Captured under live traffic, another thread's allocation or synchronous copy breaks a capture."""
     warmed: list[tuple[list[int], int]] = []
     monkeypatch.setattr(service.repository, "warm_up", lambda run, spec, sizes, times: warmed.append((sizes, times)))
-    model = load_model(SHIPPED_REPOSITORY / "vit", Settings(warmup=False), manifest_checks(TASKS))
+    model = load_model(SHIPPED_REPOSITORY / "vit", Settings(warmup=False, lazy_attention=False), manifest_checks(TASKS))
     assert model.state == "ready", model.reason
     assert warmed == [([1, 2, 4, 8, 16, 32], 3), ([1], 3)]  # the model's graph and its attention graph

@@ -149,7 +149,8 @@ def test_each_graph_is_given_its_warmed_sizes_and_the_largest_run(monkeypatch: p
         return real(path, settings, spec, sizes, fp16, largest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(repository, "create_session", spy)
-    model = repository.load_model(SHIPPED / "vit", Settings(device="cpu", warmup=False), manifest_checks(TASKS))
+    settings = Settings(device="cpu", warmup=False, lazy_attention=False)
+    model = repository.load_model(SHIPPED / "vit", settings, manifest_checks(TASKS))
     assert model.state == "ready", model.reason
     assert seen["model.onnx"] == ([1, 2, 4, 8, 16, 32], False, 256)
     assert seen["attention.onnx"] == ([1], False, 256)  # on request only: warmed once

@@ -14,7 +14,7 @@ from tests.conftest import SHIPPED_REPOSITORY
 
 
 def threads(**settings: object) -> dict[str, int]:
-    model = load_model(SHIPPED_REPOSITORY / "vit", Settings(**settings), manifest_checks(TASKS))  # type: ignore[arg-type]
+    model = load_model(SHIPPED_REPOSITORY / "vit", Settings(lazy_attention=False, **settings), manifest_checks(TASKS))  # type: ignore[arg-type]
     assert model.state == "ready", model.reason
     return {graph: s.get_session_options().intra_op_num_threads for graph, s in model.sessions.items()}
 

@@ -1,0 +1,201 @@
+"""Model lifecycle through the real app: version policies, versions named by requests, Triton's
+repository API (index, load, unload) in each model control mode, a broken version refused while the
+one before serves, poll mode, the control key."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.errors import ServiceError
+from service.manifest import MANIFEST_FILE, Latest, Specific, VersionPolicy
+from service.settings import Settings
+from tests.conftest import TINY_NAME, client_for, copy_repository
+from tests.helpers import held_out_digits, png_bytes
+
+PNG = {"content": png_bytes(held_out_digits()[0][0]), "headers": {"content-type": "image/png"}}
+
+
+def add_version(model_dir: Path, version: int, source: int = 1) -> Path:
+    """A copy of version `source` as `version` (its manifest saying so), written beside and renamed in."""
+    staged = model_dir / f".{version}.incoming"
+    copy_repository(model_dir / str(source), staged)
+    manifest = json.loads((staged / MANIFEST_FILE).read_text())
+    (staged / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": version}))
+    return staged.rename(model_dir / str(version))
+
+
+@pytest.fixture()
+def repository(tiny_repository: Path, tmp_path: Path) -> Path:
+    return copy_repository(tiny_repository, tmp_path / "repo")
+
+
+@contextmanager
+def serve(repository: Path, **settings: object) -> Iterator[TestClient]:
+    yield from client_for(Settings(model_repository=repository, device="cpu", **settings))  # type: ignore[arg-type]
+
+
+def classify(client: TestClient, query: str = "") -> tuple[int, str | None]:
+    response = client.post(f"/v1/classify?model={TINY_NAME}{query}", **PNG)
+    return response.status_code, response.headers.get("x-model-version")
+
+
+def test_version_policies_pick_what_serves() -> None:
+    present = [1, 3, 2]
+    assert VersionPolicy().select(present) == [3]
+    assert VersionPolicy(latest=Latest(num_versions=2)).select(present) == [3, 2]
+    assert VersionPolicy(all={}).select(present) == [3, 2, 1]
+    assert VersionPolicy(specific=Specific(versions=[1, 7])).select(present) == [1]
+    with pytest.raises(ValueError, match="one of"):
+        VersionPolicy(all={}, latest=Latest())
+
+
+def test_two_versions_side_by_side_each_named_by_requests(repository: Path) -> None:
+    model_dir = repository / TINY_NAME
+    add_version(model_dir, 2)
+    (model_dir / "config.json").write_text('{"version_policy": {"latest": {"num_versions": 2}}}')
+    with serve(repository) as client:
+        assert classify(client) == (200, "2")  # the highest, by default
+        assert classify(client, "&version=1") == (200, "1")
+        assert classify(client, "&version=3")[0] == 404
+        listed = [(m["version"], m["default"]) for m in client.get("/v1/models").json()["models"]]
+        assert listed == [(1, False), (2, True)]
+        assert client.get(f"/v2/models/{TINY_NAME}").json()["versions"] == ["2", "1"]
+        for version in ("1", "2"):
+            assert client.get(f"/v2/models/{TINY_NAME}/versions/{version}/ready").status_code == 200
+        assert client.get(f"/v2/models/{TINY_NAME}/versions/3/ready").status_code == 404
+        assert client.get(f"/v2/models/{TINY_NAME}/versions/x1/ready").status_code == 404
+        assert client.get("/health/ready").json()["models"][TINY_NAME]["versions"] == [2, 1]
+        metrics = client.get("/metrics").text
+        assert all(f'vitserve_model_ready{{model="{TINY_NAME}",version="{v}"}} 1.0' in metrics for v in (1, 2))
+
+
+def test_the_v2_infer_route_of_a_version_answers_with_that_version(repository: Path) -> None:
+    add_version(repository / TINY_NAME, 2)
+    (repository / TINY_NAME / "config.json").write_text('{"version_policy": {"all": {}}}')
+    with serve(repository) as client:
+        manifest = client.get(f"/v2/models/{TINY_NAME}").json()
+        spec = manifest["inputs"][0]
+        shape = [1, *spec["shape"][1:]]
+        tensor = {"name": spec["name"], "datatype": "FP32", "shape": shape, "data": [0.0] * math.prod(shape)}
+        body = {"inputs": [tensor]}
+        for version in ("1", "2"):
+            answer = client.post(f"/v2/models/{TINY_NAME}/versions/{version}/infer", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model_version"] == version
+
+
+def test_load_and_unload_are_refused_unless_explicit(repository: Path) -> None:
+    with serve(repository) as client:
+        for action in ("load", "unload"):
+            refused = client.post(f"/v2/repository/models/{TINY_NAME}/{action}")
+            assert refused.status_code == 400 and "explicit" in refused.json()["error"]
+        index = client.post("/v2/repository/index").json()
+        assert {"name": TINY_NAME, "version": "1", "state": "READY", "reason": ""} in index
+
+
+def test_explicit_mode_loads_reloads_refuses_and_unloads(repository: Path) -> None:
+    model_dir = repository / TINY_NAME
+    with serve(repository, model_control_mode="explicit") as client:
+        assert classify(client) == (200, "1")
+        add_version(model_dir, 2)
+        assert classify(client) == (200, "1")  # nothing changes until asked
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load", content=b"").status_code == 200
+        assert classify(client) == (200, "2")
+        assert classify(client, "&version=1")[0] == 404  # latest 1: version 1 went out
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+
+        (model_dir / "3").mkdir()  # a broken version: refused with the reason, version 2 serves on
+        (model_dir / "3" / MANIFEST_FILE).write_text('{"name": "broken"}')
+        refused = client.post(f"/v2/repository/models/{TINY_NAME}/load", content=b"{}")
+        assert refused.status_code == 400
+        assert "version 3" in refused.json()["error"] and "version 2 serves on" in refused.json()["error"]
+        assert classify(client) == (200, "2")
+        index = {(row["version"], row["state"]): row["reason"] for row in client.post("/v2/repository/index").json()
+                 if row["name"] == TINY_NAME}  # fmt: skip
+        assert ("2", "READY") in index and "ValidationError" in index[("3", "UNAVAILABLE")]
+        ready = client.get("/health/ready")
+        assert ready.status_code == 200 and "3" in ready.json()["models"][TINY_NAME]["failed_versions"]
+        ready_only = client.post("/v2/repository/index", json={"ready": True}).json()
+        assert all(row["state"] == "READY" for row in ready_only)
+
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/unload").status_code == 200
+        assert classify(client)[0] == 404
+        assert not registry.unloading
+        index_rows = [row for row in client.post("/v2/repository/index").json() if row["name"] == TINY_NAME]
+        assert index_rows == [{"name": TINY_NAME, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert 'model="tiny' not in client.get("/metrics").text.split("vitserve_model_ready")[-1].split("\n#")[0]
+
+        config = json.dumps({"version_policy": {"specific": {"versions": [1]}}})
+        loaded = client.post(f"/v2/repository/models/{TINY_NAME}/load", json={"parameters": {"config": config}})
+        assert loaded.status_code == 200, loaded.text
+        assert classify(client) == (200, "1")  # rolled back by the load's own version policy
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "message"),
+    [
+        (".hidden", b"", "no folder"),
+        ("nowhere", b"", "no folder"),
+        (TINY_NAME, b"[1]", "JSON object"),
+        (TINY_NAME, b"{", "not JSON"),
+        (TINY_NAME, b'{"parameters": {"file:1/model.onnx": "AAAA"}}', "not taken"),
+        (TINY_NAME, b'{"parameters": {"config": "{\\"max_batch_size\\": 8}"}}', "version_policy"),
+    ],
+)
+def test_a_bad_load_is_a_clear_400(repository: Path, name: str, body: bytes, message: str) -> None:
+    with serve(repository, model_control_mode="explicit") as client:
+        refused = client.post(f"/v2/repository/models/{name}/load", content=body)
+        assert refused.status_code in (400, 404) and message in refused.json()["error"], refused.text
+        assert classify(client) == (200, "1")
+
+
+def test_a_load_never_leaves_the_repository(repository: Path) -> None:
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        for name in ("..", ".", f"../{repository.name}/{TINY_NAME}", "/etc"):
+            with pytest.raises(ServiceError, match="no folder"):
+                client.portal.call(registry.load, name)  # type: ignore[union-attr]
+
+
+def test_poll_mode_picks_up_a_new_version_and_a_removed_model(repository: Path) -> None:
+    with serve(repository, model_control_mode="poll", repository_poll_secs=0.1) as client:
+        assert classify(client) == (200, "1")
+        add_version(repository / TINY_NAME, 2)
+        assert wait_for(lambda: classify(client) == (200, "2"))
+        (repository / TINY_NAME / "3").mkdir()  # broken: polled once, refused, version 2 serves on
+        assert wait_for(lambda: "3" in client.get("/health/ready").json()["models"][TINY_NAME]["failed_versions"])
+        assert classify(client) == (200, "2")
+        (repository / TINY_NAME).rename(repository / f".{TINY_NAME}.gone")
+        assert wait_for(lambda: classify(client)[0] == 404)
+
+
+def wait_for(condition: object, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_control_key_guards_the_repository_routes(repository: Path) -> None:
+    with serve(repository, model_control_mode="explicit", api_key="serve", control_api_key="control") as client:
+        route = f"/v2/repository/models/{TINY_NAME}/load"
+        assert client.post(route, headers={"x-api-key": "serve"}).status_code == 401
+        assert client.post(route, headers={"x-api-key": "control"}).status_code == 200
+        assert client.post("/v2/repository/index", headers={"x-api-key": "serve"}).status_code == 401
+        assert client.post(f"/v1/classify?model={TINY_NAME}", headers={**PNG["headers"], "x-api-key": "serve"},
+                           content=PNG["content"]).status_code == 200  # fmt: skip
+
+
+def test_explicit_mode_takes_one_worker_only() -> None:
+    with pytest.raises(ValueError, match="one worker"):
+        Settings(model_control_mode="explicit", workers=2)
