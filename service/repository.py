@@ -33,7 +33,6 @@ from service.runtime import (
     cuda_graph,
     every_core,
     inference_threads,
-    on_cuda,
     requested_providers,
     runner,
 )
@@ -243,22 +242,26 @@ def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int =
             run(feeds)
 
 
-# A one-image run longer than this (on the CPU, with every core but one) dwarfs what a request brings
-# the event loop (HTTP, a photo's decoding: a few ms), so ONNX Runtime gets every core; shorter runs
-# leave a core to the loop (docs/benchmarks.md has the figures).
+# A one-image run longer than this (on the CPU, on every core) dwarfs what a request brings the event
+# loop (HTTP, a photo's decoding: a few ms), so ONNX Runtime keeps every core; shorter runs leave a
+# core to the loop (docs/benchmarks.md has the figures).
 HEAVY_RUN_S = 0.02
 
 
-def deserves_every_core(session: ort.InferenceSession, spec: GraphSpec, settings: Settings) -> bool:
-    """Whether the graph deserves every core: no thread count set, on the CPU, a core to gain, and a
-    one-image run (the second: the first pays for allocations) over HEAVY_RUN_S. Graphs with free
-    axes besides the batch (an imported DETR's image size) are not probed: zeros of side 1 would not
-    say how long a real image takes."""
+def may_deserve_every_core(spec: GraphSpec, settings: Settings) -> bool:
+    """Whether a graph is worth timing for every core: warm-up on, no thread count set, on the CPU, a
+    core to gain. Graphs with free axes besides the batch (an imported DETR's image size) are not:
+    zeros of side 1 would not say how long a real image takes."""
     free = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
-    if settings.intra_op_threads or on_cuda(session) or free != {"batch"}:  # zeros must be a real input's size
-        return False
-    if every_core(settings.workers) == inference_threads(settings.workers):
-        return False
+    workers = settings.workers
+    return (
+        settings.warmup and not settings.intra_op_threads and free == {"batch"}
+        and requested_providers(settings.device)[0] == CPU and every_core(workers) != inference_threads(workers)
+    )  # fmt: skip
+
+
+def runs_long(session: ort.InferenceSession, spec: GraphSpec) -> bool:
+    """A one-image run (the second: the first pays for allocations) over HEAVY_RUN_S."""
     feeds = zeros(spec, 1)
     session.run(None, feeds)
     started = time.perf_counter()
@@ -272,20 +275,22 @@ BATCH_GAIN = 1.1
 
 def batch_knee(run: GraphRun, spec: GraphSpec, sizes: list[int]) -> tuple[int, dict[int, float]]:
     """The batch size past which doubling stops paying (images/s up by less than BATCH_GAIN), and the
-    images/s measured at each size tried (each warmed by one run, then the best of two); the sizes
-    past the knee are never run. A heavy model on a CPU gains nothing from batching: its knee is 1."""
+    images/s measured at each size tried; the sizes past the knee are never run. Each size is timed
+    against the one before, interleaved (a burst of other work, such as the traffic of a model
+    already serving, slows both alike), the faster of two runs each (the first at a new size pays
+    for its allocations). A heavy model on a CPU gains nothing from batching: its knee is 1."""
     rates: dict[int, float] = {}
-    for size in sizes:
-        feeds = zeros(spec, size)
-        run(feeds)
-        seconds = []
+    feeds = {size: zeros(spec, size) for size in sizes[:2]}
+    for smaller, size in zip(sizes, sizes[1:], strict=False):
+        feeds[size] = feeds.get(size) or zeros(spec, size)
         for _ in range(2):
-            started = time.perf_counter()
-            run(feeds)
-            seconds.append(time.perf_counter() - started)
-        rates[size] = size / min(seconds)
-        if len(rates) > 1 and rates[size] < BATCH_GAIN * max(rate for s, rate in rates.items() if s < size):
-            return max(s for s in rates if s < size), rates
+            for s in (smaller, size):
+                started = time.perf_counter()
+                run(feeds[s])
+                rates[s] = max(rates.get(s, 0.0), s / (time.perf_counter() - started))
+        if rates[size] < BATCH_GAIN * rates[smaller]:
+            return smaller, rates
+        del feeds[smaller]
     return sizes[-1], rates
 
 
@@ -346,14 +351,17 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     batched = settings.batching and batchable(spec)
     sizes = warm_sizes(policy) if batched and graph != "attention" else [1]
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
-    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
+    # every core first: a heavy graph (whose session is slow to make) is made once, a light one twice
+    timed = may_deserve_every_core(spec, settings)
+    threads = every_core(settings.workers) if timed else 0
+    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads)
     check_graph(session, spec)
-    heavy = settings.warmup and deserves_every_core(session, spec, settings)
+    heavy = timed and runs_long(session, spec)
     if heavy:
-        log.info("model %s: %s is heavy, ONNX Runtime gets every core", model.name, spec.file)
-        threads = every_core(settings.workers)
+        log.info("model %s: %s is heavy, ONNX Runtime keeps every core", model.name, spec.file)
+    elif timed:  # light: the event loop keeps a core
         del session  # its weights go before the second session's come: one copy at a time
-        session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads)
+        session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
     run, pool = runner(session, sizes), None
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
         pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
