@@ -1,6 +1,7 @@
 """The servers under test: how to start each (its venv, command, environment), how to send it one
-image in its own protocol, and how to read its top-1 answer. Request bodies are built once, before
-timing, so the client's work per request is the same small copy for every server."""
+image for a task in its own protocol, and how to read its answer (labels, or detections). Request
+bodies are built once, before timing, so the client's work per request is the same small copy for
+every server."""
 
 from __future__ import annotations
 
