@@ -1,4 +1,4 @@
-"""`python -m bench.peers [--seconds S] [--repeats N] [--concurrency C ...] [--servers ...] [--json PATH]`:
+"""`python -m bench.peers [--workload W] [--seconds S] [--repeats N] [--concurrency C ...] [--servers ...]`:
 this service against the servers a user would otherwise put a vision model behind.
 
 - service: `python -m service` from the project venv, all settings at their defaults;
@@ -15,7 +15,11 @@ the service's answers (the service starts first); a disagreement stops the run. 
 workload (held-out digits as PNGs, as bench/service.py sends them) at each concurrency; servers take
 turns in every repeat and figures are medians over repeats. The photo workload (bench/peers/photos.py)
 runs on the service and the plain endpoint in the same rounds. Client and servers share this
-machine's cores, equally for every server. A peer that cannot run here is reported and left out."""
+machine's cores, equally for every server. A peer that cannot run here is reported and left out.
+
+`--workload vit-b16` or `--workload detr-r50` runs a real-size imported model on photos instead, with
+transformers' pipeline as a fifth peer, each peer tuned first, and raw ONNX Runtime as the ceiling:
+bench/peers/real.py."""
 
 from __future__ import annotations
 
@@ -23,18 +27,19 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import numpy as np
 
-from bench.common import machine, markdown
-from bench.peers import photos, venvs
+from bench.common import markdown
+from bench.peers import photos, real, venvs
+from bench.peers.about import describe_machine, finite, versions
 from bench.peers.load import Run, load
-from bench.peers.servers import SERVERS, Request, Server, raw, running
+from bench.peers.servers import DIGIT_SERVERS, SERVERS, Request, Server, raw, running
 from bench.peers.venvs import Unavailable
+from bench.peers.workloads import WORKLOADS
 from export.data import load_digits_data
 from tests.helpers import png_bytes
 
@@ -215,32 +220,6 @@ def decode_rows(results: Results) -> list[dict[str, Any]]:
     return rows
 
 
-def describe_machine() -> dict[str, Any]:
-    """bench.common.machine() and the CPU's model name, so a table names the machine it came from."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "")
-    return {**machine(), "cpu": cpu}
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def versions(names: list[str]) -> dict[str, str]:
-    """Each server's framework and runtime pins (its requirements file; the project venv for the service)."""
-    keys = ("fastapi", "uvicorn", "litserve", "nvidia-pytriton", "onnxruntime", "numpy", "pillow")
-    found = {
-        "service": ", ".join(f"{k}=={version(k)}" for k in ("fastapi", "uvicorn", "onnxruntime", "numpy", "pillow"))
-    }
-    for name in names:
-        if SERVERS[name].venv:
-            pins = (venvs.REQUIREMENTS / f"{SERVERS[name].venv}.txt").read_text().splitlines()
-            found[name] = ", ".join(p for p in pins if p.split("==")[0].lower() in keys)
-    return found
-
-
 def report(names: list[str], results: Results, args: argparse.Namespace) -> None:
     about = describe_machine()
     print(f"\nmachine: {about['cpu'] or about['processor']}, {about['cpus']} CPUs, Python {about['python']}, "
@@ -265,33 +244,45 @@ def report(names: list[str], results: Results, args: argparse.Namespace) -> None
     out = {"benchmark": "peers", "machine": about, "settings": settings, "versions": versions(names),
            "unavailable": results.unavailable, "photo_answers": results.photo_answers, **tables}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(_finite(out), indent=2))
+    args.json.write_text(json.dumps(finite(out), indent=2))
     print(f"\nwritten to {args.json}")
-
-
-def _finite(value: Any) -> Any:
-    """NaN (a figure that could not be had) as null, so the JSON stays strict."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and value != value else value
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each timed digits run")
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS),
-                        help="the service always runs: it is the reference")  # fmt: skip
-    parser.add_argument("--photo-seconds", type=float, default=3.0, help="length of each timed photo run")
-    parser.add_argument("--photo-concurrency", type=int, nargs="*", default=[1, 8], help="none: no photo workload")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/peers.json"))
+    parser.add_argument("--workload", choices=["digits", *WORKLOADS], default="digits",
+                        help="digits (below), or a real-size model on photos (bench/peers/real.py)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, help="length of each timed run (digits 4, vit-b16 10, detr-r50 15)")
+    parser.add_argument("--repeats", type=int, help="rounds, servers taking turns in each (digits 4, else 2)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="digits 1 8 32 64; vit-b16 1 4 16; detr-r50 1 4")
+    parser.add_argument("--servers", nargs="+", choices=list(SERVERS),
+                        help="the service always runs, the reference; transformers: real workloads only")  # fmt: skip
+    parser.add_argument("--photo-seconds", type=float, default=3.0, help="digits: length of each timed photo run")
+    parser.add_argument("--photo-concurrency", type=int, nargs="*", default=[1, 8],
+                        help="digits: the photo workload's concurrencies; none: no photo workload")  # fmt: skip
+    parser.add_argument("--tune-seconds", type=float, default=4.0,
+                        help="real workloads: each peer configuration's run at concurrency 4 (0: none)")  # fmt: skip
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0,
+                        help="real workloads: each ONNX Runtime configuration's run, in every repeat")  # fmt: skip
+    parser.add_argument("--json", type=Path, help="default bench/results/peers[-WORKLOAD].json")
     args = parser.parse_args(argv)
-    names = ["service", *(name for name in SERVERS if name in args.servers and name != "service")]
-    report(names, measure(names, args), args)
+    workload = WORKLOADS.get(args.workload)
+    if workload is None and "transformers" in (args.servers or []):
+        parser.error("transformers serves the real workloads only (it has no digit model)")
+    defaults = (4.0, 4, [1, 8, 32, 64]) if workload is None else (workload.seconds, 2, list(workload.concurrency))
+    args.seconds, args.repeats, args.concurrency = (
+        given if given is not None else default
+        for given, default in zip((args.seconds, args.repeats, args.concurrency), defaults, strict=True)
+    )
+    suffix = "" if workload is None else f"-{workload.name}"
+    args.json = args.json or Path(f"bench/results/peers{suffix}.json")
+    every = DIGIT_SERVERS if workload is None else list(SERVERS)
+    names = ["service", *(name for name in every if name in (args.servers or every) and name != "service")]
+    if workload is None:
+        report(names, measure(names, args), args)
+    else:
+        real.run(names, workload, args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class Run:
     p99: float  # ms
     errors: int  # answers other than 200, and requests that failed outright
     stages: list[dict[str, float]] = field(default_factory=list)  # Server-Timing per answer, ms
+    answered: int = 0  # requests answered (any status)
 
 
 def server_timing(value: str) -> dict[str, float]:
@@ -65,7 +66,8 @@ async def _load(url: str, requests: list[Request], concurrency: int, seconds: fl
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
     ms = np.array(latencies or [np.nan]) * 1000
-    return Run(len(latencies) / elapsed, float(np.median(ms)), float(np.quantile(ms, 0.99)), errors, stages)
+    p50, p99 = float(np.median(ms)), float(np.quantile(ms, 0.99))
+    return Run(len(latencies) / elapsed, p50, p99, errors, stages, len(latencies))
 
 
 def load(

@@ -19,15 +19,25 @@ from bench.peers.recipe import manifest, pixels
 
 SIZE = (1920, 1440)
 TASKS = {"classify": "vit", "detect": "detr"}  # route -> model
+VARIED = ((480, 360), (640, 480), (800, 600), (1024, 768), (1280, 960))  # the real-size workloads' photos
 
 
 def photos() -> list[bytes]:
-    encoded = []
-    for array in load_sample_images().images:
-        buffer = io.BytesIO()
-        Image.fromarray(array).resize(SIZE, Image.Resampling.LANCZOS).save(buffer, format="JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    return encoded
+    return [jpeg(Image.fromarray(array).resize(SIZE, Image.Resampling.LANCZOS))
+            for array in load_sample_images().images]  # fmt: skip
+
+
+def varied() -> list[bytes]:
+    """Both sample photos cropped to 4:3 (568x426 from the left) and resized (Lanczos) to each of VARIED,
+    the sizes cameras and phones send, JPEG quality 90: ten photos, the two alternating."""
+    crops = [Image.fromarray(array).crop((0, 0, 568, 426)) for array in load_sample_images().images]
+    return [jpeg(crop.resize(size, Image.Resampling.LANCZOS)) for size in VARIED for crop in crops]
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def pillow_ms(jpegs: list[bytes], repeats: int = 10) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The plain endpoint: the FastAPI + onnxruntime app a user would write in twenty lines. A raw image
 body, a full Pillow decode and the manifest's preprocessing, one `session.run` per request (no
-batching), top-5 as JSON; all of it inline in the async handler, as most such apps do it.
-`uvicorn bench.peers.serve_plain:app` in bench/.venvs/plain."""
+batching), top-5 or the detections as JSON; all of it inline in the async handler, as most such apps
+do it. `uvicorn bench.peers.serve_plain:app` in bench/.venvs/plain; the models and session settings
+from the environment (bench/peers/recipe.py)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from bench.peers.recipe import detections, load, pixels, top_k
+from bench.peers.recipe import answer, pixels, served
 
-VIT, DETR = load("vit"), load("detr")
+MODELS = served()
 app = FastAPI()
 
 
-@app.post("/v1/classify")
-async def classify(request: Request) -> list[dict[str, Any]]:
-    x, _ = pixels(await request.body(), VIT.prep)
-    (logits,) = VIT.run(x[None])
-    return top_k(logits[0], VIT.labels)
-
-
-@app.post("/v1/detect")
-async def detect(request: Request) -> list[dict[str, Any]]:
-    x, size = pixels(await request.body(), DETR.prep)
-    logits, boxes = DETR.run(x[None])
-    return detections(logits[0], boxes[0], size, DETR)
+@app.post("/v1/{task}")
+async def infer(task: str, request: Request) -> list[dict[str, Any]]:
+    model = MODELS[task]
+    x, size = pixels(await request.body(), model.prep)
+    return answer(model, [output[0] for output in model.run(x[None])], size)

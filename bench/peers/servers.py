@@ -1,6 +1,7 @@
 """The servers under test: how to start each (its venv, command, environment), how to send it one
-image in its own protocol, and how to read its top-1 answer. Request bodies are built once, before
-timing, so the client's work per request is the same small copy for every server."""
+image for a task in its own protocol, and how to read its answer (labels, or detections). Request
+bodies are built once, before timing, so the client's work per request is the same small copy for
+every server."""
 
 from __future__ import annotations
 
@@ -56,7 +57,10 @@ def form(path: str) -> Encoder:
     return encode
 
 
-def triton(model: str) -> Encoder:
+OUTPUTS = {"classify": ("labels", "scores"), "detect": ("detections",)}  # PyTriton's outputs, by task
+
+
+def triton(model: str, task: str = "classify") -> Encoder:
     """Triton's v2 inference request with the image as one binary BYTES element (the binary tensor
     extension: a JSON header, then each element as a 4-byte little-endian length and its bytes)."""
 
@@ -67,7 +71,7 @@ def triton(model: str) -> Encoder:
             "datatype": "BYTES",
             "parameters": {"binary_data_size": len(data) + 4},
         }
-        outputs = [{"name": name, "parameters": {"binary_data": False}} for name in ("labels", "scores")]
+        outputs = [{"name": name, "parameters": {"binary_data": False}} for name in OUTPUTS[task]]
         header = json.dumps({"inputs": [tensor], "outputs": outputs}).encode()
         headers = {**IDENTITY, "content-type": "application/octet-stream",
                    "inference-header-content-length": str(len(header))}  # fmt: skip
@@ -76,13 +80,14 @@ def triton(model: str) -> Encoder:
     return encode
 
 
-def _first(item: dict[str, Any]) -> tuple[str, float]:
-    return item["label"], item["score"]
-
-
-def _triton_top1(answer: dict[str, Any]) -> tuple[str, float]:
+def _triton_items(answer: dict[str, Any]) -> list[dict[str, Any]]:
     outputs = {output["name"]: output["data"] for output in answer["outputs"]}
-    return outputs["labels"][0], outputs["scores"][0]
+    if "detections" in outputs:
+        return list(json.loads(outputs["detections"][0]))
+    return [{"label": label, "score": score} for label, score in zip(outputs["labels"], outputs["scores"], strict=True)]
+
+
+Route = Callable[[str, str | None], Encoder]  # (task, model name or None: the default) -> its requests
 
 
 @dataclass(frozen=True)
@@ -90,22 +95,46 @@ class Server:
     title: str
     venv: str | None  # None: this interpreter, the project's own venv
     args: list[str]
-    encode: Encoder
-    top1: Callable[[Any], tuple[str, float]]
+    route: Route
+    items: Callable[[Any], list[dict[str, Any]]]  # an answer -> the first image's labels (and boxes), best first
     env: Callable[[], dict[str, str]] = field(default=dict)
     cwd: Path | None = None  # where it runs (default the project root): another checkout, say
 
+    @property
+    def encode(self) -> Encoder:
+        """The digits workload's requests: the default classifier."""
+        return self.route("classify", None)
+
+    def top1(self, answer: Any) -> tuple[str, float]:
+        first = self.items(answer)[0]
+        return first["label"], first["score"]
+
+
+def _service_route(task: str, model: str | None) -> Encoder:
+    return raw(f"/v1/{task}" + (f"?model={model}" if model else ""))
+
+
+def _triton_route(task: str, model: str | None) -> Encoder:
+    return triton({"classify": "vit", "detect": "detr"}[task], task)
+
+
+def _uvicorn(app: str) -> list[str]:
+    return ["-m", "uvicorn", app, "--log-level", "warning"]
+
 
 SERVERS = {
-    "service": Server("vitserve (defaults)", None, ["-m", "service"], raw("/v1/classify"),
-                      lambda answer: _first(answer["results"][0][0])),
-    "plain": Server("plain FastAPI + ORT", "plain", ["-m", "uvicorn", "bench.peers.serve_plain:app", "--log-level",
-                    "warning"], raw("/v1/classify"), lambda answer: _first(answer[0])),
-    "litserve": Server("LitServe, batching", "litserve", ["-m", "bench.peers.serve_litserve"], form("/predict"),
-                       lambda answer: _first(answer[0])),
-    "pytriton": Server("PyTriton, dynamic batching", "pytriton", ["-m", "bench.peers.serve_pytriton"], triton("vit"),
-                       _triton_top1, venvs.libpython_env),
+    "service": Server("vitserve (defaults)", None, ["-m", "service"], _service_route,
+                      lambda answer: answer["results"][0]),
+    "plain": Server("plain FastAPI + ORT", "plain", _uvicorn("bench.peers.serve_plain:app"),
+                    lambda task, model: raw(f"/v1/{task}"), list),
+    "litserve": Server("LitServe, batching", "litserve", ["-m", "bench.peers.serve_litserve"],
+                       lambda task, model: form("/predict"), list),
+    "pytriton": Server("PyTriton, dynamic batching", "pytriton", ["-m", "bench.peers.serve_pytriton"],
+                       _triton_route, _triton_items, venvs.libpython_env),
+    "transformers": Server("transformers pipeline (PyTorch)", None, _uvicorn("bench.peers.serve_transformers:app"),
+                           lambda task, model: raw(f"/v1/{task}"), list),
 }  # fmt: skip
+DIGIT_SERVERS = ("service", "plain", "litserve", "pytriton")  # transformers has no digit model to serve
 
 
 def free_port() -> int:
@@ -114,23 +143,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Live:
+    """A started server: where it answers, its process (the root of its tree), and how long it took
+    from the start of its process to its first successful answer."""
+
+    url: str
+    pid: int
+    ready_seconds: float
+
+
 @contextmanager
-def running(server: Server, probe: Request) -> Iterator[str]:
-    """The server started in its own venv and process group, answering `probe`; yields its URL.
-    Raises Unavailable (with its log's tail) when it exits or does not answer in time."""
+def launched(server: Server, probe: Request, env: dict[str, str] | None = None) -> Iterator[Live]:
+    """The server started in its own venv and process group, with `env` added to its environment,
+    answering `probe`. Raises Unavailable (with its log's tail) when it exits or does not answer in time."""
     python = sys.executable if server.venv is None else str(venvs.python(server.venv))
     port = free_port()
-    env = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **server.env()}
+    environment = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", **server.env(), **(env or {})}
     command = [python, *server.args, "--host", "127.0.0.1", "--port", str(port)]
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, cwd=server.cwd or ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=server.cwd or ROOT, env=environment, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_ready(process, url, probe, log, server.title)
-            yield url
+            yield Live(url, process.pid, time.perf_counter() - started)
         finally:
             _stop(process)
+
+
+@contextmanager
+def running(server: Server, probe: Request, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`launched`, yielding its URL."""
+    with launched(server, probe, env) as live:
+        yield live.url
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, probe: Request, log: Any, title: str) -> None:
@@ -139,7 +186,7 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, probe: Request, log:
         if process.poll() is not None:
             raise Unavailable(f"{title} exited with code {process.returncode}:\n{_tail(log)}")
         try:
-            response = httpx2.post(url + probe.path, content=probe.body, headers=probe.headers, timeout=10)
+            response = httpx2.post(url + probe.path, content=probe.body, headers=probe.headers, timeout=60)
             if response.status_code == 200:
                 return
         except httpx2.TransportError:
