@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -199,3 +200,14 @@ def test_the_control_key_guards_the_repository_routes(repository: Path) -> None:
 def test_explicit_mode_takes_one_worker_only() -> None:
     with pytest.raises(ValueError, match="one worker"):
         Settings(model_control_mode="explicit", workers=2)
+
+
+def test_an_unloaded_version_is_freed_by_its_unload(repository: Path) -> None:
+    """Nothing the requests it served leave behind (their contexts, say) keeps it: the unload's own
+    collection frees it, not a later one (what it misses stays frozen out of the collector's sight)."""
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        assert classify(client) == (200, "1")
+        freed = weakref.ref(registry.entries[TINY_NAME].versions[1])
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/unload").status_code == 200
+        assert freed() is None
