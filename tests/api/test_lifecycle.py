@@ -211,3 +211,11 @@ def test_an_unloaded_version_is_freed_by_its_unload(repository: Path) -> None:
         freed = weakref.ref(registry.entries[TINY_NAME].versions[1])
         assert client.post(f"/v2/repository/models/{TINY_NAME}/unload").status_code == 200
         assert freed() is None
+
+
+def test_an_odd_version_in_a_url_is_a_404(repository: Path) -> None:
+    with serve(repository) as client:
+        for version in ("0", "-1", "%D9%A1", "%2e%2e", "1.0", "9" * 19, "9" * 5000):  # 5000: past int()'s limit
+            for method, route in (("GET", "ready"), ("POST", "infer")):
+                answer = client.request(method, f"/v2/models/{TINY_NAME}/versions/{version}/{route}")
+                assert answer.status_code == 404, (version, answer.text)
