@@ -308,8 +308,12 @@ def is_fp16(model: ServedModel, spec: GraphSpec) -> bool:
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:
     """The model's version folders by number (names of digits only: a folder being written beside,
-    `.2.tmp` say, is not one)."""
-    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+    `.2.tmp` say, is not one; nor `02` or `٢`, which int() reads as 2 as well, nor `²`, which it cannot read)."""
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and _version_name(p.name)}
+
+
+def _version_name(name: str) -> bool:
+    return name.isascii() and name.isdigit() and not name.startswith("0")
 
 
 def latest_version(model_dir: Path) -> Path:

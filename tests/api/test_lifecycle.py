@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.errors import ServiceError
 from service.manifest import MANIFEST_FILE, Latest, Specific, VersionPolicy
+from service.repository import version_dirs
 from service.settings import Settings
 from tests.conftest import TINY_NAME, client_for, copy_repository
 from tests.helpers import held_out_digits, png_bytes
@@ -219,3 +220,9 @@ def test_an_odd_version_in_a_url_is_a_404(repository: Path) -> None:
             for method, route in (("GET", "ready"), ("POST", "infer")):
                 answer = client.request(method, f"/v2/models/{TINY_NAME}/versions/{version}/{route}")
                 assert answer.status_code == 404, (version, answer.text)
+
+
+def test_a_version_folder_is_named_by_ascii_digits_only(tmp_path: Path) -> None:
+    for name in ("2", "02", "0", "٢", "²", ".3.incoming", "4x"):
+        (tmp_path / name).mkdir()
+    assert version_dirs(tmp_path) == {2: tmp_path / "2"}
