@@ -177,10 +177,10 @@ class ModelRegistry:
         if refuse and (entry is None or not entry.versions):
             why = "the repository has no folder of that name" if entry is None else entry.shown().reason
             raise ServiceError(400, "load_failed", f"failed to load {quoted(name)}: {why}")
-        if refuse and entry is not None and entry.failures:
-            failed = entry.failures[max(entry.failures)]
-            raise ServiceError(400, "load_failed", f"failed to load {quoted(name)} version {failed.version}: "
-                               f"{failed.reason}; version {max(entry.versions)} serves on")  # fmt: skip
+        if refuse and entry is not None and (entry.reason or entry.failures):  # a bad config.json, a broken version
+            why = entry.reason or f"version {max(entry.failures)}: {entry.failures[max(entry.failures)].reason}"
+            raise ServiceError(400, "load_failed", f"failed to load {quoted(name)}: {why}; version "
+                               f"{max(entry.versions)} serves on")  # fmt: skip
 
     async def unload(self, name: str) -> None:
         """Takes the model out of service; returns once its versions' requests are done and their memory freed."""

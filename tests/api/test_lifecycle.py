@@ -226,3 +226,16 @@ def test_a_version_folder_is_named_by_ascii_digits_only(tmp_path: Path) -> None:
     for name in ("2", "02", "0", "٢", "²", ".3.incoming", "4x"):
         (tmp_path / name).mkdir()
     assert version_dirs(tmp_path) == {2: tmp_path / "2"}
+
+
+def test_a_load_whose_config_serves_nothing_is_refused(repository: Path) -> None:
+    """A config.json that does not read, or a version policy that picks no folder present, is the
+    load's 400 (not a 200 that changed nothing); what served serves on."""
+    policy = {"parameters": {"config": json.dumps({"version_policy": {"specific": {"versions": [7]}}})}}
+    with serve(repository, model_control_mode="explicit") as client:
+        refused = client.post(f"/v2/repository/models/{TINY_NAME}/load", json=policy)
+        assert refused.status_code == 400 and "present: [1]" in refused.json()["error"], refused.text
+        (repository / TINY_NAME / "config.json").write_text('{"version_policy": ')
+        refused = client.post(f"/v2/repository/models/{TINY_NAME}/load")
+        assert refused.status_code == 400 and "version 1 serves on" in refused.json()["error"], refused.text
+        assert classify(client) == (200, "1")
