@@ -62,7 +62,8 @@ class Metrics:
         self.connections_open = Gauge("vitserve_connections_open", "Connections open and counted against the cap",
                                       registry=r, multiprocess_mode="livesum")  # fmt: skip
         self.multiprocess = MULTIPROCESS_DIR in os.environ
-        self.sampled: list[tuple[Gauge, Callable[[], float]]] = []  # gauges read from a function, in that mode
+        # gauges read from a function, in that mode: one function each (a version reloaded in place replaces its own)
+        self.sampled: dict[Gauge, Callable[[], float]] = {}
         # labelled children are looked up once per label set, not once per request
         self._request_counter = lru_cache(maxsize=1024)(self.requests.labels)
         self._stage_histogram = lru_cache(maxsize=1024)(self.stage_seconds.labels)
@@ -78,12 +79,12 @@ class Metrics:
 
     def sample(self) -> None:
         """Writes the current value of each function-read gauge (multiprocess mode; the app calls it each second)."""
-        for gauge, read in self.sampled:
+        for gauge, read in list(self.sampled.items()):
             gauge.set(read())
 
     def _read_from(self, gauge: Gauge, read: Callable[[], float]) -> None:
         if self.multiprocess:
-            self.sampled.append((gauge, read))
+            self.sampled[gauge] = read
         else:
             gauge.set_function(read)
 
@@ -101,8 +102,7 @@ class Metrics:
             _remove(gauge, labels)
         for graph in graphs:
             _remove(self.batch_size, (*labels, graph))
-            queue = self.queue_images.labels(*labels, graph)
-            self.sampled = [(gauge, read) for gauge, read in self.sampled if gauge is not queue]
+            self.sampled.pop(self.queue_images.labels(*labels, graph), None)
             _remove(self.queue_images, (*labels, graph))
 
     def track_batcher(

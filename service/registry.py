@@ -272,6 +272,10 @@ class ModelRegistry:
             self.on_unloaded(failed)
         return [self._retire(entry.versions.pop(v)) for v in list(entry.versions)]
 
+    def _serves(self, name: str, version: int) -> bool:
+        entry = self.entries.get(name)
+        return entry is not None and version in entry.versions
+
     def _retire(self, model: ServedModel) -> asyncio.Task[None]:
         """The version's sessions freed once no request holds it (it has left the lookup already)."""
         key = (model.name, model.version, id(model))
@@ -286,7 +290,8 @@ class ModelRegistry:
             await asyncio.sleep(0.02)
         if model.leases:
             log.warning("model %s v%s unloaded with %d requests still on it", model.name, model.version, model.leases)
-        self.on_unloaded(model)
+        if not self._serves(model.name, model.version):  # reloaded in place, the series are the new copy's
+            self.on_unloaded(model)
         await model.close()
         del model
         gc.unfreeze()  # objects loaded at start were frozen out of the collector's sight: cycles among them too

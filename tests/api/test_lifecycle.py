@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -239,3 +240,17 @@ def test_a_load_whose_config_serves_nothing_is_refused(repository: Path) -> None
         refused = client.post(f"/v2/repository/models/{TINY_NAME}/load")
         assert refused.status_code == 400 and "version 1 serves on" in refused.json()["error"], refused.text
         assert classify(client) == (200, "1")
+
+
+def test_a_version_reloaded_in_place_keeps_its_metrics(repository: Path) -> None:
+    """Its files changed: the new copy replaces the old, and the old one's unload leaves the series,
+    now the new copy's, where they are."""
+    with serve(repository, model_control_mode="explicit") as client:
+        os.utime(repository / TINY_NAME / "1" / MANIFEST_FILE)  # a changed file: the version loads again
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
+        assert classify(client) == (200, "1")
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        assert wait_for(lambda: not registry.unloading)
+        lines = client.get("/metrics").text.splitlines()
+        for series in ("vitserve_model_ready", "vitserve_queue_images", "vitserve_batch_size_count"):
+            assert any(line.startswith(f"{series}{{") and 'version="1"' in line for line in lines), series
