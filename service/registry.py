@@ -74,6 +74,9 @@ class ModelRegistry:
         self.entries: dict[str, Entry] = {}
         self.reason: str | None = None  # why nothing can serve (no repository, an empty one)
         self.loading: set[tuple[str, int]] = set()
+        # the models the repository held at start (until unloaded): readiness waits for each of them; a
+        # model added later that fails to load is shown failed, but takes the others out of no load balancer
+        self.required: set[str] = set()
         self.unloading: dict[tuple[str, int, int], asyncio.Task[None]] = {}  # (name, version, id) -> its drain
         self.lock = asyncio.Lock()  # one load or unload at a time
         self.on_loaded: Callable[[ServedModel], None] = _on_loop  # the app wires its metrics here
@@ -97,8 +100,9 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Every model has a version serving."""
-        return bool(self.entries) and all(entry.versions for entry in self.entries.values())
+        """Some model serves, and so does every model the repository held at start."""
+        serving = {name for name, entry in self.entries.items() if entry.versions}
+        return bool(serving) and self.required <= serving
 
     def resolve(self, name: str | None, task: str, graph: str = "main", version: int | None = None) -> ServedModel:
         """The model a request asked for (that version, or its highest), or the first ready model of
@@ -163,6 +167,7 @@ class ModelRegistry:
             return
         for name in self.names_on_disk():
             await self.load(name, retry=True, refuse=False)
+        self.required = set(self.entries)
         if not self.entries:
             self.reason = "the model repository holds no model"
 
@@ -266,6 +271,7 @@ class ModelRegistry:
     def _retire_all(self, name: str) -> list[asyncio.Task[None]]:
         """The model out of the lookup; its versions' drains (no reference to them kept here)."""
         entry = self.entries.pop(name, None)
+        self.required.discard(name)
         if entry is None:
             return []
         for failed in entry.failures.values():

@@ -254,3 +254,18 @@ def test_a_version_reloaded_in_place_keeps_its_metrics(repository: Path) -> None
         lines = client.get("/metrics").text.splitlines()
         for series in ("vitserve_model_ready", "vitserve_queue_images", "vitserve_batch_size_count"):
             assert any(line.startswith(f"{series}{{") and 'version="1"' in line for line in lines), series
+
+
+def test_a_model_added_broken_leaves_readiness_alone(repository: Path) -> None:
+    """A new model folder that fails to load (by a load call, or polled) is shown failed, while
+    readiness, which a load balancer reads for every model, stays 200."""
+    (repository / "broken" / "1").mkdir(parents=True)
+    (repository / "broken" / "1" / MANIFEST_FILE).write_text("{")
+    with serve(repository, model_control_mode="explicit") as client:
+        assert client.get("/health/ready").status_code == 503  # there at start: it must load
+        assert client.post("/v2/repository/models/broken/unload").status_code == 200
+        assert client.get("/health/ready").status_code == 200
+        assert client.post("/v2/repository/models/broken/load").status_code == 400
+        ready = client.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["models"]["broken"]["state"] == "failed"
+        assert client.get("/v2/health/ready").status_code == 200
