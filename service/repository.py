@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import context
-from service.batching import Batcher, Reservation
+from service.batching import Batcher, Reservation, Unloaded
 from service.errors import ServiceError
 from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
 from service.memory import resident_bytes
@@ -118,6 +118,8 @@ class ServedModel:
         self.batchers.clear()
         self.lazy.clear()
         self.cache_pool = None
+        # it holds the model (a cycle): without it, a request still on the model frees it as it ends
+        self.on_batcher = None
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = None
@@ -156,6 +158,8 @@ class ServedModel:
         through its batcher where it has one, else alone."""
         if graph in self.lazy:
             await self.load_lazy(graph)
+        if graph not in self.runs:  # closed: an unload that waited its longest (a slow client's stream)
+            raise Unloaded(self.name)
         feeds = self._as_declared(feeds, graph)
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds, reservation)

@@ -4,6 +4,7 @@ one before serves, poll mode, the control key."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -269,3 +271,64 @@ def test_a_model_added_broken_leaves_readiness_alone(repository: Path) -> None:
         ready = client.get("/health/ready")
         assert ready.status_code == 200 and ready.json()["models"]["broken"]["state"] == "failed"
         assert client.get("/v2/health/ready").status_code == 200
+
+
+async def stalled_stream(app: object, body: bytes, stalled: asyncio.Event, go_on: asyncio.Event) -> tuple[int, str]:
+    """POST /v1/generate as a client that stops reading after the first row until `go_on` (the
+    server's send waits, as a full socket makes it): its status and events."""
+    sent: dict[str, Any] = {"status": 0, "body": b""}
+    bodies = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if bodies:
+            return bodies.pop()
+        await asyncio.sleep(3600)  # the client never leaves
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+            sent["version"] = dict(message["headers"]).get(b"x-model-version")
+        elif message.get("body"):
+            sent["body"] += message["body"]
+            stalled.set()
+            await go_on.wait()
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "raw_path": b"/v1/generate",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
+    await app(scope, receive, send)  # type: ignore[operator]
+    assert sent["version"] == b"1"
+    return sent["status"], sent["body"].decode()
+
+
+@pytest.mark.parametrize("drained", [True, False], ids=["drained", "past_the_drain"])
+def test_an_unload_under_a_stream(
+    tiny_generator_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drained: bool
+) -> None:
+    """A generation stream whose client stalls: the unload waits for it, the stream ends on its
+    version with `done`, then the version is freed. An unload that can wait no longer (past
+    request_timeout_s and the grace) frees it anyway: the stream ends with an error event, never hangs."""
+    repository = copy_repository(tiny_generator_repository, tmp_path / "repo")
+    monkeypatch.setattr("service.registry.DRAIN_GRACE_S", 0.0)
+    timeout = 60.0 if drained else 0.5
+    body = json.dumps({"model": "tinygen", "seed": 1, "scale": 1, "stream": True}).encode()
+    with serve(repository, model_control_mode="explicit", request_timeout_s=timeout) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        freed = weakref.ref(registry.entries["tinygen"].versions[1])
+
+        async def scenario() -> tuple[int, str]:
+            stalled, go_on = asyncio.Event(), asyncio.Event()
+            stream = asyncio.create_task(stalled_stream(client.app, body, stalled, go_on))
+            await stalled.wait()
+            unload = asyncio.create_task(registry.unload("tinygen"))
+            await asyncio.sleep(1.0)
+            assert unload.done() is not drained  # waits for the stream, or went past it
+            go_on.set()
+            await unload
+            return await asyncio.wait_for(stream, 30)
+
+        status, events = client.portal.call(scenario)  # type: ignore[union-attr]
+        assert status == 200
+        assert ("event: done" in events) is drained and ("model_unloaded" in events) is not drained, events
+        assert freed() is None
