@@ -381,6 +381,14 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         model.batchers[graph] = Batcher(f"{model.name}/{graph}", run, policy, model.executor)
 
 
+def load_unchanged(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
+    """load_graph, for a graph loaded on its first request: from the files the version loaded, or not
+    at all (a folder replaced in place since, by an export's --force say, holds another model's graph)."""
+    if fingerprint(model.path) != model.fingerprint:
+        raise ValueError(f"{spec.file}: the version's files changed since it loaded; load the model again")
+    load_graph(model, graph, spec, settings, policy)
+
+
 def load_graphs(model: ServedModel, manifest: Manifest, settings: Settings) -> None:
     """Every graph the settings ask for; the attention graph on its first request where
     `lazy_attention` (its file must be there now)."""
@@ -393,7 +401,7 @@ def load_graphs(model: ServedModel, manifest: Manifest, settings: Settings) -> N
                 missing = FileNotFoundError(None, None, str(model.path / spec.file))
                 model.failed_graphs[graph] = _reason(missing, model.path.parent.parent)
             else:
-                model.lazy[graph] = partial(load_graph, model, graph, spec, settings, policy)
+                model.lazy[graph] = partial(load_unchanged, model, graph, spec, settings, policy)
             continue
         try:
             load_graph(model, graph, spec, settings, policy)

@@ -332,3 +332,17 @@ def test_an_unload_under_a_stream(
         assert status == 200
         assert ("event: done" in events) is drained and ("model_unloaded" in events) is not drained, events
         assert freed() is None
+
+
+def test_a_lazy_graph_loads_from_the_files_its_version_loaded(repository: Path) -> None:
+    """A version folder replaced in place after its version loaded (export --force): its attention
+    graph, loaded on the first attention request, would be another model's; it is refused (503, the
+    reason) until a load brings the new files in, all of them."""
+    route = f"/v1/classify/attention?model={TINY_NAME}"
+    with serve(repository, model_control_mode="explicit") as client:
+        os.utime(repository / TINY_NAME / "1" / "attention.onnx")
+        refused = client.post(route, **PNG)
+        assert refused.status_code == 503 and "changed since it loaded" in refused.text, refused.text
+        assert classify(client) == (200, "1")  # what loaded serves on
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
+        assert client.post(route, **PNG).status_code == 200
