@@ -79,6 +79,7 @@ class ModelRegistry:
         self.required: set[str] = set()
         self.unloading: dict[tuple[str, int, int], asyncio.Task[None]] = {}  # (name, version, id) -> its drain
         self.lock = asyncio.Lock()  # one load or unload at a time
+        self.tasks: set[asyncio.Task[Entry | None]] = set()  # loads under way (a task is kept only by a reference)
         self.on_loaded: Callable[[ServedModel], None] = _on_loop  # the app wires its metrics here
         self.on_unloaded: Callable[[ServedModel], None] = _on_loop
 
@@ -177,8 +178,11 @@ class ModelRegistry:
         them when ready; versions the policy drops are unloaded. `retry`: a version that failed
         before tries again though its files are unchanged. `refuse`: a model left with no version
         serving is a 400 saying why (the load API's answer)."""
-        async with self.lock:
-            entry = await self._reconcile(name, config, retry)
+        # a task of its own: a caller that leaves (its request's 504, a client gone) leaves the load going
+        task = asyncio.create_task(self._reconcile_alone(name, config, retry))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        entry = await asyncio.shield(task)
         if refuse and (entry is None or not entry.versions):
             why = "the repository has no folder of that name" if entry is None else entry.shown().reason
             raise ServiceError(400, "load_failed", f"failed to load {quoted(name)}: {why}")
@@ -190,8 +194,10 @@ class ModelRegistry:
     async def unload(self, name: str) -> None:
         """Takes the model out of service; returns once its versions' requests are done and their memory freed."""
         async with self.lock:
-            retiring = self._retire_all(name)
-        await asyncio.gather(*retiring)
+            self._retire_all(name)
+        retiring = [task for (unloading, _, _), task in self.unloading.items() if unloading == name]
+        if retiring:  # waited for, never cancelled: a caller that leaves leaves the drains going
+            await asyncio.wait(retiring)
         log.info("model %s unloaded", name)
 
     async def poll(self) -> None:
@@ -212,10 +218,13 @@ class ModelRegistry:
                 log.exception("polling the model repository failed; trying again in %g s", seconds)
 
     async def close(self) -> None:
-        for entry in self.entries.values():
-            for model in entry.versions.values():
-                await model.close()
+        for model in [m for entry in self.entries.values() for m in entry.versions.values()]:  # a load may go on
+            await model.close()
         await asyncio.gather(*self.unloading.values(), return_exceptions=True)
+
+    async def _reconcile_alone(self, name: str, config: ModelConfig | None, retry: bool) -> Entry | None:
+        async with self.lock:
+            return await self._reconcile(name, config, retry)
 
     async def _reconcile(self, name: str, config: ModelConfig | None, retry: bool) -> Entry | None:
         model_dir = self.root / name
@@ -268,15 +277,16 @@ class ModelRegistry:
         if serving is not None:
             self._retire(serving)
 
-    def _retire_all(self, name: str) -> list[asyncio.Task[None]]:
-        """The model out of the lookup; its versions' drains (no reference to them kept here)."""
+    def _retire_all(self, name: str) -> None:
+        """The model out of the lookup, its versions draining (their tasks in `unloading`)."""
         entry = self.entries.pop(name, None)
         self.required.discard(name)
         if entry is None:
-            return []
+            return
         for failed in entry.failures.values():
             self.on_unloaded(failed)
-        return [self._retire(entry.versions.pop(v)) for v in list(entry.versions)]
+        for version in list(entry.versions):
+            self._retire(entry.versions.pop(version))
 
     def _serves(self, name: str, version: int) -> bool:
         entry = self.entries.get(name)

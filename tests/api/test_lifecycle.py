@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -346,3 +347,51 @@ def test_a_lazy_graph_loads_from_the_files_its_version_loaded(repository: Path) 
         assert classify(client) == (200, "1")  # what loaded serves on
         assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
         assert client.post(route, **PNG).status_code == 200
+
+
+def test_an_unload_call_that_times_out_still_frees_the_version(
+    tiny_generator_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unload call's 504 (request_timeout_s: a stream holds the version longer) leaves the
+    drain going: the version is freed when the stream ends, its series gone."""
+    repository = copy_repository(tiny_generator_repository, tmp_path / "repo")
+    monkeypatch.setattr("service.registry.DRAIN_GRACE_S", 30.0)
+    body = json.dumps({"model": "tinygen", "seed": 1, "scale": 1, "stream": True}).encode()
+    with serve(repository, model_control_mode="explicit", request_timeout_s=0.5) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        freed = weakref.ref(registry.entries["tinygen"].versions[1])
+
+        async def scenario() -> tuple[int, int, str]:
+            stalled, go_on = asyncio.Event(), asyncio.Event()
+            stream = asyncio.create_task(stalled_stream(client.app, body, stalled, go_on))
+            await stalled.wait()
+            transport = httpx.ASGITransport(app=client.app)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                unload = await http.post("/v2/repository/models/tinygen/unload")
+            go_on.set()
+            status, events = await asyncio.wait_for(stream, 30)
+            while registry.unloading:
+                await asyncio.sleep(0.05)
+            return unload.status_code, status, events
+
+        unloaded, status, events = client.portal.call(scenario)  # type: ignore[union-attr]
+        assert unloaded == 504 and status == 200 and "event: done" in events
+        assert freed() is None
+        assert 'model="tinygen"' not in client.get("/metrics").text.split("# HELP vitserve_model_ready")[1]
+
+
+def test_a_load_call_that_times_out_still_loads(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load longer than request_timeout_s: the call's 504 leaves the load going, to its end."""
+    from service import registry as registry_module
+
+    slow = registry_module.load_measured
+
+    def slow_load(*args: Any) -> Any:
+        time.sleep(1.0)
+        return slow(*args)
+
+    with serve(repository, model_control_mode="explicit", request_timeout_s=0.3) as client:
+        monkeypatch.setattr(registry_module, "load_measured", slow_load)
+        add_version(repository / TINY_NAME, 2)
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 504
+        assert wait_for(lambda: classify(client) == (200, "2"))
