@@ -328,11 +328,14 @@ def latest_version(model_dir: Path) -> Path:
 
 
 def fingerprint(version_dir: Path) -> str:
-    """Names, sizes and modification times of a version's files: any change makes another fingerprint."""
+    """Names, sizes and change times of a version's files: any change makes another fingerprint (a
+    chmod or chown too, which leave the modification time: a version refused for its permissions is
+    tried again once they are mended)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in version_dir.rglob("*") if p.is_file()):
         stat = path.stat()
-        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        when = f"{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{when}\n".encode())
     return digest.hexdigest()[:16]
 
 

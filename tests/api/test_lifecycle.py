@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.errors import ServiceError
 from service.manifest import MANIFEST_FILE, Latest, Specific, VersionPolicy
-from service.repository import version_dirs
+from service.repository import fingerprint, version_dirs
 from service.settings import Settings
 from tests.conftest import TINY_NAME, client_for, copy_repository
 from tests.helpers import held_out_digits, png_bytes
@@ -395,3 +395,11 @@ def test_a_load_call_that_times_out_still_loads(repository: Path, monkeypatch: p
         add_version(repository / TINY_NAME, 2)
         assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 504
         assert wait_for(lambda: classify(client) == (200, "2"))
+
+
+def test_mended_permissions_are_a_change_of_the_files(tmp_path: Path) -> None:
+    """Poll mode tries a failed version again when its files change: a chmod is one."""
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    before = fingerprint(tmp_path)
+    (tmp_path / "model.onnx").chmod(0o600)
+    assert fingerprint(tmp_path) != before
