@@ -374,5 +374,5 @@ async def infer_images(
         raise CodecError("an image view answers tensors of its own model: no render, no model, no version")
     own = {"model": view.model.name, "version": view.model.version}
     parsed_options = parse_options(image.pipeline.options, {}, {**options, **own})
-    _, answer = await image.pipeline(registry, images, parsed_options, limits)
+    _, answer = await image.pipeline(registry, images, parsed_options, limits, model=view.model)
     return image.tensors(answer)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import struct
 import time
 import weakref
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from service.settings import Settings
 from tests.conftest import TINY_NAME, client_for, copy_repository
 from tests.helpers import held_out_digits, png_bytes
 
+HEADER_LENGTH = b"inference-header-content-length"  # Triton's binary tensor data
 PNG = {"content": png_bytes(held_out_digits()[0][0]), "headers": {"content-type": "image/png"}}
 
 
@@ -274,6 +276,13 @@ def test_a_model_added_broken_leaves_readiness_alone(repository: Path) -> None:
         assert client.get("/v2/health/ready").status_code == 200
 
 
+def http_scope(path: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """A POST's ASGI scope, for a client driven by hand (one that stalls, or sends its body late)."""
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": list(headers), "http_version": "1.1", "scheme": "http", "client": ("127.0.0.1", 1),
+            "server": ("test", 80)}  # fmt: skip
+
+
 async def stalled_stream(app: object, body: bytes, stalled: asyncio.Event, go_on: asyncio.Event) -> tuple[int, str]:
     """POST /v1/generate as a client that stops reading after the first row until `go_on` (the
     server's send waits, as a full socket makes it): its status and events."""
@@ -295,10 +304,7 @@ async def stalled_stream(app: object, body: bytes, stalled: asyncio.Event, go_on
             stalled.set()
             await go_on.wait()
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "raw_path": b"/v1/generate",
-             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
-             "scheme": "http", "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
-    await app(scope, receive, send)  # type: ignore[operator]
+    await app(http_scope("/v1/generate", (b"content-type", b"application/json")), receive, send)  # type: ignore[operator]
     assert sent["version"] == b"1"
     return sent["status"], sent["body"].decode()
 
@@ -403,3 +409,39 @@ def test_mended_permissions_are_a_change_of_the_files(tmp_path: Path) -> None:
     before = fingerprint(tmp_path)
     (tmp_path / "model.onnx").chmod(0o600)
     assert fingerprint(tmp_path) != before
+
+
+def test_an_image_view_request_finishes_on_the_version_it_began_on(repository: Path) -> None:
+    """/v2's image view picks its version before reading the body: a reload while the body comes
+    in (v2 replacing v1) leaves the request on v1, not a 404 for the version that left the lookup."""
+    blob = struct.pack("<I", len(PNG["content"])) + PNG["content"]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        v1 = registry.entries[TINY_NAME].versions[1]
+
+        async def scenario() -> tuple[int, dict[str, Any]]:
+            body_sent = asyncio.Event()
+            sent: dict[str, Any] = {"body": b""}
+
+            async def receive() -> dict[str, Any]:
+                await body_sent.wait()  # the body is slow to come
+                return {"type": "http.request", "body": head + blob, "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent["status"] = message.get("status", sent.get("status"))
+                sent["body"] += message.get("body", b"")
+
+            scope = http_scope(f"/v2/models/{TINY_NAME}_image/infer", (HEADER_LENGTH, str(len(head)).encode()))
+            request = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[attr-defined]
+            while not v1.leases:  # the request holds v1
+                await asyncio.sleep(0.01)
+            add_version(repository / TINY_NAME, 2)
+            await registry.load(TINY_NAME)  # v2 serves; v1 drains
+            body_sent.set()
+            await request
+            return sent["status"], json.loads(sent["body"])
+
+        status, answer = client.portal.call(scenario)  # type: ignore[union-attr]
+        assert status == 200 and answer["model_version"] == "1", answer
