@@ -13,10 +13,10 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from service.errors import ServiceError
 from service.manifest import ModelConfig, read_model_config
@@ -34,6 +34,7 @@ from service.settings import Settings
 from service.text import quoted
 
 log = logging.getLogger("service")
+T = TypeVar("T")
 
 # Longest an unload waits for the requests holding a version, past the longest a request may wait
 # for its answer; after it the version goes anyway (a stream still running then ends with an error).
@@ -63,6 +64,23 @@ class Entry:
         return ServedModel(name=self.name, path=Path(self.name), reason=self.reason or "no version loaded")
 
 
+def collect() -> None:
+    """The collector over everything, what was loaded at start included (frozen out of its sight then:
+    cycles among it too), then frozen again; freed memory given back to the system."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()  # what lives now is the service's: full collections under load stay short
+    trim()
+
+
+async def _collect_when_free(model: ServedModel) -> None:
+    """collect(), once no request holds the (closed) model: what they held would be frozen for good."""
+    while model.leases:
+        await asyncio.sleep(0.1)
+    del model
+    collect()
+
+
 def _on_loop(model: ServedModel) -> None:
     """Nothing: what the registry tells of models before anyone listens."""
 
@@ -79,7 +97,7 @@ class ModelRegistry:
         self.required: set[str] = set()
         self.unloading: dict[tuple[str, int, int], asyncio.Task[None]] = {}  # (name, version, id) -> its drain
         self.lock = asyncio.Lock()  # one load or unload at a time
-        self.tasks: set[asyncio.Task[Entry | None]] = set()  # loads under way (a task is kept only by a reference)
+        self.tasks: set[asyncio.Task[Any]] = set()  # loads under way, collections waiting (see _background)
         self.on_loaded: Callable[[ServedModel], None] = _on_loop  # the app wires its metrics here
         self.on_unloaded: Callable[[ServedModel], None] = _on_loop
 
@@ -179,10 +197,7 @@ class ModelRegistry:
         before tries again though its files are unchanged. `refuse`: a model left with no version
         serving is a 400 saying why (the load API's answer)."""
         # a task of its own: a caller that leaves (its request's 504, a client gone) leaves the load going
-        task = asyncio.create_task(self._reconcile_alone(name, config, retry))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        entry = await asyncio.shield(task)
+        entry = await asyncio.shield(self._background(self._reconcile_alone(name, config, retry)))
         if refuse and (entry is None or not entry.versions):
             why = "the repository has no folder of that name" if entry is None else entry.shown().reason
             raise ServiceError(400, "load_failed", f"failed to load {quoted(name)}: {why}")
@@ -288,6 +303,13 @@ class ModelRegistry:
         for version in list(entry.versions):
             self._retire(entry.versions.pop(version))
 
+    def _background(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task of the registry's, whoever awaits it or leaves (the loop keeps only a weak reference to a task)."""
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     def _serves(self, name: str, version: int) -> bool:
         entry = self.entries.get(name)
         return entry is not None and version in entry.versions
@@ -309,11 +331,10 @@ class ModelRegistry:
         if not self._serves(model.name, model.version):  # reloaded in place, the series are the new copy's
             self.on_unloaded(model)
         await model.close()
+        if model.leases:  # past the deadline: what its last requests hold (failing now) is collected once they end
+            self._background(_collect_when_free(model))
         del model
-        gc.unfreeze()  # objects loaded at start were frozen out of the collector's sight: cycles among them too
-        gc.collect()
-        gc.freeze()
-        trim()
+        collect()
 
     # the repository index (Triton's) ---------------------------------------------------------------
 

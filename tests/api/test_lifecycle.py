@@ -314,15 +314,17 @@ def test_an_unload_under_a_stream(
     tiny_generator_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drained: bool
 ) -> None:
     """A generation stream whose client stalls: the unload waits for it, the stream ends on its
-    version with `done`, then the version is freed. An unload that can wait no longer (past
+    version with `done`, then the version and its cache pool are freed. An unload that can wait no longer (past
     request_timeout_s and the grace) frees it anyway: the stream ends with an error event, never hangs."""
     repository = copy_repository(tiny_generator_repository, tmp_path / "repo")
     monkeypatch.setattr("service.registry.DRAIN_GRACE_S", 0.0)
     timeout = 60.0 if drained else 0.5
     body = json.dumps({"model": "tinygen", "seed": 1, "scale": 1, "stream": True}).encode()
-    with serve(repository, model_control_mode="explicit", request_timeout_s=timeout) as client:
+    # with its caches in a pool of the model's (as on a GPU), which a stream holds slots of
+    with serve(repository, model_control_mode="explicit", request_timeout_s=timeout, device_cache="on") as client:
         registry = client.app.state.registry  # type: ignore[attr-defined]
         freed = weakref.ref(registry.entries["tinygen"].versions[1])
+        pool = weakref.ref(registry.entries["tinygen"].versions[1].cache_pool)
 
         async def scenario() -> tuple[int, str]:
             stalled, go_on = asyncio.Event(), asyncio.Event()
@@ -338,7 +340,7 @@ def test_an_unload_under_a_stream(
         status, events = client.portal.call(scenario)  # type: ignore[union-attr]
         assert status == 200
         assert ("event: done" in events) is drained and ("model_unloaded" in events) is not drained, events
-        assert freed() is None
+        assert wait_for(lambda: freed() is None and pool() is None, 5)  # past the drain: once the stream ended
 
 
 def test_a_lazy_graph_loads_from_the_files_its_version_loaded(repository: Path) -> None:
