@@ -220,8 +220,8 @@ class Batcher:
         """Stops the batcher. It is closed once the requests holding its model are done, or an unload
         waited its longest: those still here then (a slow client's stream) fail now, not wait for ever."""
         self.closed = True
-        if self.task is not None:  # its end awaited, and dropped: a task cancelled but not yet ended (or its
-            self.task.cancel()  # exception's frames) still holds the batcher, and through its runs the sessions
+        if self.task is not None:  # ended and dropped: a cancelled task not yet ended holds the batcher, its runs
+            self.task.cancel()  # and their sessions, past the unload's collection
             await asyncio.wait([self.task])
             self.task = None
         for future in list(self.waiting):

@@ -79,7 +79,7 @@ class Metrics:
 
     def sample(self) -> None:
         """Writes the current value of each function-read gauge (multiprocess mode; the app calls it each second)."""
-        for gauge, read in list(self.sampled.items()):
+        for gauge, read in self.sampled.items():
             gauge.set(read())
 
     def _read_from(self, gauge: Gauge, read: Callable[[], float]) -> None:
