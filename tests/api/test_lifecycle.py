@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -447,3 +448,33 @@ def test_an_image_view_request_finishes_on_the_version_it_began_on(repository: P
 
         status, answer = client.portal.call(scenario)  # type: ignore[union-attr]
         assert status == 200 and answer["model_version"] == "1", answer
+
+
+def test_a_reload_while_a_lazy_graph_loads(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attention request loading v1's attention graph (its first) when v2 replaces v1: it gets
+    its answer from v1, which the reload waits for before freeing it."""
+    from service import repository as repository_module
+
+    started, load_graph = threading.Event(), repository_module.load_graph
+
+    def slow_load(model: Any, graph: str, *args: Any) -> None:
+        started.set()
+        time.sleep(1.0)
+        load_graph(model, graph, *args)
+
+    monkeypatch.setattr(repository_module, "load_graph", slow_load)
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        freed = weakref.ref(registry.entries[TINY_NAME].versions[1])
+        answers: list[Any] = []
+        attention = threading.Thread(
+            target=lambda: answers.append(client.post(f"/v1/classify/attention?model={TINY_NAME}", **PNG))
+        )
+        attention.start()
+        assert started.wait(10)
+        add_version(repository / TINY_NAME, 2)
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
+        assert classify(client) == (200, "2")
+        attention.join(30)
+        assert answers[0].status_code == 200 and answers[0].headers["x-model-version"] == "1"
+        assert wait_for(lambda: freed() is None, 5)
