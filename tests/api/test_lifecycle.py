@@ -5,6 +5,7 @@ one before serves, poll mode, the control key."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from service.errors import ServiceError
 from service.manifest import MANIFEST_FILE, Latest, Specific, VersionPolicy
-from service.repository import fingerprint, version_dirs
+from service.repository import ServedModel, fingerprint, version_dirs
 from service.settings import Settings
 from tests.conftest import TINY_NAME, client_for, copy_repository
 from tests.helpers import held_out_digits, png_bytes
@@ -478,3 +479,23 @@ def test_a_reload_while_a_lazy_graph_loads(repository: Path, monkeypatch: pytest
         attention.join(30)
         assert answers[0].status_code == 200 and answers[0].headers["x-model-version"] == "1"
         assert wait_for(lambda: freed() is None, 5)
+
+
+def test_concurrent_loads_and_unloads_take_turns(repository: Path) -> None:
+    """Loads and unloads of one model asked at once run one at a time, in the order asked: the last
+    one decides what serves, and each version that left is freed."""
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        first = weakref.ref(registry.entries[TINY_NAME].versions[1])
+
+        async def scenario() -> None:
+            calls = [registry.unload, registry.load, registry.load, registry.unload, registry.load]
+            await asyncio.gather(*(call(TINY_NAME) for call in calls))
+            await asyncio.gather(*registry.unloading.values())
+
+        client.portal.call(scenario)  # type: ignore[union-attr]
+        assert classify(client) == (200, "1")
+        assert first() is None and not registry.unloading
+        gc.unfreeze()  # what an unload's collection froze is out of get_objects' sight
+        alive = [m for m in gc.get_objects() if type(m) is ServedModel and m.name == TINY_NAME]
+        assert alive == [registry.entries[TINY_NAME].versions[1]]
