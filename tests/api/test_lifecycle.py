@@ -499,3 +499,25 @@ def test_concurrent_loads_and_unloads_take_turns(repository: Path) -> None:
         gc.unfreeze()  # what an unload's collection froze is out of get_objects' sight
         alive = [m for m in gc.get_objects() if type(m) is ServedModel and m.name == TINY_NAME]
         assert alive == [registry.entries[TINY_NAME].versions[1]]
+
+
+def test_with_several_workers_an_unloaded_version_leaves_the_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several workers write their metrics to files, where prometheus-client cannot remove a series:
+    /metrics leaves out those of the versions the answering worker unloaded (until loaded again)."""
+    from prometheus_client import values
+
+    from service.metrics import MULTIPROCESS_DIR, Metrics
+
+    monkeypatch.setenv(MULTIPROCESS_DIR, str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())  # as at import with the variable set
+    metrics = Metrics()
+    for version in (1, 2):
+        metrics.model_loaded(TINY_NAME, version, True, 0.5, 1000)
+        metrics.track_batcher(TINY_NAME, version, "main", lambda: 0.0)(1)
+    metrics.model_unloaded(TINY_NAME, 1, ["main"])
+    text = metrics.exposition()[0].decode()
+    assert 'version="2"' in text and 'version="1"' not in text
+    metrics.model_loaded(TINY_NAME, 1, True, 0.5, 1000)
+    assert 'vitserve_model_ready{model="tiny",version="1"} 1.0' in metrics.exposition()[0].decode()
