@@ -253,8 +253,10 @@ class ModelRegistry:
             if not wanted:
                 raise ValueError(f"{name}: no version folder that its version policy serves (present: {sorted(dirs)})")
         except (OSError, ValueError) as exc:  # what serves, serves on
-            entry.reason = _reason(exc, self.root)
-            log.error("model %s: %s", name, entry.reason)
+            reason = _reason(exc, self.root)
+            if reason != entry.reason:  # told once, not at every poll
+                log.error("model %s: %s", name, reason)
+            entry.reason = reason
             self.entries[name] = entry
             return entry
         entry.reason = None

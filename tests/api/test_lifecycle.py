@@ -521,3 +521,11 @@ def test_with_several_workers_an_unloaded_version_leaves_the_metrics(
     assert 'version="2"' in text and 'version="1"' not in text
     metrics.model_loaded(TINY_NAME, 1, True, 0.5, 1000)
     assert 'vitserve_model_ready{model="tiny",version="1"} 1.0' in metrics.exposition()[0].decode()
+
+
+def test_a_broken_config_is_logged_once_not_at_every_poll(repository: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with serve(repository, model_control_mode="poll", repository_poll_secs=0.05) as client:
+        (repository / TINY_NAME / "config.json").write_text("{")
+        time.sleep(1.0)  # 20 polls
+        assert classify(client) == (200, "1")
+    assert sum("ModelConfig" in record.getMessage() for record in caplog.records) == 1
