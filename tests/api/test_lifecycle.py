@@ -316,8 +316,9 @@ def test_an_unload_under_a_stream(
     tiny_generator_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drained: bool
 ) -> None:
     """A generation stream whose client stalls: the unload waits for it, the stream ends on its
-    version with `done`, then the version and its cache pool are freed. An unload that can wait no longer (past
-    request_timeout_s and the grace) frees it anyway: the stream ends with an error event, never hangs."""
+    version with `done`, then the version and its cache pool are freed. An unload that can wait no
+    longer (past request_timeout_s and the grace) closes it anyway: the stream ends with an error
+    event, never hangs, and what it held is freed as it ends."""
     repository = copy_repository(tiny_generator_repository, tmp_path / "repo")
     monkeypatch.setattr("service.registry.DRAIN_GRACE_S", 0.0)
     timeout = 60.0 if drained else 0.5
