@@ -36,6 +36,12 @@ class Overloaded(ServiceError):
         )
 
 
+class Unloaded(ServiceError):
+    def __init__(self, model: str) -> None:
+        super().__init__(503, "model_unloaded", f"model {model!r} was unloaded before this request's run; retry",
+                         {"Retry-After": "1"})  # fmt: skip
+
+
 @dataclass
 class _Request:
     feeds: dict[str, np.ndarray]
@@ -81,6 +87,8 @@ class Batcher:
         self.on_run: Callable[[int], None] | None = None  # told the size of every batch run (metrics)
         self.running = False  # a batch is in the executor
         self.lone_run_s = float("inf")  # recent time of a one-image run (moving average)
+        self.waiting: set[asyncio.Future[list[np.ndarray]]] = set()  # each request's answer to come
+        self.closed = False
 
     def _admit(self, size: int) -> None:
         if size > self.policy.max_queue_size:  # it could never fit: retrying would not help
@@ -98,6 +106,8 @@ class Batcher:
 
     async def run(self, feeds: dict[str, np.ndarray], reservation: Reservation | None = None) -> list[np.ndarray]:
         """Every output for these inputs (batch axis 0), computed as part of a shared batch."""
+        if self.closed:
+            raise Unloaded(self.name)
         size = len(next(iter(feeds.values())))
         reserved = reservation is not None and not reservation.released and size <= reservation.size
         if not reserved:
@@ -107,6 +117,8 @@ class Batcher:
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher {self.name}")
         request = _Request(feeds, size, asyncio.get_running_loop().create_future(), context.current(), reserved)
+        self.waiting.add(request.future)
+        request.future.add_done_callback(self.waiting.discard)
         self.queued_images += 0 if reserved else size
         self.queue.put_nowait(request)
         return await request.future
@@ -205,5 +217,13 @@ class Batcher:
                 request.future.set_result([part[i] for part in parts])
 
     async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        """Stops the batcher. It is closed once the requests holding its model are done, or an unload
+        waited its longest: those still here then (a slow client's stream) fail now, not wait for ever."""
+        self.closed = True
+        if self.task is not None:  # ended and dropped: a cancelled task not yet ended holds the batcher, its runs
+            self.task.cancel()  # and their sessions, past the unload's collection
+            await asyncio.wait([self.task])
+            self.task = None
+        for future in list(self.waiting):
+            if not future.done():
+                future.set_exception(Unloaded(self.name))

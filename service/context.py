@@ -45,8 +45,10 @@ def end(token: Token[RequestContext | None]) -> None:
     _in_flight -= 1
     context = _current.get()
     _current.reset(token)
-    for release in context.releases if context else ():
-        release()
+    if context is not None:  # emptied: a context that outlives its request (a task's copy) holds no model
+        releases, context.releases = context.releases, []
+        for release in releases:
+            release()
 
 
 def in_flight() -> int:

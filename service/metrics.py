@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 from prometheus_client import (
@@ -22,6 +23,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
 
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # set by service/workers.py before any worker starts
 
@@ -62,7 +64,11 @@ class Metrics:
         self.connections_open = Gauge("vitserve_connections_open", "Connections open and counted against the cap",
                                       registry=r, multiprocess_mode="livesum")  # fmt: skip
         self.multiprocess = MULTIPROCESS_DIR in os.environ
-        self.sampled: list[tuple[Gauge, Callable[[], float]]] = []  # gauges read from a function, in that mode
+        # gauges read from a function, in that mode: one function each (a version reloaded in place replaces its own)
+        self.sampled: dict[Gauge, Callable[[], float]] = {}
+        # (model, version) this process unloaded: with several workers, their series stay in its files
+        # (prometheus-client cannot remove one there), so /metrics leaves them out
+        self.retired: set[tuple[str, str]] = set()
         # labelled children are looked up once per label set, not once per request
         self._request_counter = lru_cache(maxsize=1024)(self.requests.labels)
         self._stage_histogram = lru_cache(maxsize=1024)(self.stage_seconds.labels)
@@ -73,22 +79,23 @@ class Metrics:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         self.sample()
         every_worker = CollectorRegistry()
-        multiprocess.MultiProcessCollector(every_worker)  # type: ignore[no-untyped-call]
+        every_worker.register(_Serving(multiprocess.MultiProcessCollector(None), self.retired))  # type: ignore[no-untyped-call]
         return generate_latest(every_worker), CONTENT_TYPE_LATEST
 
     def sample(self) -> None:
         """Writes the current value of each function-read gauge (multiprocess mode; the app calls it each second)."""
-        for gauge, read in self.sampled:
+        for gauge, read in self.sampled.items():
             gauge.set(read())
 
     def _read_from(self, gauge: Gauge, read: Callable[[], float]) -> None:
         if self.multiprocess:
-            self.sampled.append((gauge, read))
+            self.sampled[gauge] = read
         else:
             gauge.set_function(read)
 
     def model_loaded(self, model: str, version: int, ready: bool, seconds: float, resident: int | None = None) -> None:
         labels = (model, str(version))
+        self.retired.discard(labels)
         self.load_seconds.labels(*labels).set(seconds)
         if resident is not None:
             self.resident_bytes.labels(*labels).set(resident)
@@ -97,12 +104,12 @@ class Metrics:
     def model_unloaded(self, model: str, version: int, graphs: list[str]) -> None:
         """Its series gone, and the functions that read its queues dropped (they hold its batchers)."""
         labels = (model, str(version))
+        self.retired.add(labels)
         for gauge in (self.load_seconds, self.resident_bytes, self.model_ready):
             _remove(gauge, labels)
         for graph in graphs:
             _remove(self.batch_size, (*labels, graph))
-            queue = self.queue_images.labels(*labels, graph)
-            self.sampled = [(gauge, read) for gauge, read in self.sampled if gauge is not queue]
+            self.sampled.pop(self.queue_images.labels(*labels, graph), None)
             _remove(self.queue_images, (*labels, graph))
 
     def track_batcher(
@@ -128,8 +135,22 @@ class Metrics:
 
 
 def _remove(metric: Gauge | Histogram, labels: tuple[str, ...]) -> None:
-    with contextlib.suppress(KeyError):  # never set
+    with contextlib.suppress(KeyError), warnings.catch_warnings():  # KeyError: never set
+        warnings.simplefilter("ignore", UserWarning)  # several workers: "not implemented" (see Metrics.retired)
         metric.remove(*labels)
+
+
+class _Serving:
+    """Every worker's metrics, but for the series of the model versions this worker unloaded."""
+
+    def __init__(self, every_worker: multiprocess.MultiProcessCollector, retired: set[tuple[str, str]]) -> None:
+        self.every_worker, self.retired = every_worker, retired
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.every_worker.collect():  # type: ignore[no-untyped-call]
+            metric.samples = [s for s in metric.samples if (s.labels.get("model"), s.labels.get("version"))
+                              not in self.retired]  # fmt: skip
+            yield metric
 
 
 def worker_gone(pid: int) -> None:

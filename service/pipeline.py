@@ -94,12 +94,13 @@ class ImagePipeline(Generic[Opts, A]):
     render: Callable[[Job[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
 
     async def __call__(
-        self, registry: ModelRegistry, images: list[bytes], options: Opts, limits: ImageLimits, full_size: bool = False
-    ) -> tuple[Job[Opts], A]:
+        self, registry: ModelRegistry, images: list[bytes], options: Opts, limits: ImageLimits, full_size: bool = False,
+        model: ServedModel | None = None,
+    ) -> tuple[Job[Opts], A]:  # fmt: skip
         """Runs every stage. `full_size`: decode at the original size (for pictures drawn over the
-        image), not at the reduced scale the model input allows. The request's pixels count against
-        the process's budget until it has its answer."""
-        job = start_job(registry, self.task, self.graph, options)
+        image), not at the reduced scale the model input allows. `model`: the one the request holds
+        already. The request's pixels count against the process's budget until it has its answer."""
+        job = start_job(registry, self.task, self.graph, options, model)
         with limits.claim() as claim:
             feeds = await decoded(job, images, limits, claim, full_size, self.preprocess)
             job.outputs = await self._run(job.model, feeds)
@@ -115,9 +116,13 @@ class ImagePipeline(Generic[Opts, A]):
         return [ragged([_float32(run[k]) for run in runs]) for k in range(len(runs[0]))]
 
 
-def start_job(registry: ModelRegistry, task: str, graph: str, options: Opts) -> Job[Opts]:
-    """The request's model (the one it names, or the first ready one of the task; 404 or 503 else)."""
-    model = registry.resolve(options.model, task, graph, options.version)
+def start_job(
+    registry: ModelRegistry, task: str, graph: str, options: Opts, model: ServedModel | None = None
+) -> Job[Opts]:
+    """The request's model: `model` where it holds one already (/v2's image view, which picked it
+    before reading the body: a version replaced since finishes what it holds), else the one it
+    names, or the first ready one of the task (404 or 503 else)."""
+    model = model or registry.resolve(options.model, task, graph, options.version)
     assert model.manifest is not None  # resolve returns ready models only
     return Job(model, model.manifest, options, graph)
 

@@ -13,10 +13,10 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from service.errors import ServiceError
 from service.manifest import ModelConfig, read_model_config
@@ -34,6 +34,7 @@ from service.settings import Settings
 from service.text import quoted
 
 log = logging.getLogger("service")
+T = TypeVar("T")
 
 # Longest an unload waits for the requests holding a version, past the longest a request may wait
 # for its answer; after it the version goes anyway (a stream still running then ends with an error).
@@ -63,6 +64,23 @@ class Entry:
         return ServedModel(name=self.name, path=Path(self.name), reason=self.reason or "no version loaded")
 
 
+def collect() -> None:
+    """The collector over everything, what was loaded at start included (frozen out of its sight then:
+    cycles among it too), then frozen again; freed memory given back to the system."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()  # what lives now is the service's: full collections under load stay short
+    trim()
+
+
+async def _collect_when_free(model: ServedModel) -> None:
+    """collect(), once no request holds the (closed) model: what they held would be frozen for good."""
+    while model.leases:
+        await asyncio.sleep(0.1)
+    del model
+    collect()
+
+
 def _on_loop(model: ServedModel) -> None:
     """Nothing: what the registry tells of models before anyone listens."""
 
@@ -74,8 +92,12 @@ class ModelRegistry:
         self.entries: dict[str, Entry] = {}
         self.reason: str | None = None  # why nothing can serve (no repository, an empty one)
         self.loading: set[tuple[str, int]] = set()
+        # the models the repository held at start (until unloaded): readiness waits for each of them; a
+        # model added later that fails to load is shown failed, but takes the others out of no load balancer
+        self.required: set[str] = set()
         self.unloading: dict[tuple[str, int, int], asyncio.Task[None]] = {}  # (name, version, id) -> its drain
         self.lock = asyncio.Lock()  # one load or unload at a time
+        self.tasks: set[asyncio.Task[Any]] = set()  # loads under way, collections waiting (see _background)
         self.on_loaded: Callable[[ServedModel], None] = _on_loop  # the app wires its metrics here
         self.on_unloaded: Callable[[ServedModel], None] = _on_loop
 
@@ -97,8 +119,9 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Every model has a version serving."""
-        return bool(self.entries) and all(entry.versions for entry in self.entries.values())
+        """Some model serves, and so does every model the repository held at start."""
+        serving = {name for name, entry in self.entries.items() if entry.versions}
+        return bool(serving) and self.required <= serving
 
     def resolve(self, name: str | None, task: str, graph: str = "main", version: int | None = None) -> ServedModel:
         """The model a request asked for (that version, or its highest), or the first ready model of
@@ -163,6 +186,7 @@ class ModelRegistry:
             return
         for name in self.names_on_disk():
             await self.load(name, retry=True, refuse=False)
+        self.required = set(self.entries)
         if not self.entries:
             self.reason = "the model repository holds no model"
 
@@ -172,21 +196,23 @@ class ModelRegistry:
         them when ready; versions the policy drops are unloaded. `retry`: a version that failed
         before tries again though its files are unchanged. `refuse`: a model left with no version
         serving is a 400 saying why (the load API's answer)."""
-        async with self.lock:
-            entry = await self._reconcile(name, config, retry)
+        # a task of its own: a caller that leaves (its request's 504, a client gone) leaves the load going
+        entry = await asyncio.shield(self._background(self._reconcile_alone(name, config, retry)))
         if refuse and (entry is None or not entry.versions):
             why = "the repository has no folder of that name" if entry is None else entry.shown().reason
             raise ServiceError(400, "load_failed", f"failed to load {quoted(name)}: {why}")
-        if refuse and entry is not None and entry.failures:
-            failed = entry.failures[max(entry.failures)]
-            raise ServiceError(400, "load_failed", f"failed to load {quoted(name)} version {failed.version}: "
-                               f"{failed.reason}; version {max(entry.versions)} serves on")  # fmt: skip
+        if refuse and entry is not None and (entry.reason or entry.failures):  # a bad config.json, a broken version
+            why = entry.reason or f"version {max(entry.failures)}: {entry.failures[max(entry.failures)].reason}"
+            raise ServiceError(400, "load_failed", f"failed to load {quoted(name)}: {why}; version "
+                               f"{max(entry.versions)} serves on")  # fmt: skip
 
     async def unload(self, name: str) -> None:
         """Takes the model out of service; returns once its versions' requests are done and their memory freed."""
         async with self.lock:
-            retiring = self._retire_all(name)
-        await asyncio.gather(*retiring)
+            self._retire_all(name)
+        retiring = [task for (unloading, _, _), task in self.unloading.items() if unloading == name]
+        if retiring:  # waited for, never cancelled: a caller that leaves leaves the drains going
+            await asyncio.wait(retiring)
         log.info("model %s unloaded", name)
 
     async def poll(self) -> None:
@@ -207,10 +233,13 @@ class ModelRegistry:
                 log.exception("polling the model repository failed; trying again in %g s", seconds)
 
     async def close(self) -> None:
-        for entry in self.entries.values():
-            for model in entry.versions.values():
-                await model.close()
+        for model in [m for entry in self.entries.values() for m in entry.versions.values()]:  # a load may go on
+            await model.close()
         await asyncio.gather(*self.unloading.values(), return_exceptions=True)
+
+    async def _reconcile_alone(self, name: str, config: ModelConfig | None, retry: bool) -> Entry | None:
+        async with self.lock:
+            return await self._reconcile(name, config, retry)
 
     async def _reconcile(self, name: str, config: ModelConfig | None, retry: bool) -> Entry | None:
         model_dir = self.root / name
@@ -224,8 +253,10 @@ class ModelRegistry:
             if not wanted:
                 raise ValueError(f"{name}: no version folder that its version policy serves (present: {sorted(dirs)})")
         except (OSError, ValueError) as exc:  # what serves, serves on
-            entry.reason = _reason(exc, self.root)
-            log.error("model %s: %s", name, entry.reason)
+            reason = _reason(exc, self.root)
+            if reason != entry.reason:  # told once, not at every poll
+                log.error("model %s: %s", name, reason)
+            entry.reason = reason
             self.entries[name] = entry
             return entry
         entry.reason = None
@@ -263,14 +294,27 @@ class ModelRegistry:
         if serving is not None:
             self._retire(serving)
 
-    def _retire_all(self, name: str) -> list[asyncio.Task[None]]:
-        """The model out of the lookup; its versions' drains (no reference to them kept here)."""
+    def _retire_all(self, name: str) -> None:
+        """The model out of the lookup, its versions draining (their tasks in `unloading`)."""
         entry = self.entries.pop(name, None)
+        self.required.discard(name)
         if entry is None:
-            return []
+            return
         for failed in entry.failures.values():
             self.on_unloaded(failed)
-        return [self._retire(entry.versions.pop(v)) for v in list(entry.versions)]
+        for version in list(entry.versions):
+            self._retire(entry.versions.pop(version))
+
+    def _background(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A task of the registry's, whoever awaits it or leaves (the loop keeps only a weak reference to a task)."""
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def _serves(self, name: str, version: int) -> bool:
+        entry = self.entries.get(name)
+        return entry is not None and version in entry.versions
 
     def _retire(self, model: ServedModel) -> asyncio.Task[None]:
         """The version's sessions freed once no request holds it (it has left the lookup already)."""
@@ -286,13 +330,13 @@ class ModelRegistry:
             await asyncio.sleep(0.02)
         if model.leases:
             log.warning("model %s v%s unloaded with %d requests still on it", model.name, model.version, model.leases)
-        self.on_unloaded(model)
+        if not self._serves(model.name, model.version):  # reloaded in place, the series are the new copy's
+            self.on_unloaded(model)
         await model.close()
+        if model.leases:  # past the deadline: what its last requests hold (failing now) is collected once they end
+            self._background(_collect_when_free(model))
         del model
-        gc.unfreeze()  # objects loaded at start were frozen out of the collector's sight: cycles among them too
-        gc.collect()
-        gc.freeze()
-        trim()
+        collect()
 
     # the repository index (Triton's) ---------------------------------------------------------------
 

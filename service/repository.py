@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import context
-from service.batching import Batcher, Reservation
+from service.batching import Batcher, Reservation, Unloaded
 from service.errors import ServiceError
 from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
 from service.memory import resident_bytes
@@ -117,6 +117,8 @@ class ServedModel:
         self.batchers.clear()
         self.lazy.clear()
         self.cache_pool = None
+        # it holds the model (a cycle): without it, a request still on the model frees it as it ends
+        self.on_batcher = None
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
             self.executor = None
@@ -155,6 +157,8 @@ class ServedModel:
         through its batcher where it has one, else alone."""
         if graph in self.lazy:
             await self.load_lazy(graph)
+        if graph not in self.runs:  # closed: an unload that waited its longest (a slow client's stream)
+            raise Unloaded(self.name)
         feeds = self._as_declared(feeds, graph)
         if graph in self.batchers:
             return await self.batchers[graph].run(feeds, reservation)
@@ -313,8 +317,12 @@ def is_fp16(model: ServedModel, spec: GraphSpec) -> bool:
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:
     """The model's version folders by number (names of digits only: a folder being written beside,
-    `.2.tmp` say, is not one)."""
-    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0}
+    `.2.tmp` say, is not one; nor `02` or `٢`, which int() reads as 2 as well, nor `²`, which it cannot read)."""
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and _version_name(p.name)}
+
+
+def _version_name(name: str) -> bool:
+    return name.isascii() and name.isdigit() and not name.startswith("0")
 
 
 def latest_version(model_dir: Path) -> Path:
@@ -325,11 +333,14 @@ def latest_version(model_dir: Path) -> Path:
 
 
 def fingerprint(version_dir: Path) -> str:
-    """Names, sizes and modification times of a version's files: any change makes another fingerprint."""
+    """Names, sizes and change times of a version's files: any change makes another fingerprint (a
+    chmod or chown too, which leave the modification time: a version refused for its permissions is
+    tried again once they are mended)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in version_dir.rglob("*") if p.is_file()):
         stat = path.stat()
-        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        when = f"{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+        digest.update(f"{path.relative_to(version_dir)}\0{stat.st_size}\0{when}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -381,6 +392,14 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         model.batchers[graph] = Batcher(f"{model.name}/{graph}", run, policy, model.executor)
 
 
+def load_unchanged(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
+    """load_graph, for a graph loaded on its first request: from the files the version loaded, or not
+    at all (a folder replaced in place since, by an export's --force say, holds another model's graph)."""
+    if fingerprint(model.path) != model.fingerprint:
+        raise ValueError(f"{spec.file}: the version's files changed since it loaded; load the model again")
+    load_graph(model, graph, spec, settings, policy)
+
+
 def load_graphs(model: ServedModel, manifest: Manifest, settings: Settings) -> None:
     """Every graph the settings ask for; the attention graph on its first request where
     `lazy_attention` (its file must be there now)."""
@@ -393,7 +412,7 @@ def load_graphs(model: ServedModel, manifest: Manifest, settings: Settings) -> N
                 missing = FileNotFoundError(None, None, str(model.path / spec.file))
                 model.failed_graphs[graph] = _reason(missing, model.path.parent.parent)
             else:
-                model.lazy[graph] = partial(load_graph, model, graph, spec, settings, policy)
+                model.lazy[graph] = partial(load_unchanged, model, graph, spec, settings, policy)
             continue
         try:
             load_graph(model, graph, spec, settings, policy)

@@ -47,7 +47,8 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready", responses={503: {"model": Readiness, "description": "some model is not ready"}})
 async def ready(request: Request, registry: RegistryDep, response: Response) -> Readiness:
     """200 when every model in the repository is loaded and warmed up; else 503 with each model's
-    state. 503 too from the moment a SIGTERM asks the server to drain."""
+    state (a model added after start that fails to load is listed, but leaves readiness alone: see
+    docs/lifecycle.md). 503 too from the moment a SIGTERM asks the server to drain."""
     models = {
         name: ModelStatus(state=m.state, reason=m.reason or entry.reason, failed_graphs=m.failed_graphs,
                           versions=sorted(entry.versions, reverse=True),

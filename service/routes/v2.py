@@ -134,7 +134,8 @@ def protocol_model(
     registry: ModelRegistry, tasks: dict[str, Task], name: str, version: str | None = None
 ) -> ProtocolModel:
     image = name.endswith(IMAGE_SUFFIX) and name[: -len(IMAGE_SUFFIX)] in registry.models
-    if version is not None and not (version.isascii() and version.isdigit()):
+    # digits, and few enough for int() (over 4300 it raises) and for Triton's int64
+    if version is not None and not (version.isascii() and version.isdigit() and len(version) <= 18):
         raise ServiceError(404, "unknown_version", f"model {quoted(name)} has no version {quoted(version)}")
     base = name[: -len(IMAGE_SUFFIX)] if image else name
     model = registry.named(base, int(version) if version is not None else None)  # the registry's 404 and 503
@@ -373,5 +374,5 @@ async def infer_images(
         raise CodecError("an image view answers tensors of its own model: no render, no model, no version")
     own = {"model": view.model.name, "version": view.model.version}
     parsed_options = parse_options(image.pipeline.options, {}, {**options, **own})
-    _, answer = await image.pipeline(registry, images, parsed_options, limits)
+    _, answer = await image.pipeline(registry, images, parsed_options, limits, model=view.model)
     return image.tensors(answer)

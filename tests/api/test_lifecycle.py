@@ -4,22 +4,32 @@ one before serves, poll mode, the control key."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import math
+import os
+import struct
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from service.errors import ServiceError
 from service.manifest import MANIFEST_FILE, Latest, Specific, VersionPolicy
+from service.repository import ServedModel, fingerprint, version_dirs
 from service.settings import Settings
 from tests.conftest import TINY_NAME, client_for, copy_repository
 from tests.helpers import held_out_digits, png_bytes
 
+HEADER_LENGTH = b"inference-header-content-length"  # Triton's binary tensor data
 PNG = {"content": png_bytes(held_out_digits()[0][0]), "headers": {"content-type": "image/png"}}
 
 
@@ -199,3 +209,324 @@ def test_the_control_key_guards_the_repository_routes(repository: Path) -> None:
 def test_explicit_mode_takes_one_worker_only() -> None:
     with pytest.raises(ValueError, match="one worker"):
         Settings(model_control_mode="explicit", workers=2)
+
+
+def test_an_unloaded_version_is_freed_by_its_unload(repository: Path) -> None:
+    """Nothing the requests it served leave behind (their contexts, say) keeps it: the unload's own
+    collection frees it, not a later one (what it misses stays frozen out of the collector's sight)."""
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        assert classify(client) == (200, "1")
+        freed = weakref.ref(registry.entries[TINY_NAME].versions[1])
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/unload").status_code == 200
+        assert freed() is None
+
+
+def test_an_odd_version_in_a_url_is_a_404(repository: Path) -> None:
+    with serve(repository) as client:
+        for version in ("0", "-1", "%D9%A1", "%2e%2e", "1.0", "9" * 19, "9" * 5000):  # 5000: past int()'s limit
+            for method, route in (("GET", "ready"), ("POST", "infer")):
+                answer = client.request(method, f"/v2/models/{TINY_NAME}/versions/{version}/{route}")
+                assert answer.status_code == 404, (version, answer.text)
+
+
+def test_a_version_folder_is_named_by_ascii_digits_only(tmp_path: Path) -> None:
+    for name in ("2", "02", "0", "٢", "²", ".3.incoming", "4x"):
+        (tmp_path / name).mkdir()
+    assert version_dirs(tmp_path) == {2: tmp_path / "2"}
+
+
+def test_a_load_whose_config_serves_nothing_is_refused(repository: Path) -> None:
+    """A config.json that does not read, or a version policy that picks no folder present, is the
+    load's 400 (not a 200 that changed nothing); what served serves on."""
+    policy = {"parameters": {"config": json.dumps({"version_policy": {"specific": {"versions": [7]}}})}}
+    with serve(repository, model_control_mode="explicit") as client:
+        refused = client.post(f"/v2/repository/models/{TINY_NAME}/load", json=policy)
+        assert refused.status_code == 400 and "present: [1]" in refused.json()["error"], refused.text
+        (repository / TINY_NAME / "config.json").write_text('{"version_policy": ')
+        refused = client.post(f"/v2/repository/models/{TINY_NAME}/load")
+        assert refused.status_code == 400 and "version 1 serves on" in refused.json()["error"], refused.text
+        assert classify(client) == (200, "1")
+
+
+def test_a_version_reloaded_in_place_keeps_its_metrics(repository: Path) -> None:
+    """Its files changed: the new copy replaces the old, and the old one's unload leaves the series,
+    now the new copy's, where they are."""
+    with serve(repository, model_control_mode="explicit") as client:
+        os.utime(repository / TINY_NAME / "1" / MANIFEST_FILE)  # a changed file: the version loads again
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
+        assert classify(client) == (200, "1")
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        assert wait_for(lambda: not registry.unloading)
+        lines = client.get("/metrics").text.splitlines()
+        for series in ("vitserve_model_ready", "vitserve_queue_images", "vitserve_batch_size_count"):
+            assert any(line.startswith(f"{series}{{") and 'version="1"' in line for line in lines), series
+
+
+def test_a_model_added_broken_leaves_readiness_alone(repository: Path) -> None:
+    """A new model folder that fails to load (by a load call, or polled) is shown failed, while
+    readiness, which a load balancer reads for every model, stays 200."""
+    (repository / "broken" / "1").mkdir(parents=True)
+    (repository / "broken" / "1" / MANIFEST_FILE).write_text("{")
+    with serve(repository, model_control_mode="explicit") as client:
+        assert client.get("/health/ready").status_code == 503  # there at start: it must load
+        assert client.post("/v2/repository/models/broken/unload").status_code == 200
+        assert client.get("/health/ready").status_code == 200
+        assert client.post("/v2/repository/models/broken/load").status_code == 400
+        ready = client.get("/health/ready")
+        assert ready.status_code == 200 and ready.json()["models"]["broken"]["state"] == "failed"
+        assert client.get("/v2/health/ready").status_code == 200
+
+
+def http_scope(path: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """A POST's ASGI scope, for a client driven by hand (one that stalls, or sends its body late)."""
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": list(headers), "http_version": "1.1", "scheme": "http", "client": ("127.0.0.1", 1),
+            "server": ("test", 80)}  # fmt: skip
+
+
+async def stalled_stream(app: object, body: bytes, stalled: asyncio.Event, go_on: asyncio.Event) -> tuple[int, str]:
+    """POST /v1/generate as a client that stops reading after the first row until `go_on` (the
+    server's send waits, as a full socket makes it): its status and events."""
+    sent: dict[str, Any] = {"status": 0, "body": b""}
+    bodies = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if bodies:
+            return bodies.pop()
+        await asyncio.sleep(3600)  # the client never leaves
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            sent["status"] = message["status"]
+            sent["version"] = dict(message["headers"]).get(b"x-model-version")
+        elif message.get("body"):
+            sent["body"] += message["body"]
+            stalled.set()
+            await go_on.wait()
+
+    await app(http_scope("/v1/generate", (b"content-type", b"application/json")), receive, send)  # type: ignore[operator]
+    assert sent["version"] == b"1"
+    return sent["status"], sent["body"].decode()
+
+
+@pytest.mark.parametrize("drained", [True, False], ids=["drained", "past_the_drain"])
+def test_an_unload_under_a_stream(
+    tiny_generator_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drained: bool
+) -> None:
+    """A generation stream whose client stalls: the unload waits for it, the stream ends on its
+    version with `done`, then the version and its cache pool are freed. An unload that can wait no
+    longer (past request_timeout_s and the grace) closes it anyway: the stream ends with an error
+    event, never hangs, and what it held is freed as it ends."""
+    repository = copy_repository(tiny_generator_repository, tmp_path / "repo")
+    monkeypatch.setattr("service.registry.DRAIN_GRACE_S", 0.0)
+    timeout = 60.0 if drained else 0.5
+    body = json.dumps({"model": "tinygen", "seed": 1, "scale": 1, "stream": True}).encode()
+    # with its caches in a pool of the model's (as on a GPU), which a stream holds slots of
+    with serve(repository, model_control_mode="explicit", request_timeout_s=timeout, device_cache="on") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        freed = weakref.ref(registry.entries["tinygen"].versions[1])
+        pool = weakref.ref(registry.entries["tinygen"].versions[1].cache_pool)
+
+        async def scenario() -> tuple[int, str]:
+            stalled, go_on = asyncio.Event(), asyncio.Event()
+            stream = asyncio.create_task(stalled_stream(client.app, body, stalled, go_on))
+            await stalled.wait()
+            unload = asyncio.create_task(registry.unload("tinygen"))
+            await asyncio.sleep(1.0)
+            assert unload.done() is not drained  # waits for the stream, or went past it
+            go_on.set()
+            await unload
+            return await asyncio.wait_for(stream, 30)
+
+        status, events = client.portal.call(scenario)  # type: ignore[union-attr]
+        assert status == 200
+        assert ("event: done" in events) is drained and ("model_unloaded" in events) is not drained, events
+        assert wait_for(lambda: freed() is None and pool() is None, 5)  # past the drain: once the stream ended
+
+
+def test_a_lazy_graph_loads_from_the_files_its_version_loaded(repository: Path) -> None:
+    """A version folder replaced in place after its version loaded (export --force): its attention
+    graph, loaded on the first attention request, would be another model's; it is refused (503, the
+    reason) until a load brings the new files in, all of them."""
+    route = f"/v1/classify/attention?model={TINY_NAME}"
+    with serve(repository, model_control_mode="explicit") as client:
+        os.utime(repository / TINY_NAME / "1" / "attention.onnx")
+        refused = client.post(route, **PNG)
+        assert refused.status_code == 503 and "changed since it loaded" in refused.text, refused.text
+        assert classify(client) == (200, "1")  # what loaded serves on
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
+        assert client.post(route, **PNG).status_code == 200
+
+
+def test_an_unload_call_that_times_out_still_frees_the_version(
+    tiny_generator_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unload call's 504 (request_timeout_s: a stream holds the version longer) leaves the
+    drain going: the version is freed when the stream ends, its series gone."""
+    repository = copy_repository(tiny_generator_repository, tmp_path / "repo")
+    monkeypatch.setattr("service.registry.DRAIN_GRACE_S", 30.0)
+    body = json.dumps({"model": "tinygen", "seed": 1, "scale": 1, "stream": True}).encode()
+    with serve(repository, model_control_mode="explicit", request_timeout_s=0.5) as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        freed = weakref.ref(registry.entries["tinygen"].versions[1])
+
+        async def scenario() -> tuple[int, int, str]:
+            stalled, go_on = asyncio.Event(), asyncio.Event()
+            stream = asyncio.create_task(stalled_stream(client.app, body, stalled, go_on))
+            await stalled.wait()
+            transport = httpx.ASGITransport(app=client.app)  # type: ignore[arg-type]
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                unload = await http.post("/v2/repository/models/tinygen/unload")
+            go_on.set()
+            status, events = await asyncio.wait_for(stream, 30)
+            while registry.unloading:
+                await asyncio.sleep(0.05)
+            return unload.status_code, status, events
+
+        unloaded, status, events = client.portal.call(scenario)  # type: ignore[union-attr]
+        assert unloaded == 504 and status == 200 and "event: done" in events
+        assert freed() is None
+        assert 'model="tinygen"' not in client.get("/metrics").text.split("# HELP vitserve_model_ready")[1]
+
+
+def test_a_load_call_that_times_out_still_loads(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load longer than request_timeout_s: the call's 504 leaves the load going, to its end."""
+    from service import registry as registry_module
+
+    slow = registry_module.load_measured
+
+    def slow_load(*args: Any) -> Any:
+        time.sleep(1.0)
+        return slow(*args)
+
+    with serve(repository, model_control_mode="explicit", request_timeout_s=0.3) as client:
+        monkeypatch.setattr(registry_module, "load_measured", slow_load)
+        add_version(repository / TINY_NAME, 2)
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 504
+        assert wait_for(lambda: classify(client) == (200, "2"))
+
+
+def test_mended_permissions_are_a_change_of_the_files(tmp_path: Path) -> None:
+    """Poll mode tries a failed version again when its files change: a chmod is one."""
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    before = fingerprint(tmp_path)
+    (tmp_path / "model.onnx").chmod(0o600)
+    assert fingerprint(tmp_path) != before
+
+
+def test_an_image_view_request_finishes_on_the_version_it_began_on(repository: Path) -> None:
+    """/v2's image view picks its version before reading the body: a reload while the body comes
+    in (v2 replacing v1) leaves the request on v1, not a 404 for the version that left the lookup."""
+    blob = struct.pack("<I", len(PNG["content"])) + PNG["content"]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blob)}}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        v1 = registry.entries[TINY_NAME].versions[1]
+
+        async def scenario() -> tuple[int, dict[str, Any]]:
+            body_sent = asyncio.Event()
+            sent: dict[str, Any] = {"body": b""}
+
+            async def receive() -> dict[str, Any]:
+                await body_sent.wait()  # the body is slow to come
+                return {"type": "http.request", "body": head + blob, "more_body": False}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent["status"] = message.get("status", sent.get("status"))
+                sent["body"] += message.get("body", b"")
+
+            scope = http_scope(f"/v2/models/{TINY_NAME}_image/infer", (HEADER_LENGTH, str(len(head)).encode()))
+            request = asyncio.create_task(client.app(scope, receive, send))  # type: ignore[attr-defined]
+            while not v1.leases:  # the request holds v1
+                await asyncio.sleep(0.01)
+            add_version(repository / TINY_NAME, 2)
+            await registry.load(TINY_NAME)  # v2 serves; v1 drains
+            body_sent.set()
+            await request
+            return sent["status"], json.loads(sent["body"])
+
+        status, answer = client.portal.call(scenario)  # type: ignore[union-attr]
+        assert status == 200 and answer["model_version"] == "1", answer
+
+
+def test_a_reload_while_a_lazy_graph_loads(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attention request loading v1's attention graph (its first) when v2 replaces v1: it gets
+    its answer from v1, which the reload waits for before freeing it."""
+    from service import repository as repository_module
+
+    started, load_graph = threading.Event(), repository_module.load_graph
+
+    def slow_load(model: Any, graph: str, *args: Any) -> None:
+        started.set()
+        time.sleep(1.0)
+        load_graph(model, graph, *args)
+
+    monkeypatch.setattr(repository_module, "load_graph", slow_load)
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        freed = weakref.ref(registry.entries[TINY_NAME].versions[1])
+        answers: list[Any] = []
+        attention = threading.Thread(
+            target=lambda: answers.append(client.post(f"/v1/classify/attention?model={TINY_NAME}", **PNG))
+        )
+        attention.start()
+        assert started.wait(10)
+        add_version(repository / TINY_NAME, 2)
+        assert client.post(f"/v2/repository/models/{TINY_NAME}/load").status_code == 200
+        assert classify(client) == (200, "2")
+        attention.join(30)
+        assert answers[0].status_code == 200 and answers[0].headers["x-model-version"] == "1"
+        assert wait_for(lambda: freed() is None, 5)
+
+
+def test_concurrent_loads_and_unloads_take_turns(repository: Path) -> None:
+    """Loads and unloads of one model asked at once run one at a time, in the order asked: the last
+    one decides what serves, and each version that left is freed."""
+    with serve(repository, model_control_mode="explicit") as client:
+        registry = client.app.state.registry  # type: ignore[attr-defined]
+        first = weakref.ref(registry.entries[TINY_NAME].versions[1])
+
+        async def scenario() -> None:
+            calls = [registry.unload, registry.load, registry.load, registry.unload, registry.load]
+            await asyncio.gather(*(call(TINY_NAME) for call in calls))
+            await asyncio.gather(*registry.unloading.values())
+
+        client.portal.call(scenario)  # type: ignore[union-attr]
+        assert classify(client) == (200, "1")
+        assert first() is None and not registry.unloading
+        gc.unfreeze()  # what an unload's collection froze is out of get_objects' sight
+        alive = [m for m in gc.get_objects() if type(m) is ServedModel and m.name == TINY_NAME]
+        assert alive == [registry.entries[TINY_NAME].versions[1]]
+
+
+def test_with_several_workers_an_unloaded_version_leaves_the_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several workers write their metrics to files, where prometheus-client cannot remove a series:
+    /metrics leaves out those of the versions the answering worker unloaded (until loaded again)."""
+    from prometheus_client import values
+
+    from service.metrics import MULTIPROCESS_DIR, Metrics
+
+    monkeypatch.setenv(MULTIPROCESS_DIR, str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())  # as at import with the variable set
+    metrics = Metrics()
+    for version in (1, 2):
+        metrics.model_loaded(TINY_NAME, version, True, 0.5, 1000)
+        metrics.track_batcher(TINY_NAME, version, "main", lambda: 0.0)(1)
+    metrics.model_unloaded(TINY_NAME, 1, ["main"])
+    text = metrics.exposition()[0].decode()
+    assert 'version="2"' in text and 'version="1"' not in text
+    metrics.model_loaded(TINY_NAME, 1, True, 0.5, 1000)
+    assert 'vitserve_model_ready{model="tiny",version="1"} 1.0' in metrics.exposition()[0].decode()
+
+
+def test_a_broken_config_is_logged_once_not_at_every_poll(repository: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with serve(repository, model_control_mode="poll", repository_poll_secs=0.05) as client:
+        (repository / TINY_NAME / "config.json").write_text("{")
+        time.sleep(1.0)  # 20 polls
+        assert classify(client) == (200, "1")
+    assert sum("ModelConfig" in record.getMessage() for record in caplog.records) == 1

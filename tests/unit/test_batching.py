@@ -197,3 +197,24 @@ def test_a_reservation_holds_room_for_every_step_of_a_long_run() -> None:
         await batcher.run({"x": np.ones((4, 2))})
 
     run(scenario())
+
+
+def test_closing_fails_the_requests_it_still_holds() -> None:
+    """An unload that waited its longest closes the batcher: a request running or queued then gets a
+    503 at once, never a wait for ever (a stream's step has no timeout)."""
+    session = GatedSession()
+    batcher = Batcher("m", session, BatchPolicy(max_batch_size=1))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(batcher.run({"x": np.ones((1, 2))}))
+        queued = asyncio.ensure_future(batcher.run({"x": np.ones((1, 2))}))
+        await until(lambda: session.batches == [1])
+        await batcher.close()
+        for request in (running, queued):
+            with pytest.raises(ServiceError, match="unloaded"):
+                await asyncio.wait_for(request, 5)
+        with pytest.raises(ServiceError, match="unloaded"):
+            await batcher.run({"x": np.ones((1, 2))})
+        session.gate.set()
+
+    run(scenario())
