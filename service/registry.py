@@ -119,8 +119,12 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Some model serves, and so does every model the repository held at start."""
+        """Some model serves, and so does every model the repository held at start. In explicit mode
+        a server with nothing left to serve is ready too (as Triton's): the operator's next load
+        must reach it through the load balancer."""
         serving = {name for name, entry in self.entries.items() if entry.versions}
+        if self.settings.model_control_mode == "explicit" and not self.required:
+            return self.root.is_dir()
         return bool(serving) and self.required <= serving
 
     def resolve(self, name: str | None, task: str, graph: str = "main", version: int | None = None) -> ServedModel:

@@ -72,7 +72,9 @@ def load_config(parameters: dict[str, Any]) -> ModelConfig | None:
 @router.post("/index")
 async def index(request: Request, registry: RegistryDep) -> list[IndexEntry]:
     """Every model folder of the repository, each version with its state (`{"ready": true}`: READY ones only)."""
-    ready = bool((await _body(request)).get("ready", False))
+    ready = (await _body(request)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise ServiceError(400, "invalid_request", "'ready' must be true or false")
     return [IndexEntry(**row) for row in registry.index(ready_only=ready)]
 
 

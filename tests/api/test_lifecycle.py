@@ -141,6 +141,8 @@ def test_explicit_mode_loads_reloads_refuses_and_unloads(repository: Path) -> No
         assert not registry.unloading
         index_rows = [row for row in client.post("/v2/repository/index").json() if row["name"] == TINY_NAME]
         assert index_rows == [{"name": TINY_NAME, "version": "", "state": "UNAVAILABLE", "reason": "unloaded"}]
+        assert client.get("/health/ready").status_code == 200  # nothing left, as Triton: ready for the next load
+        assert client.post("/v2/repository/index", json={"ready": "false"}).status_code == 400
         assert 'model="tiny' not in client.get("/metrics").text.split("vitserve_model_ready")[-1].split("\n#")[0]
 
         config = json.dumps({"version_policy": {"specific": {"versions": [1]}}})
