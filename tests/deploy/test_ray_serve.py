@@ -84,8 +84,8 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
+        try:  # Serve stops its replicas one by one, gracefully: past a minute on 2 busy cores (a CI run)
+            process.wait(timeout=150)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
