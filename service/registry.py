@@ -188,8 +188,8 @@ class ModelRegistry:
             log.error("model repository %s does not exist", self.root)
             self.reason = f"the model repository {self.root.name!r} does not exist (VITSERVE_MODEL_REPOSITORY)"
             return
-        for name in self.names_on_disk():
-            await self.load(name, retry=True, refuse=False)
+        for name in self.names_on_disk():  # in the lifespan itself: a shutdown during start stops it
+            await self._reconcile_alone(name, None, retry=True)
         self.required = set(self.entries)
         if not self.entries:
             self.reason = "the model repository holds no model"
