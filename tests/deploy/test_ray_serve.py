@@ -93,7 +93,8 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             # cause is not found yet. Stopped by force, said loudly, not failed, until it is.
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            warnings.warn(f"serve run did not stop on SIGINT within 90 s:\n{log_path.read_text()[-2000:]}", stacklevel=1)
+            tail = log_path.read_text()[-2000:]
+            warnings.warn(f"serve run did not stop on SIGINT within 90 s:\n{tail}", stacklevel=1)
 
 
 def _ready(url: str) -> bool:
