@@ -364,8 +364,9 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
     # every core first: a heavy graph (whose session is slow to make) is made once, a light one twice
     timed = may_deserve_every_core(spec, settings)
-    threads = every_core(settings.workers) if timed else 0
-    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads)
+    threads, spin_us = (every_core(settings.workers), settings.heavy_spin_us) if timed else (0, 0)
+    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads,
+                             spin_us)  # fmt: skip
     check_graph(session, spec)
     heavy = timed and runs_long(session, spec)
     if heavy:
