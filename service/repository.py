@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from service import context
+from service import context, measured
 from service.batching import Batcher, Reservation, Unloaded
 from service.errors import ServiceError
 from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
@@ -362,30 +362,48 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     batched = settings.batching and batchable(spec)
     sizes = warm_sizes(policy) if batched and graph != "attention" else [1]
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
-    # every core first: a heavy graph (whose session is slow to make) is made once, a light one twice
+
+    def session_on(every: bool) -> ort.InferenceSession:
+        threads, spin_us = (every_core(settings.workers), settings.heavy_spin_us) if every else (0, 0)
+        return create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads,
+                              spin_us)  # fmt: skip
+
     timed = may_deserve_every_core(spec, settings)
-    threads = every_core(settings.workers) if timed else 0
-    session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads)
+    kept_at = measured.path_of(settings.model_repository, model.name, model.version, graph)
+    # what decides from the figures is part of the key: a start with other thresholds measures again
+    decides = {"heavy_run_s": HEAVY_RUN_S, "batch_gain": BATCH_GAIN, "spin_us": settings.heavy_spin_us}
+    key = measured.host_key(model.fingerprint, every_core(settings.workers)) | decides
+    known = measured.recall(kept_at, key) if timed else None
+    # every core first: a heavy graph (whose session is slow to make) is made once, a light one twice
+    # (once where an earlier start measured it)
+    session = session_on(every=timed and (known is None or known.heavy))
     check_graph(session, spec)
-    heavy = timed and runs_long(session, spec)
+    heavy = timed and (known.heavy if known else runs_long(session, spec))
     if heavy:
         log.info("model %s: %s is heavy, ONNX Runtime keeps every core", model.name, spec.file)
-    elif timed:  # light: the event loop keeps a core
+    elif timed and known is None:  # light: the event loop keeps a core
         del session  # its weights go before the second session's come: one copy at a time
-        session = create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest)
+        session = session_on(every=False)
     run, pool = runner(session, sizes), None
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
         pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
         run = pool.run
+    knee = None
     if heavy and batched and graph == "main" and "max_batch_size" not in settings.batch_policy.get(model.name, {}):
-        cap, model.batch_rates[graph] = batch_knee(run, spec, sizes)  # warms the sizes it keeps
-        log.info("model %s: batches of at most %d (images/s by batch size: %s)", model.name, cap,
+        if known is not None and known.knee is not None:
+            knee, model.batch_rates[graph] = min(known.knee, sizes[-1]), known.rates
+            warm_up(run, spec, [size for size in sizes if size <= knee])
+        else:
+            knee, model.batch_rates[graph] = batch_knee(run, spec, sizes)  # warms the sizes it keeps
+        log.info("model %s: batches of at most %d (images/s by batch size: %s)", model.name, knee,
                  {size: round(rate, 1) for size, rate in model.batch_rates[graph].items()})  # fmt: skip
-        policy = policy.model_copy(update={"max_batch_size": cap})
+        policy = policy.model_copy(update={"max_batch_size": knee})
     # every batch size for the serving graphs, once for the on-request ones; always with CUDA graphs:
     # captured under live traffic, another thread's allocation or copy would break a capture
     elif settings.warmup or cuda_graph(session):
         warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1)
+    if timed and (known is None or (known.knee is None and knee is not None)):
+        measured.remember(kept_at, key, measured.Measured(heavy, knee, model.batch_rates.get(graph, {})))
     model.sessions[graph], model.runs[graph] = session, run
     model.cache_pool = pool or model.cache_pool
     if batched:

@@ -271,8 +271,15 @@ def session_provider_options(
     return per_provider
 
 
-def session_options(settings: Settings, threads: int = 0) -> ort.SessionOptions:
-    """The settings' session options; `threads`, if given, overrides the intra-op threads."""
+# Spinning, for a heavy graph's threads (settings.heavy_spin_us): a thread that sleeps as soon as it is idle
+# sleeps between every two operators (a ViT-B/16 run hands ~250 over), and waking it (on a VM, a halted
+# core) takes tens of microseconds each time; ONNX Runtime's own spin (about 2^20 pauses: tens of ms, after
+# every run too) takes the cores from decoding, HTTP and the rest of the host. A bound of a few hundred
+# microseconds bridges the operators and costs at most that after a run (docs/production.md has the figures).
+def session_options(settings: Settings, threads: int = 0, spin_us: int = 0) -> ort.SessionOptions:
+    """The settings' session options; `threads`, if given, overrides the intra-op threads; `spin_us`,
+    if given, lets idle intra-op threads spin that long before they sleep (unless `spin_wait` lets
+    them spin as long as ONNX Runtime likes)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION[settings.graph_optimization]
     options.intra_op_num_threads = threads or settings.intra_op_threads or inference_threads(settings.workers)
@@ -280,20 +287,22 @@ def session_options(settings: Settings, threads: int = 0) -> ort.SessionOptions:
     options.execution_mode = EXECUTION_MODE[settings.execution_mode]
     options.enable_cpu_mem_arena = settings.cpu_mem_arena
     spin = "1" if settings.spin_wait else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us else spin)
+    if spin_us and not settings.spin_wait:
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
     return options
 
 
 def create_session(
     path: Path, settings: Settings, spec: GraphSpec | None = None, batch_sizes: Sequence[int] = (1,),
-    fp16: bool = False, largest: int = 0, threads: int = 0,
+    fp16: bool = False, largest: int = 0, threads: int = 0, spin_us: int = 0,
 ) -> ort.InferenceSession:  # fmt: skip
     """A session on the best provider asked for that opens the graph; on one below it only where
     `may_serve_without` allows (logged), else DeviceUnavailable. `spec`, `batch_sizes` and `largest`
     (batch) shape TensorRT's profile, `fp16` (a float16 model) turns on TensorRT's float16 layers;
-    `threads`, if given, overrides the settings' intra-op threads."""
-    options = session_options(settings, threads)
+    `threads` and `spin_us`, if given, set the intra-op threads and how long idle ones spin (session_options)."""
+    options = session_options(settings, threads, spin_us)
     providers = requested_providers(settings.device, settings.tensorrt)
     per_provider = session_provider_options(providers, path, settings, spec, batch_sizes, fp16, largest)
     failures: dict[str, str] = {}

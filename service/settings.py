@@ -91,8 +91,16 @@ class Settings(BaseSettings):
     cpu_mem_arena: bool = Field(True, description="ONNX Runtime's CPU memory arena (off: less memory held, slower)")
     spin_wait: bool = Field(
         False,
-        description="ONNX Runtime threads spin between operators (on: lower latency on an idle host; "
-        "off: the cores go to HTTP and decoding)",
+        description="on: idle ONNX Runtime threads spin as long as ONNX Runtime likes (tens of ms, after every run "
+        "too), for the lowest latency on an idle host; off: they sleep at once and the cores go to HTTP and "
+        "decoding, but a heavy graph's spin heavy_spin_us first",
+    )
+    heavy_spin_us: int = Field(
+        200,
+        ge=0,
+        description="microseconds an idle ONNX Runtime thread of a heavy graph (one given every core) spins before "
+        "it sleeps, so the next operator need not wait for a sleeping core to wake; 0: it sleeps at once, which "
+        "pays where other processes keep the cores busy",
     )
     batching: bool = Field(True, description="dynamic batching; off: each request runs alone")
     batch_policy: dict[str, dict[str, float]] = Field(

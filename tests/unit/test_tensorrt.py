@@ -145,10 +145,11 @@ def test_each_graph_is_given_its_warmed_sizes_and_the_largest_run(monkeypatch: p
     real = repository.create_session
 
     def spy(
-        path: Path, settings: Settings, spec: object, sizes: list[int], fp16: bool, largest: int, threads: int = 0
-    ) -> object:
+        path: Path, settings: Settings, spec: object, sizes: list[int], fp16: bool, largest: int, threads: int = 0,
+        spin_us: int = 0,
+    ) -> object:  # fmt: skip
         seen[path.name] = (list(sizes), fp16, largest)
-        return real(path, settings, spec, sizes, fp16, largest, threads)  # type: ignore[arg-type]
+        return real(path, settings, spec, sizes, fp16, largest, threads, spin_us)  # type: ignore[arg-type]
 
     monkeypatch.setattr(repository, "create_session", spy)
     settings = Settings(device="cpu", warmup=False, lazy_attention=False)
