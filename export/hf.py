@@ -39,7 +39,7 @@ from export.onnx_export import (
     torch_outputs,
 )
 from service.imaging import Decoded, preprocess_batch
-from service.manifest import CLASSIFICATION, DETECTION, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.manifest import CLASSIFICATION, DETECTION, GENERATION, GraphSpec, Manifest, Preprocessing, TensorSpec
 from service.settings import PROJECT_ROOT
 
 # PIL's filter numbers, as image processors store them
@@ -62,6 +62,7 @@ SUPPORTED: dict[str, Family] = {
     "DeiTForImageClassificationWithTeacher": Family(CLASSIFICATION, prefix_tokens=2),
     "DetrForObjectDetection": Family(DETECTION),
     "BeitForImageClassification": Family(CLASSIFICATION, prefix_tokens=1),  # relative position bias: exports too
+    "ImageGPTForCausalImageModeling": Family(GENERATION),  # imported by export/hf_imagegpt.py
 }
 
 
@@ -298,6 +299,10 @@ def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 
     target = repository / name / str(version)
     if target.exists() and not force:
         raise ExportError(f"{target} exists; pass --force to replace it, or choose another --version")
+    if SUPPORTED[architecture_of(folder)].task == GENERATION:
+        from export import hf_imagegpt  # imports this module
+
+        return hf_imagegpt.import_checkpoint(folder, repository, name, version)
     ckpt = load(folder)
     cfg, family = ckpt.model.config, ckpt.family
     labels = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]

@@ -187,22 +187,34 @@ class Manifest(_Strict):
 
 
 class GenerationConfig(BaseModel):
-    """The part of an Image Transformer's config that sampling needs (the manifest's `config`)."""
+    """The part of a generation model's config that sampling needs (the manifest's `config`): the
+    Image Transformer's, or an imported ImageGPT's (export/hf_imagegpt.py). Both decode tokens in
+    raster order from a start token, one cached step per pixel; the manifest says what a token means."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     height: int
     width: int
-    levels: int  # the start token is `levels`
-    num_classes: int  # "no label" is `num_classes`
+    levels: int  # tokens per pixel; the start token is `levels` (ImageGPT's SOS, vocab_size - 1, is too)
+    # "no label" is `num_classes`; 0: unconditional only, and the graphs take no `labels` input
+    num_classes: int
     layers: int
     heads: int
     dim: int
     memory: int
+    # None: token t is grey level t of `levels`. Else token t is the colour cluster `palette[t]`, RGB
+    # in [-1, 1] as ImageGPT's image processor holds them: an image's pixels become their nearest
+    # cluster, and a token is drawn as the colour round((c + 1) * 127.5)
+    palette: list[tuple[float, float, float]] | None = None
 
     @property
     def length(self) -> int:
         return self.height * self.width
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the graphs take a class label per image."""
+        return self.num_classes > 0
 
     @property
     def cache_shape(self) -> tuple[int, int, int]:
@@ -243,6 +255,8 @@ def check_generation(manifest: Manifest) -> None:
         raise ValueError("a generation model needs a 'step' graph (cached decoding)")
     if len(manifest.labels) != cfg.num_classes:
         raise ValueError(f"{len(manifest.labels)} labels for {cfg.num_classes} classes")
+    if cfg.palette is not None and len(cfg.palette) != cfg.levels:
+        raise ValueError(f"a palette of {len(cfg.palette)} colours for {cfg.levels} tokens")
 
 
 TASK_CHECKS: dict[str, Callable[[Manifest], None]] = {

@@ -1,6 +1,6 @@
-"""What the built-in tasks' graph outputs mean, as numbers: softmax over logits, DETR's detections
-in original-image pixels, generated levels as a grey image. Shared by the tasks and by export's
-evaluation (which must score exactly what the service answers)."""
+"""What the built-in tasks' graph outputs mean, as numbers: softmax over logits, DETR's detections in original-image
+pixels, a generation model's tokens as an image (grey levels, or a palette's colours), and an image as its tokens.
+Shared by the tasks and by export's evaluation and import checks (which must score exactly what the service answers)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from service.imaging import resized_size
-from service.manifest import Preprocessing
+from service.imaging import Decoded, normalize, resized_size, to_unit_array
+from service.manifest import GenerationConfig, Preprocessing
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -61,3 +61,45 @@ def levels_to_image(levels: np.ndarray, count: int, scale: int = 1) -> Image.Ima
     if scale > 1:
         grey = grey.repeat(scale, axis=0).repeat(scale, axis=1)
     return Image.fromarray(grey, mode="L")
+
+
+def palette_colours(palette: list[tuple[float, float, float]]) -> np.ndarray:
+    """ImageGPT's colour clusters (RGB in [-1, 1]) -> `[clusters, 3]` 8-bit colours, round((c + 1) * 127.5)."""
+    return np.clip(np.round((np.asarray(palette, dtype=np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def token_values(tokens: np.ndarray, cfg: GenerationConfig) -> np.ndarray:
+    """Tokens `[...]` -> what a pixel shows, 0-255: a grey value `[...]`, or with a palette RGB `[..., 3]`."""
+    if cfg.palette is None:
+        return np.round(tokens * (255 / (cfg.levels - 1))).astype(np.uint8)
+    colours: np.ndarray = palette_colours(cfg.palette)[tokens]
+    return colours
+
+
+def tokens_to_image(tokens: np.ndarray, cfg: GenerationConfig, scale: int = 1) -> Image.Image:
+    """`[height, width]` tokens -> an 8-bit image (greyscale, or RGB with a palette), enlarged `scale` times."""
+    if cfg.palette is None:
+        return levels_to_image(tokens, cfg.levels, scale)
+    rgb = token_values(tokens, cfg).repeat(scale, axis=0).repeat(scale, axis=1)
+    return Image.fromarray(rgb, mode="RGB")
+
+
+def image_to_tokens(decoded: Decoded, spec: Preprocessing, cfg: GenerationConfig) -> np.ndarray:
+    """A decoded image -> `[height, width]` tokens, resized as the manifest says: grey levels, or
+    each pixel's nearest colour of the palette."""
+    unit = to_unit_array(decoded.image, spec, decoded.size, decoded.box)
+    if cfg.palette is not None:
+        return nearest_colours(normalize(unit, spec), cfg.palette)
+    levels: np.ndarray = np.round(unit[0] * (cfg.levels - 1)).astype(np.int64)
+    return levels
+
+
+def nearest_colours(pixels: np.ndarray, palette: list[tuple[float, float, float]]) -> np.ndarray:
+    """`[3, height, width]` normalized pixels -> `[height, width]` indices of their nearest palette
+    colours, computed as ImageGPT's image processor does (|a|^2 - 2ab + |b|^2, float32 pixels against
+    float64 clusters, the first of equals): a pixel halfway between two colours gets its token."""
+    x = pixels.transpose(1, 2, 0).reshape(-1, 3)
+    clusters = np.asarray(palette, dtype=np.float64).T
+    d = np.sum(np.square(x), axis=1)[:, None] - 2 * np.matmul(x, clusters) + np.sum(np.square(clusters), axis=0)
+    tokens: np.ndarray = np.argmin(d, axis=1).reshape(pixels.shape[1:]).astype(np.int64)
+    return tokens

@@ -177,7 +177,8 @@ class Stream(Generic[A]):
     rows: AsyncIterator[tuple[int, np.ndarray]]  # (row just decoded, every image's levels so far)
     answer: Callable[[np.ndarray], A]  # every image's levels -> the answer (PNG encoding: heavy)
     picture: Callable[[np.ndarray], Image.Image]  # the first image, for a PNG answer
-    grey: Callable[[np.ndarray], np.ndarray]  # levels -> grey values 0-255, for rows shown as they come
+    # tokens -> grey values 0-255 (or RGB triples, a palette model's), for rows shown as they come
+    grey: Callable[[np.ndarray], np.ndarray]
     release: Callable[[], None]
 
 

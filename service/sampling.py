@@ -1,9 +1,10 @@
 """Autoregressive sampling over an exported decoding-step graph with a key/value cache (numpy only).
 
-The step graph (exported by export/image_transformer.py) takes `previous` `[batch]` (the pixel
-before this position, or the start token), `position` `[batch]`, `labels` `[batch]` and
-`past_key_values.N.key` / `.value` `[batch, heads, memory, head_dim]`, and gives `logits`
-`[batch, levels]` and `present.N.key` / `.value`: the names Hugging Face Optimum uses.
+The step graph (exported by export/image_transformer.py and export/hf_imagegpt.py) takes `previous`
+`[batch]` (the token before this position, or the start token), `position` `[batch]`, `labels`
+`[batch]` (a class-conditional model only) and `past_key_values.N.key` / `.value` `[batch, heads,
+memory, head_dim]`, and gives `logits` `[batch, levels]` and `present.N.key` / `.value`: the names
+Hugging Face Optimum uses.
 
 Steps of concurrent requests share runs (the batcher). The cache lives either on the host, fed to
 the step graph and taken back at every step, or, with the pooled step graph, on the session's device
@@ -31,6 +32,11 @@ POOLED_GRAPH = "pooled_step"
 def cache_names(cfg: GenerationConfig, prefix: str) -> list[str]:
     """`past_key_values.0.key, past_key_values.0.value, ...` (or `present.`)."""
     return [f"{prefix}.{layer}.{kind}" for layer in range(cfg.layers) for kind in ("key", "value")]
+
+
+def with_labels(cfg: GenerationConfig, feeds: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+    """`feeds` plus the class labels where the model's graphs take them (not an unconditional model's)."""
+    return {**feeds, "labels": labels} if cfg.conditional else feeds
 
 
 def choose(logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int | None) -> np.ndarray:
@@ -164,9 +170,9 @@ async def sample_rows(
     top_k: int | None = None,
     prime: np.ndarray | None = None,
 ) -> AsyncIterator[tuple[int, np.ndarray]]:
-    """Decode `len(labels)` images together, one `step` per pixel (through the service's batcher, so
-    concurrent requests share steps). `prime` `[batch, known, width]` fixes the first `known` rows
-    (image completion). Yields (row, images so far `[batch, height, width]`) after each row; the
+    """Decode `len(labels)` images together, one `step` per pixel (through the service's batcher, so concurrent requests
+    share steps; an unconditional model takes no labels, only their count). `prime` `[batch, known, width]` fixes the
+    first `known` rows (image completion). Yields (row, images so far `[batch, height, width]`) after each row; the
     last yield holds the finished images."""
     batch = len(labels)
     images = np.zeros((batch, cfg.height, cfg.width), dtype=np.int64)
@@ -177,7 +183,7 @@ async def sample_rows(
     previous = np.full(batch, cfg.levels, dtype=np.int64)
     for t in range(cfg.length):
         position = np.full(batch, t, dtype=np.int64)
-        logits = await step({"previous": previous, "position": position, "labels": labels})
+        logits = await step(with_labels(cfg, {"previous": previous, "position": position}, labels))
         if t >= known:
             flat[:, t] = choose(logits, rng, temperature, top_k)
         previous = flat[:, t].copy()
@@ -185,14 +191,22 @@ async def sample_rows(
             yield t // cfg.width, images
 
 
-def sample(session: ort.InferenceSession, cfg: GenerationConfig, labels: np.ndarray, seed: int) -> np.ndarray:
+def sample(
+    session: ort.InferenceSession,
+    cfg: GenerationConfig,
+    labels: np.ndarray,
+    seed: int,
+    top_k: int | None = None,
+    prime: np.ndarray | None = None,
+) -> np.ndarray:
     """Finished images `[batch, height, width]` straight from a session (export checks, benchmarks)."""
 
     async def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return list(session.run(None, feeds))
 
     step = host_steps(run, cfg, len(labels))
-    return asyncio.run(finished(sample_rows(step, cfg, labels, np.random.default_rng(seed))))
+    rows = sample_rows(step, cfg, labels, np.random.default_rng(seed), top_k=top_k, prime=prime)
+    return asyncio.run(finished(rows))
 
 
 async def finished(rows: AsyncIterator[tuple[int, np.ndarray]]) -> np.ndarray:

@@ -141,10 +141,10 @@ async def release_on_loop(stream: Stream[Any]) -> None:  # a plain function woul
 
 
 async def events(stream: Stream[Any], limits: ImageLimits) -> AsyncIterator[str]:
-    """`event: row` with the grey values (0-255) of that row of every image, then `event: done` with
-    the answer; or, where the stream cannot finish (a failed step), `event: error` saying why: the
-    200 went out with the first row, so the end of the stream is where a client learns it. What the
-    stream holds is released when its rows are done, or the client has left."""
+    """`event: row` with the grey values (0-255; RGB triples for a palette model) of that row of every image, then
+    `event: done` with the answer; or, where the stream cannot finish (a failed step), `event: error` saying why: the
+    200 went out with the first row, so the end of the stream is where a client learns it. What the stream holds is
+    released when its rows are done, or the client has left."""
     images: np.ndarray | None = None
     try:
         async for row, images in stream.rows:

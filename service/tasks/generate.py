@@ -1,7 +1,10 @@
-"""Image generation with the Image Transformer: `POST /v1/generate` samples images (optionally
-completing a primed image), row by row over Server-Sent Events if asked; `POST /v1/score` gives the
-bits per dimension of uploaded images under the model; `POST /v1/generate/attention` shows what a
-pixel attended to."""
+"""Image generation with the Image Transformer or an imported ImageGPT: `POST /v1/generate` samples
+images (optionally completing a primed image), row by row over Server-Sent Events if asked;
+`POST /v1/score` gives the bits per dimension of uploaded images under the model;
+`POST /v1/generate/attention` shows what a pixel attended to.
+
+One pipeline for both: the manifest's GenerationConfig says what a token is (a grey level, or a
+colour of the model's palette) and whether the graphs take a class label."""
 
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.attention import enlarged, heads, overlay, pick
 from service.budget import ImageLimits
 from service.errors import ServiceError
-from service.imaging import Decoded, encode_png, to_unit_array
-from service.manifest import GENERATION, GenerationConfig, Manifest, Preprocessing, check_generation
-from service.outputs import levels_to_image
+from service.imaging import encode_png
+from service.manifest import GENERATION, GenerationConfig, Manifest, check_generation
+from service.outputs import image_to_tokens, token_values, tokens_to_image
 from service.pipeline import ImagePipeline, Job, ModelOptions, Stream, StreamPipeline
-from service.sampling import sample_rows
+from service.sampling import sample_rows, with_labels
 from service.schemas import Pair
 from service.tasks.base import Route, Task
 from service.text import quoted
@@ -44,7 +47,7 @@ class GenerateRequest(ModelOptions):
         1, ge=1, le=256, description="images decoded together as one batch (see max_images_per_request)"
     )
     temperature: float = Field(1.0, ge=0.05, le=5.0, description="softmax temperature; lower is more conservative")
-    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest levels only")
+    top_k: int | None = Field(None, ge=1, description="sample among the k likeliest tokens only (1: greedy)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="same request and seed, same images, bit for bit")
     prime: str | None = Field(None, description="base64 image to complete; it is resized to the model's size")
     prime_rows: int | None = Field(None, ge=0, description="rows of the prime kept (default: half the image)")
@@ -74,13 +77,6 @@ class ScoreResponse(BaseModel):
     results: list[Score]
 
 
-def image_to_levels(decoded: Decoded, spec: Preprocessing, count: int) -> np.ndarray:
-    """A decoded image -> `[height, width]` levels, resized as the manifest says."""
-    unit = to_unit_array(decoded.image, spec, decoded.size, decoded.box)
-    levels: np.ndarray = np.round(unit[0] * (count - 1)).astype(np.int64)
-    return levels
-
-
 def png_base64(image: Image.Image) -> str:
     return base64.b64encode(encode_png(image)).decode()
 
@@ -88,13 +84,15 @@ def png_base64(image: Image.Image) -> str:
 def label_index(manifest: Manifest, cfg: GenerationConfig, label: str | None) -> int:
     if label is None:
         return cfg.num_classes
+    if not cfg.conditional:
+        raise ServiceError(422, "unknown_label", f"model {quoted(manifest.name)} is unconditional: it takes no label")
     if label not in manifest.labels:
         raise ServiceError(422, "unknown_label", f"label {quoted(label)} is not one of {manifest.labels}")
     return manifest.labels.index(label)
 
 
 def prime_rows(job: Job[GenerateRequest]) -> np.ndarray | None:
-    """The decoded prime's top rows as levels, one copy per image `[images, rows, width]`; or None."""
+    """The decoded prime's top rows as tokens, one copy per image `[images, rows, width]`; or None."""
     request, manifest = job.options, job.manifest
     cfg = GenerationConfig.model_validate(manifest.config)
     if not job.images:
@@ -104,8 +102,8 @@ def prime_rows(job: Job[GenerateRequest]) -> np.ndarray | None:
     rows = cfg.height // 2 if request.prime_rows is None else request.prime_rows
     if rows > cfg.height:
         raise ServiceError(422, "invalid_request", f"prime_rows is at most {cfg.height}")
-    levels = image_to_levels(job.images[0], manifest.preprocessing, cfg.levels)
-    return np.broadcast_to(levels[:rows], (request.num_images, rows, cfg.width)).copy()
+    tokens = image_to_tokens(job.images[0], manifest.preprocessing, cfg)
+    return np.broadcast_to(tokens[:rows], (request.num_images, rows, cfg.width)).copy()
 
 
 def start_sampling(
@@ -124,29 +122,29 @@ def start_sampling(
     rows = sample_rows(sampler.step, cfg, labels, rng, request.temperature, request.top_k, prime)
 
     def answer(images: np.ndarray) -> GenerateResponse:
-        pngs = [png_base64(levels_to_image(image, cfg.levels, request.scale)) for image in images]
+        pngs = [png_base64(tokens_to_image(image, cfg, request.scale)) for image in images]
         size = (cfg.height * request.scale, cfg.width * request.scale)
         return GenerateResponse(model=model.name, label=request.label, seed=seed, size=size, images=pngs)
 
     def picture(images: np.ndarray) -> Image.Image:
-        return levels_to_image(images[0], cfg.levels, request.scale)
+        return tokens_to_image(images[0], cfg, request.scale)
 
-    def grey(levels: np.ndarray) -> np.ndarray:
-        return np.round(levels * (255 / (cfg.levels - 1))).astype(int)
+    def values(tokens: np.ndarray) -> np.ndarray:  # grey values, or RGB triples with a palette
+        return token_values(tokens, cfg).astype(int)
 
-    return Stream(request.num_images, rows, answer, picture, grey, sampler.release)
+    return Stream(request.num_images, rows, answer, picture, values, sampler.release)
 
 
 GENERATE = StreamPipeline(NAME, GenerateRequest, prime_rows, start_sampling)
 
 
 def score_inputs(job: Job[ScoreOptions]) -> dict[str, np.ndarray]:
-    """Each image as the model's grey levels, and the label to score it under."""
+    """Each image as the model's tokens, and the label to score it under (a conditional model's)."""
     cfg = GenerationConfig.model_validate(job.manifest.config)
     label = label_index(job.manifest, cfg, job.options.label)
     spec = job.manifest.preprocessing
-    pixels = np.stack([image_to_levels(d, spec, cfg.levels).ravel() for d in job.images])
-    return {"pixels": pixels, "labels": np.full(len(job.images), label, dtype=np.int64)}
+    pixels = np.stack([image_to_tokens(d, spec, cfg).ravel() for d in job.images])
+    return with_labels(cfg, {"pixels": pixels}, np.full(len(job.images), label, dtype=np.int64))
 
 
 def score(job: Job[ScoreOptions]) -> ScoreResponse:
@@ -187,14 +185,14 @@ class GenerateAttentionResponse(BaseModel):
 
 
 def pixel_inputs(job: Job[GenerateAttentionRequest]) -> dict[str, np.ndarray]:
-    """The image as the model's levels, and the label it was conditioned on."""
+    """The image as the model's tokens, and the label it was conditioned on (a conditional model's)."""
     request, manifest = job.options, job.manifest
     cfg = GenerationConfig.model_validate(manifest.config)
     if request.row >= cfg.height or request.col >= cfg.width:
         raise ServiceError(422, "invalid_request", f"row and col must be below {cfg.height} and {cfg.width}")
-    levels = image_to_levels(job.images[0], manifest.preprocessing, cfg.levels)
+    tokens = image_to_tokens(job.images[0], manifest.preprocessing, cfg)
     label = label_index(manifest, cfg, request.label)
-    return {"pixels": levels.reshape(1, -1), "labels": np.array([label], dtype=np.int64)}
+    return with_labels(cfg, {"pixels": tokens.reshape(1, -1)}, np.array([label], dtype=np.int64))
 
 
 def pixel_attention(job: Job[GenerateAttentionRequest]) -> GenerateAttentionResponse:
@@ -217,8 +215,8 @@ def draw_pixel_attention(job: Job[GenerateAttentionRequest], answer: GenerateAtt
     """The map over the image as the model saw it, the chosen pixel outlined."""
     request = job.options
     cfg = GenerationConfig.model_validate(job.manifest.config)
-    levels = image_to_levels(job.images[0], job.manifest.preprocessing, cfg.levels)
-    picture = overlay(enlarged(levels_to_image(levels, cfg.levels), request.scale), np.asarray(answer.map), alpha=0.6)
+    tokens = image_to_tokens(job.images[0], job.manifest.preprocessing, cfg)
+    picture = overlay(enlarged(tokens_to_image(tokens, cfg), request.scale), np.asarray(answer.map), alpha=0.6)
     s, row, col = request.scale, request.row, request.col
     ImageDraw.Draw(picture).rectangle((col * s, row * s, (col + 1) * s - 1, (row + 1) * s - 1),
                                       outline=(255, 64, 64), width=max(1, s // 8))  # fmt: skip
@@ -234,10 +232,11 @@ ROUTES = (
           "base64 PNGs; `Accept: image/png` for one raw PNG; `stream` (or `Accept: text/event-stream`) for each "
           "row as it is decoded.", image_field="prime"),
     Route("/v1/score", SCORE, ScoreResponse,
-          "Bits per dimension of each uploaded image under the model (quantised to its grey levels and resized to "
-          "its size, light digits on a dark ground like the training data)."),
+          "Bits per dimension of each uploaded image under the model: resized to its size and quantised to its "
+          "tokens (the Image Transformer's grey levels, light digits on a dark ground like its training data; "
+          "ImageGPT's palette, each pixel its nearest colour)."),
     Route("/v1/generate/attention", PIXEL_ATTENTION, GenerateAttentionResponse,
-          "For one pixel of an image, the Image Transformer's attention over the context it could see when "
-          "predicting that pixel.", image_field="image"),
+          "For one pixel of an image, the model's attention over the context it could see when predicting "
+          "that pixel.", image_field="image"),
 )  # fmt: skip
 TASK = Task(NAME, check_generation, ROUTES)

@@ -93,3 +93,21 @@ def detr(folder: Path, seed: int = 2) -> Path:
     model.save_pretrained(folder)
     DetrImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 100}).save_pretrained(folder)
     return folder
+
+
+def imagegpt(folder: Path, seed: int = 4) -> Path:
+    """An 8x8 ImageGPT over 16 random colour clusters. n_positions is 65, one more than the pixels
+    (OpenAI's checkpoints have exactly the pixel count), so that transformers' loss over SOS + every
+    pixel can be had in one call to compare scores with."""
+    import numpy as np
+    import torch
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessorPil
+
+    torch.manual_seed(seed)
+    clusters = np.random.default_rng(seed).uniform(-1, 1, (16, 3)).round(4)
+    cfg = ImageGPTConfig(vocab_size=17, n_positions=65, n_embd=32, n_layer=2, n_head=2)
+    model = ImageGPTForCausalImageModeling(cfg)
+    _spread_head(model.lm_head, 10.0)  # likelier tokens stand out: greedy decoding meets no near-ties
+    model.save_pretrained(folder)
+    ImageGPTImageProcessorPil(clusters=clusters, size={"height": 8, "width": 8}).save_pretrained(folder)
+    return folder
