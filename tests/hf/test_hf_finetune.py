@@ -16,7 +16,8 @@ import pytest
 
 from export import finetune
 from export.__main__ import main
-from export.data import load_digits_data, load_image_folder
+from export.data import Split, load_digits_data, load_image_folder
+from export.onnx_export import ExportError
 from export.training import stalled
 from service.manifest import read_manifest
 from service.settings import Settings
@@ -164,3 +165,10 @@ def test_early_stop_waits_for_patience_epochs_without_a_new_low() -> None:
     assert not stalled([3.0, 2.0, 2.0, 2.0], patience=3)  # not yet `patience` epochs after a low
     assert stalled([3.0, 2.0, 2.0, 1.99, 2.0], patience=3)  # under 1% lower is no new low
     assert not stalled([3.0, 2.0, 2.0, 1.9, 2.0], patience=3)
+
+
+def test_the_quality_gate_wants_better_than_the_most_common_label() -> None:
+    held_out = Split(images=[], labels=np.array([0, 0, 0, 1, 2]))  # always answering 0 scores 0.6
+    finetune.require_quality({"top1": 0.8}, held_out)
+    with pytest.raises(ExportError, match=r"does not beat always answering the most common label \(0.600\)"):
+        finetune.require_quality({"top1": 0.6}, held_out)
