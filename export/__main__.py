@@ -1,7 +1,7 @@
 """`python -m export MODEL [--seed N] [--epochs N] [--force]`: train, then export; reproduces a shipped
 artifact from scratch (`--force` to replace it). On your own data:
 `python -m export MODEL --data DIR --name NAME [--epochs N]` publishes under NAME, never over a
-shipped model; `python -m export vit --from CHECKPOINT --data DIR --name NAME` fine-tunes a transformers
+shipped model; `python -m export vit --from HF_DIR --data DIR --name NAME` fine-tunes a transformers
 classification checkpoint folder on it instead (export/finetune.py). The training and export CLIs
 also run alone: export.train, export.export."""
 
@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     train.add_arguments(parser)
     export.add_arguments(parser)
-    parser.add_argument("--from", dest="start", type=Path, metavar="CHECKPOINT",
+    parser.add_argument("--from", dest="start", type=Path, metavar="DIR",
                         help="vit: fine-tune this transformers classification checkpoint folder on --data")  # fmt: skip
     args = parser.parse_args(argv)
     if args.data and not args.name:
