@@ -304,6 +304,22 @@ def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 
 
         return hf_imagegpt.import_checkpoint(folder, repository, name, version)
     ckpt = load(folder)
+    data = {"source": "hugging face checkpoint", "folder": folder.resolve().name}
+    return export_checkpoint(ckpt, repository, name, version, force, data)
+
+
+def export_checkpoint(
+    ckpt: Checkpoint,
+    repository: Path,
+    name: str,
+    version: int,
+    force: bool,
+    data: dict[str, Any],
+    quality: dict[str, float] | None = None,
+    training: dict[str, Any] | None = None,
+) -> Manifest:
+    """Publish a checkpoint in memory (loaded from a folder, or fine-tuned from one: export.finetune) past
+    the preprocessing and parity gates; `data`, `quality` and `training` go into its manifest."""
     cfg, family = ckpt.model.config, ckpt.family
     labels = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
     spec = preprocessing_of(ckpt.processor, family.task)
@@ -324,14 +340,13 @@ def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 
         manifest = Manifest(
             name=name, version=version, task=family.task, architecture=ckpt.architecture, graphs=graphs,
             preprocessing=spec, labels=labels,
-            data={"source": "hugging face checkpoint", "folder": folder.resolve().name,
-                  "image_processor": type(ckpt.processor).__name__, "preprocessing_max_abs_diff": prep_error,
+            data={**data, "image_processor": type(ckpt.processor).__name__, "preprocessing_max_abs_diff": prep_error,
                   "parity_images": "scikit-learn sample photos and crops of them"},
-            quality={}, parity=parity, opset=OPSET, versions={**library_versions(), **hf_versions()},
-            config=ckpt.config, prefix_tokens=family.prefix_tokens,
+            quality=quality or {}, parity=parity, opset=OPSET, versions={**library_versions(), **hf_versions()},
+            training=training or {}, config=ckpt.config, prefix_tokens=family.prefix_tokens,
             feature_stride=feature_stride(ckpt) if detector else None,
         )  # fmt: skip
-        publish(manifest, staged, repository)
+        publish(manifest, staged, repository, force)
     return manifest
 
 

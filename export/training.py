@@ -45,6 +45,7 @@ class Training:
     fields: dict[str, Any]  # what else the checkpoint keeps (preprocessing, labels, source, data)
     parameter_groups: Callable[[Any], Iterable[dict[str, Any]]] | None = None  # AdamW's; default all at cfg.lr
     clip_norm: float | None = None  # the gradients' total norm is clipped to this where set
+    patience: int | None = None  # where set, stop once this many epochs in a row bring no new low (see stalled)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -82,7 +83,18 @@ def fit(model: nn.Module, training: Training, gen: torch.Generator, desc: str) -
             shown.append(figures)
         progress.set_postfix({k: f"{np.mean([f[k] for f in shown]):.3f}" for k in shown[0]} if shown else {})
         history.append(float(np.mean(losses)))
+        if training.patience and stalled(history, training.patience):
+            progress.close()
+            break
     return history
+
+
+def stalled(losses: list[float], patience: int, min_fall: float = 0.01) -> bool:
+    """True when none of the last `patience` epochs brought the training loss 1% below its best before
+    them. The training loss, not a held-out figure: the held-out split stays unseen until it is measured."""
+    if len(losses) <= patience:
+        return False
+    return min(losses[-patience:]) > min(losses[:-patience]) * (1 - min_fall)
 
 
 def train_and_save(out: Path, model_class: Callable[[Any], nn.Module], training: Training, desc: str) -> dict[str, Any]:
