@@ -302,7 +302,7 @@ def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 
     if SUPPORTED[architecture_of(folder)].task == GENERATION:
         from export import hf_imagegpt  # imports this module
 
-        return hf_imagegpt.import_checkpoint(folder, repository, name, version)
+        return hf_imagegpt.import_checkpoint(folder, repository, name, version, force)
     ckpt = load(folder)
     data = {"source": "hugging face checkpoint", "folder": folder.resolve().name}
     return export_checkpoint(ckpt, repository, name, version, force, data)

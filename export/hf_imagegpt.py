@@ -319,7 +319,7 @@ def generation_gates(model: Any, cfg: GenerationConfig, folder: Path, specs: dic
 # the import ---------------------------------------------------------------------------------------
 
 
-def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 1) -> Manifest:
+def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 1, force: bool = False) -> Manifest:
     """Export an ImageGPT folder to `repository/name/version/` (the caller checked the target is free);
     nothing is written unless every gate passes."""
     model, processor = load(folder)
@@ -341,5 +341,5 @@ def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 
                   "parity_images": "scikit-learn sample photos, crops of them and noise, as tokens"},
             versions={**library_versions(), **hf_versions()}, config=config,
         )  # fmt: skip
-        publish(manifest, staged, repository)
+        publish(manifest, staged, repository, force)
     return manifest
