@@ -38,7 +38,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         needed = self._needed(scope["path"]) if scope["type"] == "http" else None
-        if authorized(presented(scope), needed):
+        if needed is None or authorized(presented(scope), needed):
             await self.app(scope, receive, send)
             return
         self.metrics.rejected.labels("unauthorized").inc()

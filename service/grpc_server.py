@@ -108,11 +108,11 @@ class InferenceService:
         return protocol.server_ready(self.state.registry, self.state.draining)
 
     async def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
-        """Ready, or not (loading, failed, unloading); an unknown model or version is NOT_FOUND."""
+        """Ready, or not: loading, failed, unloaded or unknown (as Triton answers it over gRPC; REST's 404)."""
         try:
             protocol.protocol_model(self.state.registry, self.state.tasks, request.name, request.version or None)
         except ServiceError as exc:
-            if exc.status == 503:
+            if exc.status in (404, 503):
                 return pb.ModelReadyResponse(ready=False)
             raise
         return pb.ModelReadyResponse(ready=True)
