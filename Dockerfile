@@ -38,7 +38,7 @@ COPY --chown=vitserve service ./service
 COPY --chown=vitserve model_repository ./model_repository
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 VITSERVE_MODEL_REPOSITORY=/app/model_repository VITSERVE_DEVICE=cpu
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status != 200)"]
 CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]
@@ -63,7 +63,7 @@ COPY --chown=vitserve service ./service
 COPY --chown=vitserve model_repository ./model_repository
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 VITSERVE_MODEL_REPOSITORY=/app/model_repository VITSERVE_DEVICE=cuda
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2).status != 200)"]
 CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,4 +1,4 @@
-"""`python -m service [--host H] [--port N] [--workers N] [--model-control-mode none|poll|explicit]
+"""`python -m service [--host H] [--port N] [--grpc-port N] [--workers N] [--model-control-mode none|poll|explicit]
 [--repository-poll-secs S]`: serve the model repository with uvicorn, in one process or in N worker
 processes sharing the port (service/workers.py)."""
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"invalid settings: {exc}\n")
     parser.add_argument("--host", default=settings.host, help=f"address to bind (default {settings.host})")
     parser.add_argument("--port", type=int, default=settings.port, help=f"port (default {settings.port})")
+    parser.add_argument("--grpc-port", type=int, default=settings.grpc_port,
+                        help=f"gRPC port, Open Inference Protocol (default {settings.grpc_port}; 0: off)")  # fmt: skip
     parser.add_argument("--model-repository", type=Path, default=settings.model_repository, help="model repository")
     parser.add_argument(
         "--workers", type=int, default=settings.workers, help=f"worker processes (default {settings.workers})"
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository-poll-secs", type=float, default=settings.repository_poll_secs,
                         help="poll mode: seconds between reads of the repository")  # fmt: skip
     args = parser.parse_args(argv)
+    if not 0 <= args.grpc_port <= 65535:
+        parser.exit(2, "--grpc-port must be 0 (off) to 65535\n")
     if args.workers < 1:
         parser.exit(2, "--workers must be at least 1\n")
     if args.repository_poll_secs <= 0:
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.model_control_mode == "explicit" and args.workers > 1:
         parser.exit(2, "--model-control-mode explicit needs one worker (a load call reaches one process); use poll\n")
     settings = settings.model_copy(
-        update={"host": args.host, "port": args.port, "model_repository": args.model_repository,
+        update={"host": args.host, "port": args.port, "grpc_port": args.grpc_port,
+                "model_repository": args.model_repository,
                 "workers": args.workers, "model_control_mode": args.model_control_mode,
                 "repository_poll_secs": args.repository_poll_secs}
     )  # fmt: skip

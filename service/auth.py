@@ -38,7 +38,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         needed = self._needed(scope["path"]) if scope["type"] == "http" else None
-        if needed is None or hmac.compare_digest(presented(scope), needed):
+        if needed is None or authorized(presented(scope), needed):
             await self.app(scope, receive, send)
             return
         self.metrics.rejected.labels("unauthorized").inc()
@@ -50,7 +50,19 @@ class ApiKeyMiddleware:
 def presented(scope: Scope) -> bytes:
     """The key a request carries, or b"" (so the comparison still runs in constant time)."""
     headers = dict(scope["headers"])
-    if key := headers.get(b"x-api-key"):
-        return bytes(key)
-    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    return carried(headers.get(b"x-api-key"), headers.get(b"authorization"))
+
+
+def carried(api_key: bytes | None, authorization: bytes | None) -> bytes:
+    """The key in `X-API-Key`, else in `Authorization: Bearer <key>`, else b"": HTTP headers and gRPC
+    metadata alike."""
+    if api_key:
+        return bytes(api_key)
+    scheme, _, token = (authorization or b"").partition(b" ")
     return bytes(token) if scheme.lower() == b"bearer" else b""
+
+
+def authorized(presented_key: bytes, needed: bytes | None) -> bool:
+    """Whether a request carrying `presented_key` may pass where `needed` is asked (None: open);
+    compared in constant time."""
+    return needed is None or hmac.compare_digest(presented_key, needed)

@@ -235,14 +235,22 @@ def _binary_size(tensor: dict[str, Any], left: int) -> int | None:
 
 
 def _datatype(tensor: dict[str, Any]) -> str:
-    datatype = tensor.get("datatype")
+    return checked_datatype(tensor.get("datatype"))
+
+
+def checked_datatype(datatype: Any) -> str:
+    """One of the protocol's datatypes (every protocol adapter's check)."""
     if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise CodecError(f'"datatype" must be one of {", ".join(DATATYPES)}')
     return datatype
 
 
 def _shape(tensor: dict[str, Any]) -> list[int]:
-    shape = tensor.get("shape")
+    return checked_shape(tensor.get("shape"))
+
+
+def checked_shape(shape: Any) -> list[int]:
+    """A shape of at most MAX_RANK whole numbers holding at most MAX_ELEMENTS (every protocol adapter's check)."""
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(d) is int and d >= 0 for d in shape):
         raise CodecError(f'"shape" must be a list of at most {MAX_RANK} whole numbers >= 0')
     if math.prod(d or 1 for d in shape) > MAX_ELEMENTS:

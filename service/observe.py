@@ -33,9 +33,14 @@ def _request_id(scope: Scope) -> str:
     per request is not free."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            text: str = value.decode("latin-1")
-            if _REQUEST_ID.fullmatch(text):
-                return text
+            return request_id_from(value.decode("latin-1"))
+    return request_id_from(None)
+
+
+def request_id_from(text: str | None) -> str:
+    """The client's request id where it is a sane token, else a new one (HTTP headers and gRPC metadata alike)."""
+    if text is not None and _REQUEST_ID.fullmatch(text):
+        return text
     return f"{random.getrandbits(128):032x}"
 
 

@@ -1,17 +1,22 @@
 """uvicorn with a graceful SIGTERM: readiness turns 503 at once, requests keep being served for
 `shutdown_drain_s` so a load balancer stops sending, then uvicorn stops accepting, finishes every
-request it accepted, and the process exits 0."""
+request it accepted, and the process exits 0. Beside it, in the same event loop, the gRPC server
+(service/grpc_server.py): started once the lifespan has loaded the models, stopped (finishing its
+calls) before the lifespan closes them."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 
+import grpc
 import uvicorn
 from fastapi import FastAPI
 
+from service import grpc_server
 from service.app import create_app
 from service.connections import ConnectionGuard, bound_protocol, connection_limits, raise_descriptor_limit
 from service.settings import Settings
@@ -20,11 +25,23 @@ log = logging.getLogger("service")
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float, settings: Settings) -> None:
         super().__init__(config)
         self.app = app
         self.drain_seconds = drain_seconds
         self.drain_until: float | None = None
+        self.settings = settings
+        self.grpc: grpc.aio.Server | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:  # the lifespan loaded the models: the app's state is complete
+            self.grpc = await grpc_server.start(self.app.state, self.settings)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is not None:  # new calls refused at once; those under way get the grace period
+            await self.grpc.stop(self.settings.shutdown_grace_s)
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Not recorded for re-raising (uvicorn would re-raise it after shutdown): a clean exit is 0."""
@@ -68,4 +85,4 @@ def build_server(settings: Settings) -> GracefulServer:
         log_config=None,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    return GracefulServer(config, app, settings.shutdown_drain_s)
+    return GracefulServer(config, app, settings.shutdown_drain_s, settings)

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="address `python -m service` binds")
     port: int = Field(8000, description="port `python -m service` listens on")
+    grpc_port: int = Field(
+        8001, ge=0, le=65535,
+        description="port of the Open Inference Protocol over gRPC (Triton's default, 8001); 0: no gRPC. A port "
+        "that cannot be had is logged, and REST serves on",
+    )  # fmt: skip
     workers: int = Field(1, ge=1, description="worker processes `python -m service` runs (each loads every model)")
     model_repository: Path = Field(PROJECT_ROOT / "model_repository", description="folder of <name>/<version>/")
     model_control_mode: Literal["none", "poll", "explicit"] = Field(

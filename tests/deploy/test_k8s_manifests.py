@@ -136,10 +136,11 @@ def test_probes_and_port_are_the_services() -> None:
     def routed(path: str) -> bool:
         return app.get(path).status_code != 404  # /health/ready is 503 here: nothing loaded
 
-    port = Settings().port
+    port, grpc_port = Settings().port, Settings().grpc_port
     for deployment in deployments():
         served = container(deployment)
-        assert served["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+        assert served["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"},
+                                   {"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"}]  # fmt: skip
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert routed(served[probe]["httpGet"]["path"])
         assert served["readinessProbe"]["httpGet"]["path"] == "/health/ready"

@@ -31,22 +31,35 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    grpc: str = ""  # host:port of its gRPC server
 
 
 @contextmanager
-def running_server(folder: Path, **env: str) -> Iterator[Server]:
-    """`python -m service` on a free port, ready; SIGTERM at the end must give a clean exit 0."""
+def running_server(folder: Path, grpc_port: int | None = None, **env: str) -> Iterator[Server]:
+    """`python -m service` on a free port (and gRPC on another, or on `grpc_port`), ready; SIGTERM at
+    the end must give a clean exit 0."""
     port = free_port()
+    grpc_port = free_port() if grpc_port is None else grpc_port
     log_path = folder / "server.log"
     with log_path.open("w") as log:  # a file, not a pipe: a full pipe would stall the server
         process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--grpc-port",
+                str(grpc_port),
+            ],
             cwd=PROJECT_ROOT,
             env={**os.environ, "VITSERVE_DEVICE": "cpu", "VITSERVE_SHUTDOWN_DRAIN_S": "0.2", **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        server = Server(f"http://127.0.0.1:{port}", process, log_path)
+        server = Server(f"http://127.0.0.1:{port}", process, log_path, f"127.0.0.1:{grpc_port}")
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -67,6 +80,11 @@ def running_server(folder: Path, **env: str) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running_server(tmp_path_factory.mktemp("server")) as running:
-        yield running.url
+        yield running
+
+
+@pytest.fixture(scope="session")
+def server(served: Server) -> str:
+    return served.url
