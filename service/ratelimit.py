@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from service.errors import ServiceError
 from service.settings import Settings
 
-MAX_CLIENTS = 10_000  # default cap on the buckets held: each is about 200 bytes
+MAX_CLIENTS = 10_000  # default cap on the buckets held: each takes about 300 bytes
 
 
 class RateLimited(ServiceError):
