@@ -10,16 +10,18 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from service import __version__
 from service.auth import ApiKeyMiddleware
 from service.batching import Batcher
 from service.budget import BYTES_PER_PIXEL, ImageLimits, MemoryBudget
 from service.error_responses import install_error_handlers
-from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, TimeoutMiddleware
+from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, RateLimitMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
 from service.metrics import Metrics
 from service.observe import ObservingMiddleware
+from service.ratelimit import limiter_for
 from service.registry import ModelRegistry
 from service.repository import ServedModel
 from service.routes import control, health, models, page, v2
@@ -38,6 +40,11 @@ Vision transformers served over ONNX Runtime: classification (ViT), detection (D
 Images go in as multipart `file` fields (repeatable), as a raw `image/*` body, or as JSON
 `{"images": ["<base64>", ...]}`. Errors are JSON: `{"error": {"code", "message"}}`.
 """
+
+# what a page on an allowed origin may send (besides the headers any page may) and read
+CORS_METHODS = ("GET", "POST")
+CORS_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "X-Request-ID")
+CORS_EXPOSED = ("X-Request-ID", "Server-Timing", "X-Model-Version", "Retry-After")
 
 
 def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None = None) -> FastAPI:
@@ -89,10 +96,18 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(BodyTimeoutMiddleware, seconds=settings.body_timeout_s)
+    # one limiter for REST and gRPC (service/grpc_server.py reads it here); inside the key check: a
+    # request without the key is refused before it spends a token
+    app.state.rate_limiter = limiter = limiter_for(settings)
+    if limiter is not None:
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, metrics=metrics)
     if settings.api_key is not None or settings.control_api_key is not None:
         key, control_key = (k.get_secret_value() if k else None for k in (settings.api_key, settings.control_api_key))
         app.add_middleware(ApiKeyMiddleware, key=key, protect_health=settings.auth_health, metrics=metrics,
                            control_key=control_key)  # fmt: skip
+    if settings.cors_origins:  # outside the key check: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=CORS_METHODS,
+                           allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED)  # fmt: skip
     app.add_middleware(ObservingMiddleware, metrics=metrics)
     for task in tasks.values():  # first: routes are matched in order, and these carry the load
         app.include_router(task_router(task))

@@ -9,8 +9,10 @@ models and views, the same batchers, image limits and checks, the same repositor
 each call, what the HTTP middleware does for REST: the request context (id, model, stage timings),
 the API keys (metadata `authorization: Bearer <key>` or `x-api-key`; health open unless
 `auth_health`; the repository calls behind the control key), the answer's time limit
-(`request_timeout_s`), one access-log line and the request metrics (route: the gRPC method's path;
-status: the HTTP status REST would answer). Message size: `max_body_bytes`, enforced by gRPC itself
+(`request_timeout_s`), the per-client rate limit (the app's one limiter, service/ratelimit.py: its
+key, else its peer's address; health exempt; RESOURCE_EXHAUSTED with trailing metadata
+`retry-after`), one access-log line and the request metrics (route: the gRPC method's path; status:
+the HTTP status REST would answer). Message size: `max_body_bytes`, enforced by gRPC itself
 (RESOURCE_EXHAUSTED). Errors: a `ServiceError`'s status becomes the nearest gRPC code (STATUS_CODES);
 a malformed request is INVALID_ARGUMENT; a failure of the server's own is INTERNAL, logged."""
 
@@ -22,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import unquote
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -34,6 +37,7 @@ from service.grpc_codec import encode_response, parse_request, repository_parame
 from service.grpc_proto import grpc_predict_v2_pb2 as pb
 from service.observe import request_id_from
 from service.pipeline import INLINE_BYTES
+from service.ratelimit import RateLimiter
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -74,6 +78,7 @@ class Answer(Exception):
     code: grpc.StatusCode
     message: str
     status: int
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class Unauthorized(ServiceError):
@@ -95,6 +100,7 @@ class InferenceService:
             "control": control if control is not None else key,
         }
         self.timeout_s = settings.request_timeout_s
+        self.limiter: RateLimiter | None = getattr(state, "rate_limiter", None)
 
     # the calls ----------------------------------------------------------------------------------
 
@@ -175,6 +181,8 @@ class InferenceService:
         try:
             try:
                 self._authorize(guard, metadata)
+                if self.limiter is not None and guard != "health":
+                    self.limiter.check(_presented(metadata), peer_host(rpc.peer()))
                 async with asyncio.timeout(self.timeout_s):
                     return await work(request)
             except asyncio.CancelledError:
@@ -183,21 +191,21 @@ class InferenceService:
             except Exception as exc:
                 answer = self._answer(exc, method)
                 status = answer.status
-                await rpc.abort(answer.code, answer.message)
+                await rpc.abort(answer.code, answer.message, answer.trailers)
         finally:
             self._record(method, status, state, time.perf_counter() - started)
             context.end(token)
 
     def _authorize(self, guard: Guard, metadata: dict[str, str | bytes]) -> None:
-        presented = carried(_bytes(metadata.get("x-api-key")), _bytes(metadata.get("authorization")))
-        if not authorized(presented, self.keys[guard]):
+        if not authorized(_presented(metadata), self.keys[guard]):
             raise Unauthorized()
 
     def _answer(self, exc: Exception, method: str) -> Answer:
         metrics = self.state.metrics
         if isinstance(exc, ServiceError):
             metrics.rejected.labels(exc.code).inc()
-            return Answer(grpc_code(exc), exc.message, exc.status)
+            retry = (exc.headers or {}).get("Retry-After")
+            return Answer(grpc_code(exc), exc.message, exc.status, (("retry-after", retry),) if retry else ())
         if isinstance(exc, CodecError):
             metrics.rejected.labels("invalid_request").inc()
             return Answer(grpc.StatusCode.INVALID_ARGUMENT, str(exc), 400)
@@ -238,6 +246,18 @@ def _model_name(model_name: str, repository_name: str) -> str:
     """Triton's load and unload requests name the model in field 2; KServe's in field 1, which Triton's
     layout calls the repository (this service has one, so a name there alone is the model's)."""
     return model_name or repository_name
+
+
+def _presented(metadata: dict[str, str | bytes]) -> bytes:
+    return carried(_bytes(metadata.get("x-api-key")), _bytes(metadata.get("authorization")))
+
+
+def peer_host(peer: str) -> str:
+    """The address in a gRPC peer (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`, `unix:/path`), the rest as it is."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return unquote(rest).rpartition(":")[0].strip("[]")  # gRPC writes [ and ] as %5B and %5D
+    return peer
 
 
 def _bytes(value: str | bytes | None) -> bytes | None:

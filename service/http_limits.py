@@ -1,5 +1,5 @@
-"""Request limits: body size, enforced while the body streams in (413 before it is read whole), time
-to receive the body (408), and time to answer (504)."""
+"""Request limits: per-client rate (429, before anything is read), body size, enforced while the body
+streams in (413 before it is read whole), time to receive the body (408), and time to answer (504)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,36 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import HEALTH, presented
 from service.error_responses import error_response
 from service.errors import ServiceError
 from service.metrics import Metrics
+from service.ratelimit import RateLimited, RateLimiter
+
+
+class RateLimitMiddleware:
+    """Per-client rate limits (service/ratelimit.py): 429 `rate_limited` with Retry-After, before the
+    body is read. Health and metrics are exempt."""
+
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, metrics: Metrics) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(HEALTH):
+            await self.app(scope, receive, send)
+            return
+        peer = scope.get("client")
+        try:
+            self.limiter.check(presented(scope), peer[0] if peer else None)
+        except RateLimited as exc:
+            self.metrics.rejected.labels(exc.code).inc()
+            response = error_response(exc.status, exc.code, exc.message)
+            response.headers.update(exc.headers or {})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyTooLarge(ServiceError):

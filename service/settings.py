@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,6 +170,27 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="if set, every route but health, metrics and docs needs it")
     auth_health: bool = Field(False, description="with an API key, health and metrics need it too")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="web origins (scheme://host[:port]) whose pages may call the API from a browser, comma-separated "
+        "or a JSON list; `*`: any; unset: no CORS headers at all (browsers allow same-origin calls only)",
+    )
+    rate_limit: float = Field(
+        0.0, ge=0,
+        description="requests a second each client may make, on average (a token bucket; REST and gRPC together, "
+        "health and metrics exempt); a client is its API key where it sends one the service knows, else its IP "
+        "address (an IPv6 address's /64); per worker process; 0: no limit. Over it: 429 `rate_limited` with "
+        "Retry-After",
+    )  # fmt: skip
+    rate_burst: int = Field(
+        0, ge=0, description="requests a client may make at once before rate_limit applies (its bucket's size); "
+        "0: one second's worth (rate_limit rounded up)",
+    )  # fmt: skip
+    rate_limit_clients: int = Field(
+        10_000, ge=1,
+        description="most clients whose buckets are kept (about 300 bytes each); past it the longest idle is "
+        "forgotten, and starts again with a full burst",
+    )  # fmt: skip
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     log_json: bool = Field(False, description="log lines as JSON objects (one per request, with its request id)")
@@ -185,6 +207,15 @@ class Settings(BaseSettings):
             raise ValueError("model_control_mode explicit needs one worker (a load call reaches one process); "
                              "use poll with several workers")  # fmt: skip
         return self
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_as_list(cls, origins: object) -> object:
+        """A comma-separated string, or a JSON list (as every list setting is read)."""
+        if isinstance(origins, str):
+            text = origins.strip()
+            return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return origins
 
     @field_validator("api_key", "control_api_key")
     @classmethod

@@ -56,6 +56,8 @@ def type_name(annotation: Any) -> str:
         return " or ".join(type_name(a) for a in rest) + ", or unset"
     if origin is dict:
         return "JSON object"
+    if origin is list:
+        return f"list of {type_name(args[0])}s"
     if annotation is SecretStr:
         return "string (secret: never logged)"
     return NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))

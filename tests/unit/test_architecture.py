@@ -165,7 +165,7 @@ ADAPTERS = ("service.app", "service.routes", "service.inputs", "service.deps", "
 CORE = ("service.manifest", "service.imaging", "service.runtime", "service.repository", "service.batching",
         "service.sampling", "service.attention", "service.budget", "service.pipeline", "service.outputs",
         "service.context", "service.settings", "service.errors", "service.text", "service.memory",
-        "service.metrics", "service.logs", "service.schemas")  # fmt: skip
+        "service.metrics", "service.logs", "service.schemas", "service.ratelimit")  # fmt: skip
 
 
 def web_imports(found: set[str]) -> list[str]:
