@@ -113,11 +113,17 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
     return options
 
 
+def rows_of(client: Client, model: str | None) -> int | None:
+    """How many rows the generation model (that one, or the server's first) decodes: its height."""
+    found = [m for m in client.models() if m.task == "generation" and m.state == "ready" and model in (None, m.name)]
+    return found[0].input_size[0] if found and found[0].input_size else None
+
+
 def streamed(client: Client, args: argparse.Namespace) -> Generated:
     """The generation's rows under a progress bar, then its answer."""
     from tqdm import tqdm
 
-    with tqdm(unit="row", desc="generating", file=sys.stderr) as bar:
+    with tqdm(total=rows_of(client, args.model), unit="row", desc="generating", file=sys.stderr) as bar:
         for event in client.generate_stream(prime=args.prime, **generate_options(args)):
             if isinstance(event, Row):
                 bar.update(1)
