@@ -176,6 +176,9 @@ def predict(args: argparse.Namespace) -> int:
     except (offline.PredictError, ValueError) as exc:  # ValueError: options the task's model refuses
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} holds what was done; run the same command again to resume", file=sys.stderr)
+        return 130
     print(f"{args.out}: {counts['now']} images now, {counts['before']} before, {counts['errors']} not decodable; "
           f"{counts['skipped']} files under {args.dir} skipped (not images)", file=sys.stderr)  # fmt: skip
     return 0
