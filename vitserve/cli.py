@@ -173,7 +173,7 @@ def predict(args: argparse.Namespace) -> int:
             assert predictor.model.manifest is not None
             count = offline.write_coco(args.out, args.coco, predictor.model.manifest.labels, args.coco_annotations)
             print(f"{args.coco}: {count} detections in COCO's results format", file=sys.stderr)
-    except (offline.PredictError, ValueError) as exc:  # ValueError: options the task's model refuses
+    except offline.PredictError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

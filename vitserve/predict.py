@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from service.budget import ImageLimits
 from service.errors import ServiceError
-from service.manifest import CLASSIFICATION, DETECTION
+from service.manifest import CLASSIFICATION, DETECTION, read_manifest
 from service.pipeline import ImagePipeline, Job, ModelOptions
 from service.repository import ServedModel, latest_version, load_version
 from service.runtime import DeviceUnavailable, check_device, every_core
@@ -114,25 +115,37 @@ def offline_settings(repository: Path) -> Settings:
         raise PredictError(str(exc)) from exc
 
 
+def model_names(repository: Path) -> list[str]:
+    if not repository.is_dir():
+        return []
+    return [p.name for p in sorted(repository.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
 def load(name: str, repository: Path | None, options: dict[str, Any]) -> Predictor:
     """The model's highest version, loaded by the repository code as the service loads it (from the
     service's repository where `repository` is None)."""
     repository = repository or Settings().model_repository
     model_dir = repository / name
-    if not model_dir.is_dir():
-        found = sorted(p.name for p in repository.iterdir() if p.is_dir()) if repository.is_dir() else []
-        raise PredictError(f"no model {name!r} in {repository} (models: {', '.join(found) or 'none'})")
-    settings = offline_settings(repository)
+    if not model_dir.is_dir() or name.startswith("."):
+        raise PredictError(
+            f"no model {name!r} in {repository} (models: {', '.join(model_names(repository)) or 'none'})"
+        )
     try:
-        model = load_version(latest_version(model_dir), settings, manifest_checks(TASKS))
-    except ValueError as exc:
+        version_dir = latest_version(model_dir)
+        pipeline = PIPELINES.get(read_manifest(version_dir).task)
+        if pipeline is None:
+            raise PredictError(f"model {name!r} is a {read_manifest(version_dir).task} model; predict runs "
+                               f"{', '.join(PIPELINES)}")  # fmt: skip
+        chosen = pipeline.options(model=name, **options)
+    except ValidationError as exc:  # options the task refuses
+        raise PredictError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+    except (OSError, ValueError) as exc:  # no version folder, an invalid manifest
         raise PredictError(str(exc)) from exc
-    if model.state != "ready" or model.manifest is None:
+    settings = offline_settings(repository)
+    model = load_version(version_dir, settings, manifest_checks(TASKS))
+    if model.state != "ready":
         raise PredictError(f"model {name!r} did not load: {model.reason}")
-    pipeline = PIPELINES.get(model.manifest.task)
-    if pipeline is None:
-        raise PredictError(f"model {name!r} is a {model.manifest.task} model; predict runs {', '.join(PIPELINES)}")
-    return Predictor(model, pipeline, pipeline.options(model=name, **options), ImageLimits.of(settings))
+    return Predictor(model, pipeline, chosen, ImageLimits.of(settings))
 
 
 def image_paths(root: Path) -> tuple[list[str], int]:
@@ -185,6 +198,8 @@ def ahead(pool: ThreadPoolExecutor, predictor: Predictor, root: Path, paths: lis
 def predict(predictor: Predictor, root: Path, out: Path, batch_size: int) -> dict[str, int]:
     """Every image under `root` not yet in `out`, appended to it batch by batch (one write and flush
     per batch). Returns the counts: images, done before, done now, errors, skipped files."""
+    if not root.is_dir():
+        raise PredictError(f"{root} is not a folder")
     paths, skipped = image_paths(root)
     done = set(done_paths(out))
     todo = [p for p in paths if p not in done]
