@@ -69,6 +69,8 @@ class Predictor:
             feeds = self.pipeline.prepare(job, [(root / path).read_bytes()], self.limits)
         except ServiceError as exc:
             return Prepared(path, error=exc)
+        except OSError as exc:  # unreadable (permissions, gone since the listing)
+            return Prepared(path, error=ServiceError(0, "unreadable", f"{type(exc).__name__}: {exc.strerror}"))
         return Prepared(path, job, feeds[0] if isinstance(feeds, list) else feeds)
 
     def run(self, batch: list[Prepared]) -> list[dict[str, Any]]:
