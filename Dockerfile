@@ -14,6 +14,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
 COPY export ./export
+COPY vitserve ./vitserve
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir ".[cpu]"
 
 # ---- the same with onnxruntime-gpu: the `gpu` extra's pin without its [cuda,cudnn] libraries, which
@@ -26,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY models ./models
 COPY export ./export
+COPY vitserve ./vitserve
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir . "$(python3 -c 'import re, tomllib; print(re.sub(r"\[.*\]", "", tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"][0]))')"
 
@@ -49,6 +51,7 @@ COPY pyproject.toml README.md Makefile ./
 COPY service ./service
 COPY models ./models
 COPY export ./export
+COPY vitserve ./vitserve
 # the CPU build of the pinned torch (a plain PyPI install would pull the CUDA build)
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[cpu,train,hf]"
 CMD ["sh", "-c", "python -m export vit && python -m export detr && python -m export imagetransformer"]

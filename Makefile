@@ -35,7 +35,7 @@ test: $(VENV)/.dev system-deps
 lint: $(VENV)/.dev system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service
+	$(BIN)/mypy service vitserve
 	$(BIN)/hadolint Dockerfile
 	@if docker compose version >/dev/null 2>&1; then docker compose config -q; else docker-compose config -q; fi
 	@echo "Dockerfile and docker-compose.yml check out"

@@ -357,8 +357,8 @@ def hf_versions() -> dict[str, str]:
     return {"transformers": transformers.__version__, "safetensors": safetensors.__version__}
 
 
-def main(argv: list[str] | None = None) -> Manifest:
-    parser = argparse.ArgumentParser(prog="python -m export.hf", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m export.hf") -> Manifest:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("folder", type=Path, metavar="DIR", help="a Hugging Face checkpoint folder")
     parser.add_argument("--name", required=True, help="model name in the repository")

@@ -19,8 +19,8 @@ from service.workers import supervise
 log = logging.getLogger("service")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m service") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     try:
         settings = Settings()
     except ValidationError as exc:

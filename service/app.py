@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from service import __version__
 from service.auth import ApiKeyMiddleware
 from service.batching import Batcher
-from service.budget import BYTES_PER_PIXEL, ImageLimits, MemoryBudget
+from service.budget import ImageLimits
 from service.error_responses import install_error_handlers
 from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, RateLimitMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
@@ -87,11 +87,7 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503
     app.state.metrics = metrics = Metrics()
     app.state.registry = ModelRegistry(settings)
-    budget = MemoryBudget(BYTES_PER_PIXEL * settings.max_decoding_pixels)
-    app.state.image_limits = ImageLimits(
-        settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget,
-        max_images=settings.max_images_per_request,
-    )  # fmt: skip
+    app.state.image_limits = ImageLimits.of(settings)
     install_error_handlers(app)
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=metrics)

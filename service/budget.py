@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 WAIT_STEP_S = 0.25  # how often a waiting request looks whether its client has gone
 BYTES_PER_PIXEL = 4  # of the pixel limits' pixels: an RGB pixel as Pillow holds it
@@ -100,6 +103,13 @@ class ImageLimits:
     budget: MemoryBudget = field(compare=False)
     threads: ImageThreads = field(default_factory=ImageThreads, compare=False)
     max_images: int = 256  # images in one request, uploaded or generated (the max_images_per_request setting)
+
+    @classmethod
+    def of(cls, settings: Settings) -> ImageLimits:
+        """The settings' limits, with a budget of their own: one per process (the app's, or an offline run's)."""
+        budget = MemoryBudget(BYTES_PER_PIXEL * settings.max_decoding_pixels)
+        return cls(settings.max_image_pixels, settings.max_request_pixels, settings.max_request_decode_work, budget,
+                   max_images=settings.max_images_per_request)  # fmt: skip
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         """`work(*args)` in one of the image threads: off the event loop, and never too many at once."""

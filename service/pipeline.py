@@ -107,6 +107,16 @@ class ImagePipeline(Generic[Opts, A]):
             with timed("postprocess"):
                 return job, self.postprocess(job)
 
+    def prepare(self, job: Job[Opts], images: list[bytes], limits: ImageLimits) -> Feeds:
+        """The stages before the run (decode, preprocess) in the calling thread, outside the process's
+        budget: for an offline run that forms its own batches (`vitserve predict`)."""
+        return _prepare(job, open_all(images, limits, _model_mode(job, False)), None, None, False, self.preprocess)
+
+    def finish(self, job: Job[Opts], outputs: list[np.ndarray]) -> A:
+        """The stage after the run: the job's outputs (in any precision) -> its answer."""
+        job.outputs = [_float32(output) for output in outputs]
+        return self.postprocess(job)
+
     async def _run(self, model: ServedModel, feeds: Feeds) -> list[np.ndarray]:
         """The graph's outputs, in float32 whatever precision the graph ran in (the stages after it
         compute in float32); per-image feeds run each on its own, sharing batches with images of its size."""

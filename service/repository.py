@@ -165,6 +165,11 @@ class ServedModel:
         with context.timed("inference"):
             return await asyncio.get_running_loop().run_in_executor(self.executor, self.runs[graph], feeds)
 
+    def run_now(self, feeds: dict[str, np.ndarray], graph: str = "main") -> list[np.ndarray]:
+        """A run in the calling thread, past any batcher: for an offline caller that forms its own
+        batches (`vitserve predict`)."""
+        return self.runs[graph](self._as_declared(feeds, graph))
+
     def sampler(self, cfg: GenerationConfig, batch: int) -> Sampler:
         """Steps for a generation of `batch` images, sharing runs with other generations: with the
         caches in the device's pool where the model has one, else on the host. It holds its queue
