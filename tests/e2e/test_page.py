@@ -244,3 +244,5 @@ def test_zero_shot_scores_the_labels_typed(stubbed: Page) -> None:
     stubbed.locator("#embedding").screenshot(path=str(SCREENSHOTS / "embeddings.png"))
     stubbed.locator("#zero-shot").screenshot(path=str(SCREENSHOTS / "zero-shot.png"))
     stubbed.screenshot(path=str(SCREENSHOTS / "page-panels.png"), full_page=True)
+    stubbed.set_viewport_size({"width": 390, "height": 844})
+    assert stubbed.evaluate("document.documentElement.scrollWidth") <= 390  # the new panels fit a phone too
