@@ -1,7 +1,7 @@
 """ImageGPT imported by `python -m export.hf` and served as a generation model by a real `python -m service`
 (the cache on the host) and through the app (the cache in the device pool), compared with transformers:
 greedy tokens against `generate(do_sample=False)`, scores against its loss, attention against its own,
-images drawn in the palette's colours."""
+images drawn in the palette's colours, on the page too."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from playwright.sync_api import Browser, expect
 
 from service.settings import PROJECT_ROOT, Settings
 from tests.conftest import client_for
 from tests.e2e.conftest import running_server
+from tests.e2e.test_page import BROKEN, browser  # noqa: F401  (browser: the fixture)
 from tests.hf import checkpoints
 from tests.hf.photos import decoded, photos
 
@@ -237,3 +239,26 @@ def test_clusters_that_do_not_fit_the_vocabulary_are_refused(
         hf.main([str(broken), "--name", "x", "--repository", str(tmp_path / "repository")])
     assert "15 clusters for a vocabulary of 17" in capsys.readouterr().err
     assert not (tmp_path / "repository").exists()
+
+
+def test_the_page_draws_it_in_the_palette_colours(browser: Browser, server: str) -> None:  # noqa: F811
+    page = browser.new_page(viewport={"width": 1100, "height": 1400})
+    page.goto(server + "/")
+    expect(page.locator("#generator option")).to_have_text([f"{NAME} (ImageGPTForCausalImageModeling)"])
+    expect(page.locator("#digit-field")).to_be_hidden()  # unconditional: no label sent (it would be a 422)
+    assert page.locator("#image-section").is_hidden()  # no classifier or detector served
+    page.fill("#seed", "7")
+    page.click("#generate")
+    expect(page.locator("#canvas")).to_have_attribute("data-done", "true", timeout=30_000)
+    expect(page.locator("#gen-status")).to_have_text("Done: (seed 7).")
+    answer = httpx2.post(f"{server}/v1/generate", json={"model": NAME, "seed": 7, "scale": 1}, timeout=60).json()
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"))
+    drawn = page.evaluate("""() => { const c = document.getElementById('canvas'), cell = c.width / 8;
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, rows = [];
+        for (let y = 0; y < 8; y++) { const row = []; rows.push(row);
+          for (let x = 0; x < 8; x++) { const i = 4 * ((y * cell + cell / 2) * c.width + x * cell + cell / 2);
+                                        row.push([d[i], d[i + 1], d[i + 2]]); } }
+        return rows; }""")
+    assert (np.asarray(drawn) == expected).all()  # each pixel its palette colour, as the PNG has it
+    assert page.evaluate(BROKEN) == []
+    page.close()
