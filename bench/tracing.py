@@ -1,10 +1,11 @@
 """`python -m bench.tracing [--base REV] [--requests N] [--rounds N] [--json PATH]`: what tracing costs a
 request. Side by side, processes taking turns: the service as it is with tracing off (no OTEL_* variable),
-the service at REV (default: main) before tracing existed, and the service with tracing on (every request
-sampled, spans batched to an exporter that drops them: the SDK's cost, not a collector's). Each process
-serves the shipped ViT and sends N requests of each kind straight to the ASGI app in its own event loop
-(no client, no socket): a classification (a digit PNG, the whole pipeline) and GET /health/live (the
-middleware alone); the figure is the median time of a request, in microseconds."""
+the service at REV before tracing existed (default: the commit before the one that added service/tracing.py),
+and the service with tracing on (every request sampled, spans batched to an exporter that drops them: the
+SDK's cost, not a collector's). Each process serves the shipped ViT and sends N requests of each kind
+straight to the ASGI app in its own event loop (no client, no socket): a classification (a digit PNG, the
+whole pipeline) and GET /health/live (the middleware alone); the figure is the median time of a request,
+in microseconds."""
 
 from __future__ import annotations
 
@@ -104,6 +105,13 @@ def base_tree(rev: str, target: Path) -> Path:
     return target
 
 
+def before_tracing() -> str:
+    """The revision just before service/tracing.py was added (git)."""
+    log = ["git", "-C", str(ROOT), "log", "-1", "--format=%h", "--diff-filter=A", "--", "service/tracing.py"]
+    added = subprocess.run(log, check=True, capture_output=True, text=True).stdout.strip()
+    return f"{added}^"
+
+
 def run(base: str, requests: int, rounds: int) -> list[dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     with tempfile.TemporaryDirectory() as folder:
@@ -134,7 +142,7 @@ def run(base: str, requests: int, rounds: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None, printer: Callable[[str], None] = print) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--base", default="main", help="the revision before tracing (git)")
+    parser.add_argument("--base", help="the revision before tracing (git; default: the one before it was added)")
     parser.add_argument("--requests", type=int, default=500, help="requests of each kind per process")
     parser.add_argument("--rounds", type=int, default=5, help="processes of each kind, taking turns")
     parser.add_argument("--json", type=Path)
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None, printer: Callable[[str], None] = print) 
         tree, mode, requests, repository = args.child
         printer(json.dumps(child(tree, mode, int(requests), repository)))
         return
-    rows = run(args.base, args.requests, args.rounds)
+    rows = run(args.base or before_tracing(), args.requests, args.rounds)
     printer(f"a request's time, the median of {args.rounds} processes x {args.requests} requests of each kind")
     report("tracing", rows, args.json)
 
