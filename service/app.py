@@ -8,11 +8,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from service import __version__
+from service import __version__, tracing
 from service.auth import ApiKeyMiddleware
 from service.batching import Batcher
 from service.budget import ImageLimits
@@ -31,6 +32,9 @@ from service.settings import Settings, get_settings
 from service.tasks import TASKS, manifest_checks
 from service.tasks.base import Task
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
 log = logging.getLogger("service")
 
 DESCRIPTION = """
@@ -47,14 +51,20 @@ CORS_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "X-Request-ID")
 CORS_EXPOSED = ("X-Request-ID", "Server-Timing", "X-Model-Version", "Retry-After")
 
 
-def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None = None) -> FastAPI:
-    """The app serving `tasks` (default: every task in service.tasks.TASKS)."""
+def create_app(
+    settings: Settings | None = None,
+    tasks: dict[str, Task] | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The app serving `tasks` (default: every task in service.tasks.TASKS). Traced (service/tracing.py)
+    through `tracer_provider` where given, else where the environment names an OTLP endpoint."""
     settings = settings or get_settings()
     tasks = TASKS if tasks is None else tasks
     give_back_big_blocks()  # else each decoding thread keeps its peak of image memory
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tracing.start(tracer_provider)  # before the first request: on or off for the process's life
         # a GPU provider that cannot run: served without (logged), or no start
         app.state.settings = serving = check_device(settings)
         # loading blocks startup: the server accepts no request before every model is loaded and warm
@@ -77,11 +87,14 @@ def create_app(settings: Settings | None = None, tasks: dict[str, Task] | None =
             if task is not None:
                 task.cancel()
         await registry.close()
+        tracing.stop()  # the spans still queued sent
 
     # no trailing-slash redirects: Starlette's name the client's Host (and X-Forwarded-Proto) as their
     # target, which a shared cache in front would keep and serve to others; /v1/models/ is a 404
+    # FastAPI's own request spans off: the service's (service/tracing.py) carry the same HTTP attributes, and the
+    # stages under them; one server span a request, for REST as for gRPC
     app = FastAPI(title="vitserve", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  redirect_slashes=False)  # fmt: skip
+                  redirect_slashes=False, telemetry={"tracing": False})  # fmt: skip
     app.state.settings = settings
     app.state.tasks = tasks
     app.state.draining = False  # set on SIGTERM (service/server.py): readiness answers 503

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service import context
+from service import context, tracing
 from service.errors import ServiceError
 from service.manifest import BatchPolicy
 from service.runtime import GraphRun
@@ -47,7 +47,7 @@ class _Request:
     feeds: dict[str, np.ndarray]
     size: int
     future: asyncio.Future[list[np.ndarray]]
-    timings: context.Timings | None
+    owner: context.RequestContext | None  # the context of the request that asked: its stages are recorded there
     reserved: bool  # counted in a reservation, not in `queued_images`
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -132,9 +132,12 @@ class Batcher:
 
     def _run_inline(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs, seconds = self._timed_run(feeds)
+        ended = time.perf_counter()
         self._ran(1, seconds)
-        context.record("queue", 0.0)  # the same stages whichever way a request ran
-        context.record("inference", seconds)
+        request = context.current()
+        link = tracing.batch_run(self.name, [request], ended - seconds, ended, 1) if tracing.on else None
+        context.record("queue", 0.0, request, ended - seconds)  # the same stages whichever way a request ran
+        context.record("inference", seconds, request, ended, link)
         return outputs
 
     def _ran(self, size: int, seconds: float) -> None:
@@ -178,7 +181,7 @@ class Batcher:
     async def _run(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
         for request in batch:
-            context.record("queue", started - request.queued_at, request.timings)
+            context.record("queue", started - request.queued_at, request.owner, started)
         await self._execute(batch, started)
 
     async def _execute(self, batch: list[_Request], started: float) -> None:
@@ -195,6 +198,9 @@ class Batcher:
             loop = asyncio.get_running_loop()
             outputs, seconds = await loop.run_in_executor(self.executor, self._timed_run, feeds)
         except Exception as exc:  # one failed run fails its requests, not the batcher
+            if tracing.on:  # the failed run's span, marked failed
+                images = sum(r.size for r in batch)
+                tracing.batch_run(self.name, [r.owner for r in batch], started, time.perf_counter(), images, exc)
             if len(batch) > 1:  # one bad input must not fail its neighbours: each runs again alone
                 log.warning("model %s: a batch of %d requests failed (%s); running each alone", self.name,
                             len(batch), quoted(exc, 200))  # fmt: skip
@@ -207,12 +213,14 @@ class Batcher:
             return
         finally:
             self.running = False
-        elapsed = time.perf_counter() - started
-        self._ran(sum(r.size for r in batch), seconds)
+        ended = time.perf_counter()
+        images = sum(r.size for r in batch)
+        self._ran(images, seconds)
         offsets = np.cumsum([r.size for r in batch])[:-1]
         parts = [np.split(output, offsets) for output in outputs]
+        link = tracing.batch_run(self.name, [r.owner for r in batch], started, ended, images) if tracing.on else None
         for i, request in enumerate(batch):
-            context.record("inference", elapsed, request.timings)
+            context.record("inference", ended - started, request.owner, ended, link)
             if not request.future.done():  # a client that went away leaves a cancelled future
                 request.future.set_result([part[i] for part in parts])
 

@@ -1,6 +1,7 @@
 """The request context: who asked (request id), which model answered, and how long each stage
 took (decode, preprocess, queue, inference, postprocess, encode). It travels in a context variable,
 so worker threads and the batcher record into the request that asked without being passed around.
+Where tracing is on (service/tracing.py), each stage's start and end are kept as well, for its span.
 A leaf module: it imports nothing from the service, and everything may import it."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 
 Timings = dict[str, float]  # stage -> seconds, summed when a stage repeats
+# (stage, start, end) in time.perf_counter() seconds, and what the stage's span links to (a batch run's span)
+Stage = tuple[str, float, float, object]
 # the scope key set when a connection closes before its answer is complete (by service/connections.py, or
 # by service/errors.py on a ClientDisconnect): the status and note the access line shows instead of the answer's
 CLOSED_EARLY = "vitserve.closed_early"
@@ -26,6 +29,8 @@ class RequestContext:
     provider: str = ""
     version: int = 0
     releases: list[Callable[[], None]] = field(default_factory=list)  # called when the request ends
+    stages: list[Stage] | None = None  # every stage as it ran, kept only where the request is traced
+    trace: object = None  # the request's span and what goes with it (service/tracing.py), where it is traced
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("request_context", default=None)
@@ -55,9 +60,8 @@ def in_flight() -> int:
     return _in_flight
 
 
-def current() -> Timings | None:
-    context = _current.get()
-    return context.timings if context else None
+def current() -> RequestContext | None:
+    return _current.get()
 
 
 def request_id() -> str | None:
@@ -78,10 +82,18 @@ def served_by(model: str, provider: str, version: int = 0, lease: Lease | None =
             context.releases.append(lease())
 
 
-def record(stage: str, seconds: float, timings: Timings | None = None) -> None:
-    timings = timings if timings is not None else current()
-    if timings is not None:
-        timings[stage] = timings.get(stage, 0.0) + seconds
+def record(
+    stage: str, seconds: float, request: RequestContext | None = None, ended: float | None = None, link: object = None
+) -> None:
+    """Adds `seconds` to the stage's time in `request` (default: the current one); where the request is
+    traced, keeps the stage's start and end too (`ended`: when it ended, default now; `link`: the span of
+    the batch run it was part of)."""
+    request = request if request is not None else _current.get()
+    if request is not None:
+        request.timings[stage] = request.timings.get(stage, 0.0) + seconds
+        if request.stages is not None:
+            end = time.perf_counter() if ended is None else ended
+            request.stages.append((stage, end - seconds, end, link))
 
 
 @contextmanager

@@ -7,12 +7,13 @@ A thin adapter, as service/routes/v2.py is for REST: the messages become `codec.
 (service/grpc_codec.py), and everything else is the shared core's (service/protocol.py): the same
 models and views, the same batchers, image limits and checks, the same repository calls. Around
 each call, what the HTTP middleware does for REST: the request context (id, model, stage timings),
-the API keys (metadata `authorization: Bearer <key>` or `x-api-key`; health open unless
-`auth_health`; the repository calls behind the control key), the answer's time limit
-(`request_timeout_s`), the per-client rate limit (the app's one limiter, service/ratelimit.py: its
-key, else its peer's address; health exempt; RESOURCE_EXHAUSTED with trailing metadata
-`retry-after`), one access-log line and the request metrics (route: the gRPC method's path; status:
-the HTTP status REST would answer). Message size: `max_body_bytes`, enforced by gRPC itself
+its span where tracing is on (service/tracing.py; parent: the metadata's `traceparent`), the API keys
+(metadata `authorization: Bearer <key>` or `x-api-key`; health open unless `auth_health`; the
+repository calls behind the control key), the answer's time limit (`request_timeout_s`), the
+per-client rate limit (the app's one limiter, service/ratelimit.py: its key, else its peer's
+address; health exempt; RESOURCE_EXHAUSTED with trailing metadata `retry-after`), one access-log
+line and the request metrics (route: the gRPC method's path; status: the HTTP status REST would
+answer). Message size: `max_body_bytes`, enforced by gRPC itself
 (RESOURCE_EXHAUSTED). Errors: a `ServiceError`'s status becomes the nearest gRPC code (STATUS_CODES);
 a malformed request is INVALID_ARGUMENT; a failure of the server's own is INTERNAL, logged."""
 
@@ -29,7 +30,7 @@ from urllib.parse import unquote
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service import context, protocol
+from service import context, protocol, tracing
 from service.auth import authorized, carried
 from service.codec import CodecError
 from service.errors import ServiceError
@@ -177,7 +178,9 @@ class InferenceService:
         its failure answered as the protocol's status."""
         metadata = {key: value for key, value in rpc.invocation_metadata() or ()}
         state, token = context.begin(request_id_from(_text(metadata.get("x-request-id"))))
-        started, status = time.perf_counter(), 200
+        if tracing.on:
+            tracing.begin_rpc(state, method, metadata)
+        started, status, code = time.perf_counter(), 200, grpc.StatusCode.OK
         try:
             try:
                 self._authorize(guard, metadata)
@@ -186,14 +189,16 @@ class InferenceService:
                 async with asyncio.timeout(self.timeout_s):
                     return await work(request)
             except asyncio.CancelledError:
-                status = 499  # the client left (or its deadline passed)
+                status, code = 499, grpc.StatusCode.CANCELLED  # the client left (or its deadline passed)
                 raise
             except Exception as exc:
                 answer = self._answer(exc, method)
-                status = answer.status
+                status, code = answer.status, answer.code
                 await rpc.abort(answer.code, answer.message, answer.trailers)
         finally:
             self._record(method, status, state, time.perf_counter() - started)
+            if state.trace is not None:
+                tracing.end_rpc(state, code.value[0], status)
             context.end(token)
 
     def _authorize(self, guard: Guard, metadata: dict[str, str | bytes]) -> None:

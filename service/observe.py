@@ -1,8 +1,9 @@
 """One pure ASGI middleware that observes every request: it opens the request context (with the
 client's X-Request-ID when sane, else a new one); when the response starts, adds the
 `Server-Timing` (the stages so far), `X-Request-ID` and (where a model answered) `X-Model-Version`
-headers; when it ends, logs one line and
-records the request's metrics. A client that left before its answer was complete is logged as such,
+headers; when it ends, logs one line and records the request's metrics. Where tracing is on
+(service/tracing.py), it opens the request's span first, answers with its `traceparent`, and ends it
+with the stages' spans last. A client that left before its answer was complete is logged as such,
 with status 499 (nginx's "client closed request"), not as the server's error."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import context
+from service import context, tracing
 from service.context import CLOSED_EARLY, RequestContext
 from service.metrics import Metrics
 
@@ -49,6 +50,11 @@ def _printable(path: str) -> str:
     return path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
 
 
+def _route(scope: Scope) -> str | None:
+    """The path template of the route that matched (None: none did)."""
+    return getattr(scope.get("route"), "path", None)
+
+
 class ObservingMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -59,6 +65,8 @@ class ObservingMiddleware:
             await self.app(scope, receive, send)
             return
         request, token = context.begin(_request_id(scope))
+        if tracing.on:
+            tracing.begin_http(request, scope)
         started = time.perf_counter()
         status = 0
 
@@ -70,6 +78,8 @@ class ObservingMiddleware:
                          (b"x-request-id", request.request_id.encode())]  # fmt: skip
                 if request.version:  # which version of the model answered
                     extra.append((b"x-model-version", str(request.version).encode()))
+                if request.trace is not None:
+                    extra.append((b"traceparent", tracing.traceparent(request)))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
@@ -80,10 +90,12 @@ class ObservingMiddleware:
             status, note = early or (status, "")
             if status:
                 self._record(scope, status, request, time.perf_counter() - started, note)
+            if request.trace is not None:
+                tracing.end_http(request, scope["method"], _route(scope), status)
             context.end(token)
 
     def _record(self, scope: Scope, status: int, request: RequestContext, total: float, note: str) -> None:
-        route = getattr(scope.get("route"), "path", "unmatched")
+        route = _route(scope) or "unmatched"
         if access_log.isEnabledFor(logging.INFO):
             path = _printable(scope["path"])
             access_log.info(
