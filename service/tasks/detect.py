@@ -65,16 +65,15 @@ def as_response(found: Found, names: list[str]) -> list[Detection]:
     ]
 
 
+def found_in(job: Job[Any], i: int) -> Found:
+    """Image `i`'s detections, scored as the manifest says (softmax or sigmoid)."""
+    manifest, options, (logits, boxes) = job.manifest, job.options, job.outputs[:2]
+    return detections(logits[i], boxes[i], job.images[i].size, manifest.preprocessing, options.threshold,
+                      options.max_detections, manifest.score_activation)  # fmt: skip
+
+
 def detect(job: Job[DetectOptions]) -> DetectResponse:
-    logits, boxes = job.outputs
-    spec, options = job.manifest.preprocessing, job.options
-    results = [
-        as_response(
-            detections(logits[i], boxes[i], image.size, spec, options.threshold, options.max_detections),
-            job.manifest.labels,
-        )
-        for i, image in enumerate(job.images)
-    ]
+    results = [as_response(found_in(job, i), job.manifest.labels) for i in range(len(job.images))]
     return DetectResponse(model=job.model.name, results=results)
 
 
@@ -193,10 +192,10 @@ Panel = tuple[np.ndarray, Box | None, str]  # a map over the whole feature grid,
 
 def image_attention(job: Job[DetectAttentionOptions], i: int) -> tuple[ImageAttention, list[Panel]]:
     """One image's detections with their queries' cross-attention, and the encoder's at `point`."""
-    logits, boxes, encoder, decoder = job.outputs
-    options, spec, size = job.options, job.manifest.preprocessing, job.images[i].size
+    _, _, encoder, decoder = job.outputs
+    options, size = job.options, job.images[i].size
     grid = cells(job.manifest, decoder[i].shape[-1], size)
-    found = detections(logits[i], boxes[i], size, spec, options.threshold, options.max_detections)
+    found = found_in(job, i)
     cross = heads(pick(decoder[i], options.layer, "layer"), options.head)  # [queries, cells]
     items, panels = [], list[Panel]()
     for d, q in zip(as_response(found, job.manifest.labels), found.queries, strict=True):
