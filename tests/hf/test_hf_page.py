@@ -8,6 +8,7 @@ import httpx2
 from playwright.sync_api import Browser, expect
 
 from tests.e2e.test_page import browser  # noqa: F401  (the fixture)
+from tests.hf.conftest import CLASSIFIERS
 from tests.hf.photos import photos
 
 
@@ -16,8 +17,11 @@ def test_choose_an_imported_model_on_the_page(browser: Browser, hf_server: str, 
     photo.write_bytes(photos()["china.jpeg"])
     page = browser.new_page(viewport={"width": 1100, "height": 1400})
     page.goto(hf_server + "/")
-    expect(page.locator("#classifier option")).to_have_count(4, timeout=20_000)
-    assert page.locator("#detector option").all_inner_texts() == ["hfdetr (DetrForObjectDetection)"]
+    expect(page.locator("#classifier option")).to_have_count(len(CLASSIFIERS), timeout=20_000)
+    assert sorted(page.locator("#detector option").all_inner_texts()) == [
+        "hfcondetr (ConditionalDetrForObjectDetection)", "hfdetr (DetrForObjectDetection)",
+        "hfyolos (YolosForObjectDetection)",
+    ]  # fmt: skip
     page.select_option("#classifier", "hfdeit")
     page.set_input_files("#file", photo)
     top = httpx2.post(f"{hf_server}/v1/classify?model=hfdeit", content=photo.read_bytes(),
