@@ -155,8 +155,8 @@ def load(folder: Path) -> Checkpoint:
     try:
         model_class = getattr(transformers, architecture)
         # mismatched shapes load (as new random tensors) to be reported by name below, not in a log
-        model, loading = model_class.from_pretrained(folder, local_files_only=True, attn_implementation="eager",
-                                                     output_loading_info=True, ignore_mismatched_sizes=True)  # fmt: skip
+        options = {"attn_implementation": "eager", "output_loading_info": True, "ignore_mismatched_sizes": True}
+        model, loading = model_class.from_pretrained(folder, local_files_only=True, **options)
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # a truncated safetensors file, a broken JSON, missing weights...
         raise ExportError(f"{folder} could not be loaded by transformers: {type(exc).__name__}: {exc}") from exc
