@@ -6,9 +6,10 @@ to fit with its aspect kept, at the top left, padded). A fixed shape lets reques
 a batch and keeps ONNX Runtime's kernels static; boxes are mapped back through the same scale.
 Thresholding and top-k happen here, outside the graph.
 
-An imported DETR (export/hf.py) resizes as its image processor does instead (`shortest_edge`): each
-image keeps its aspect and its own input size, runs unpadded (pixel_mask all ones, exactly what
-transformers' pipeline computes for one image), and shares a batch only with images of its size.
+An imported detector (DETR, Conditional DETR, YOLOS: export/hf.py) resizes as its image processor does
+instead (`shortest_edge`): each image keeps its aspect and its own input size, runs unpadded (pixel_mask
+all ones, exactly what transformers' pipeline computes for one image), and shares a batch only with
+images of its size. Scores follow the manifest's `score_activation` (softmax with "no object", or sigmoid).
 """
 
 from __future__ import annotations
