@@ -1,7 +1,9 @@
-"""The page lets a user choose among the served models: an imported DeiT and DETR on a real photo."""
+"""The page lets a user choose among the served models: an imported DeiT and DETR on a real photo, then
+Swin (whose attention map is refused, the reason shown in its place) and YOLOS."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx2
@@ -30,5 +32,16 @@ def test_choose_an_imported_model_on_the_page(browser: Browser, hf_server: str, 
     expect(page.locator(".bar").first).to_have_attribute("data-label", top)
     # a photo: scale 1; DeiT's centre crop (32 of 36 pixels) keeps 568 of its 640 columns
     assert page.eval_on_selector("#vit-attention", "img => img.naturalWidth") == 568
+    assert page.eval_on_selector("#detr-attention", "img => img.naturalWidth") > 0
+    # Swin classifies; in place of its attention map (it has none), the reason
+    page.select_option("#classifier", "hfswin")
+    page.select_option("#detector", "hfyolos")
+    other = tmp_path / "flower.jpeg"  # another file: choosing the same one again fires no change
+    other.write_bytes(photos()["flower.jpeg"])
+    page.set_input_files("#file", other)
+    top = httpx2.post(f"{hf_server}/v1/classify?model=hfswin", content=other.read_bytes(),
+                      headers={"content-type": "image/jpeg"}).json()["results"][0][0]["label"]  # fmt: skip
+    expect(page.locator("#status")).to_contain_text(f"Top label {top}", timeout=30_000)
+    expect(page.locator("#vit-attention")).to_have_attribute("alt", re.compile("shifted local windows"))
     assert page.eval_on_selector("#detr-attention", "img => img.naturalWidth") > 0
     page.close()
