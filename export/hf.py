@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from PIL import Image
@@ -34,17 +36,47 @@ from export.onnx_export import (
     library_versions,
     publish,
     require_parity,
+    run_batched,
     staging,
     to_onnx,
     torch_outputs,
 )
 from service.imaging import Decoded, preprocess_batch
-from service.manifest import CLASSIFICATION, DETECTION, GENERATION, GraphSpec, Manifest, Preprocessing, TensorSpec
+from service.manifest import (
+    CLASSIFICATION,
+    DETECTION,
+    GENERATION,
+    GraphSpec,
+    Manifest,
+    Preprocessing,
+    ScoreActivation,
+    TensorSpec,
+)
 from service.settings import PROJECT_ROOT
 
 # PIL's filter numbers, as image processors store them
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}
 PREPROCESSING_TOLERANCE = 1e-5  # the service's input tensor against the image processor's
+# image processors that floor each resized side to a multiple (get_size_with_aspect_ratio_yolos's mod_size)
+SIZE_MULTIPLE = {"YolosImageProcessorPil": 16}
+PROBE_SIDE = 64  # a detector's graph shapes and feature stride are read from a run at this size
+
+
+def detr_attention(out: Any, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """DETR-style outputs -> (encoder self-attention `[batch, layers, heads, cells, cells]`, decoder
+    cross-attention `[batch, layers, heads, queries, cells]`)."""
+    return torch.stack(out.encoder_attentions, 1), torch.stack(out.cross_attentions, 1)
+
+
+def yolos_attention(out: Any, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """YOLOS's one stack of global attention over [CLS, patches, detection tokens] -> the same two
+    shapes: patches over patches, and each detection token over the patches (its share of attention
+    that lands on the image: rows do not sum to 1, as the rest goes to CLS and the detection tokens)."""
+    attention, queries = torch.stack(out.attentions, 1), config.num_detection_tokens
+    return attention[..., 1:-queries, 1:-queries], attention[..., -queries:, 1:-queries]
+
+
+DetectorAttention = Callable[[Any, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -52,8 +84,14 @@ class Family:
     """What the importer knows of one transformers architecture."""
 
     task: str
-    prefix_tokens: int = 1  # classification: tokens before the patches
+    prefix_tokens: int = 1  # classification: tokens before the patches (a config's register tokens add to it)
+    no_attention: str | None = None  # why no attention graph is exported, where none is
+    scores: ScoreActivation = "softmax"  # detection: softmax with a last "no object" class, or sigmoid
+    detector_attention: DetectorAttention = detr_attention  # detection: the attention graph's two outputs
 
+
+SWIN_ATTENTION = ("Swin attends within shifted local windows that change from layer to layer: it has no "
+                  "attention from one token to every patch to map or roll out")  # fmt: skip
 
 SUPPORTED: dict[str, Family] = {
     "ViTForImageClassification": Family(CLASSIFICATION, prefix_tokens=1),
@@ -62,6 +100,12 @@ SUPPORTED: dict[str, Family] = {
     "DeiTForImageClassificationWithTeacher": Family(CLASSIFICATION, prefix_tokens=2),
     "DetrForObjectDetection": Family(DETECTION),
     "BeitForImageClassification": Family(CLASSIFICATION, prefix_tokens=1),  # relative position bias: exports too
+    "SwinForImageClassification": Family(CLASSIFICATION, no_attention=SWIN_ATTENTION),
+    # the head reads CLS and the mean of the patch tokens; registers sit between them (prefix 1 + registers)
+    "Dinov2ForImageClassification": Family(CLASSIFICATION, prefix_tokens=1),
+    "Dinov2WithRegistersForImageClassification": Family(CLASSIFICATION, prefix_tokens=1),
+    "YolosForObjectDetection": Family(DETECTION, detector_attention=yolos_attention),
+    "ConditionalDetrForObjectDetection": Family(DETECTION, scores="sigmoid"),  # no "no object" class
     "ImageGPTForCausalImageModeling": Family(GENERATION),  # imported by export/hf_imagegpt.py
 }
 
@@ -81,6 +125,11 @@ class Checkpoint:
     model: torch.nn.Module
     processor: Any  # a transformers image processor (the PIL backend)
     config: dict[str, Any]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: the family's, and the register tokens its config adds (DINOv2)."""
+        return self.family.prefix_tokens + int(getattr(self.model.config, "num_register_tokens", 0))
 
 
 def architecture_of(folder: Path) -> str:
@@ -109,10 +158,14 @@ def load(folder: Path) -> Checkpoint:
     architecture = architecture_of(folder)
     try:
         model_class = getattr(transformers, architecture)
-        model = model_class.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+        # mismatched shapes load (as new random tensors) to be reported by name below, not in a log
+        options = {"attn_implementation": "eager", "output_loading_info": True, "ignore_mismatched_sizes": True}
+        model, loading = model_class.from_pretrained(folder, local_files_only=True, **options)
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # a truncated safetensors file, a broken JSON, missing weights...
         raise ExportError(f"{folder} could not be loaded by transformers: {type(exc).__name__}: {exc}") from exc
+    require_all_weights(folder, loading)
+    model.eval()
     if getattr(processor, "backend", "pil") != "pil":
         raise ExportError(f"the image processor {type(processor).__name__} is not the PIL one the service replicates")
     problem = model.config.problem_type
@@ -121,12 +174,31 @@ def load(folder: Path) -> Checkpoint:
     return Checkpoint(folder, architecture, SUPPORTED[architecture], model, processor, model.config.to_dict())
 
 
+def require_all_weights(folder: Path, loading: dict[str, Any]) -> None:
+    """transformers fills weights missing from the file (or of another shape, where allowed) with new
+    random ones and only warns: such a model is not the checkpoint, so it is refused."""
+    problems = {
+        "missing from the weights file (transformers would initialise them at random)": loading["missing_keys"],
+        "of another shape than the config makes": [
+            f"{key} {list(saved)} in the file, {list(wanted)} by the config"
+            for key, saved, wanted in loading.get("mismatched_keys", [])
+        ],
+        "failing to load": loading.get("error_msgs", []),
+    }
+    found = [f"{len(keys)} tensors {what}: {', '.join(sorted(keys)[:5])}" for what, keys in problems.items() if keys]
+    if found:
+        raise ExportError(f"{folder}'s weights do not match its config.json: {'; '.join(found)}")
+
+
 def preprocessing_of(processor: Any, task: str) -> Preprocessing:
     """The image processor's recipe in the manifest's words."""
-    p = processor
+    p, name = processor, type(processor).__name__
     size, resample = dict(p.size or {}), RESAMPLE.get(int(p.resample))
-    if not p.do_resize or resample is None:
-        raise ExportError(f"unsupported image processor settings: do_resize={p.do_resize}, resample={p.resample}")
+    if not p.do_resize:
+        raise ExportError(f"{name} has do_resize=False: the service always resizes (to a size or by the shortest edge)")
+    if resample is None:
+        raise ExportError(f"{name}'s resample={int(p.resample)} is not supported; supported filters: "
+                          + ", ".join(f"{number} ({filter_})" for number, filter_ in RESAMPLE.items()))  # fmt: skip
     if getattr(p, "do_pad", False) and getattr(p, "pad_size", None):
         raise ExportError(f"padding to a fixed pad_size ({p.pad_size}) is not supported: images run unpadded")
     recipe: dict[str, Any] = {"color_mode": "RGB", "resample": resample, "reduced_decode": False}
@@ -139,9 +211,11 @@ def preprocessing_of(processor: Any, task: str) -> Preprocessing:
             "shortest_edge": short,
             "longest_edge": long,
             "size": (short, long or short),
+            "size_multiple": SIZE_MULTIPLE.get(name),
         }
     else:
-        raise ExportError(f"unsupported image processor size {size}")
+        raise ExportError(f"{name}'s size {size} is not supported; supported: height and width, or shortest_edge "
+                          "(with longest_edge or not)")  # fmt: skip
     if getattr(p, "do_center_crop", False):
         crop = (p.crop_size["height"], p.crop_size["width"])
         if recipe["resize"] == "stretch":
@@ -172,46 +246,53 @@ class Classifier(torch.nn.Module):
 
 class Detector(torch.nn.Module):
     """pixel_values (pixel_mask all ones: one unpadded image) -> logits, boxes (cx, cy, w, h relative to
-    the image), and with `attention` the encoder self-attention and the decoder cross-attention."""
+    the image), and with `attention` the family's encoder self-attention and queries' attention over cells."""
 
-    def __init__(self, model: torch.nn.Module, attention: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, attention: DetectorAttention | None = None) -> None:
         super().__init__()
         self.model, self.attention = model, attention
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(pixel_values=pixel_values, output_attentions=self.attention)
-        if not self.attention:
+        out = self.model(pixel_values=pixel_values, output_attentions=self.attention is not None)
+        if self.attention is None:
             return out.logits, out.pred_boxes
-        return out.logits, out.pred_boxes, torch.stack(out.encoder_attentions, 1), torch.stack(out.cross_attentions, 1)
+        return out.logits, out.pred_boxes, *self.attention(out, self.model.config)
 
 
 def f32(name: str, *shape: int | str) -> TensorSpec:
     return TensorSpec(name=name, dtype="float32", shape=list(shape))
 
 
-def classifier_graphs(cfg: Any, spec: Preprocessing, labels: int, prefix: int) -> dict[str, GraphSpec]:
+def classifier_graphs(ckpt: Checkpoint, spec: Preprocessing, labels: int) -> dict[str, GraphSpec]:
     image = f32("pixel_values", "batch", 3, *spec.size)
-    tokens = (spec.size[0] // cfg.patch_size) * (spec.size[1] // cfg.patch_size) + prefix
     logits = f32("logits", "batch", labels)
-    attention = f32("attention", "batch", cfg.num_hidden_layers, cfg.num_attention_heads, tokens, tokens)
-    return {
-        "main": GraphSpec(file="model.onnx", inputs=[image], outputs=[logits]),
-        "attention": GraphSpec(file="attention.onnx", inputs=[image], outputs=[logits, attention]),
-    }
+    graphs = {"main": GraphSpec(file="model.onnx", inputs=[image], outputs=[logits])}
+    if ckpt.family.no_attention is None:
+        cfg = ckpt.model.config
+        tokens = (spec.size[0] // cfg.patch_size) * (spec.size[1] // cfg.patch_size) + ckpt.prefix_tokens
+        attention = f32("attention", "batch", cfg.num_hidden_layers, cfg.num_attention_heads, tokens, tokens)
+        graphs["attention"] = GraphSpec(file="attention.onnx", inputs=[image], outputs=[logits, attention])
+    return graphs
 
 
-def detector_graphs(cfg: Any, labels: int) -> dict[str, GraphSpec]:
+@torch.no_grad()
+def detector_graphs(ckpt: Checkpoint) -> tuple[dict[str, GraphSpec], int]:
+    """The graphs, their outputs' sizes read from a run on a PROBE_SIDE square, and the input pixels per
+    feature cell (32 for a ResNet-50, the patch size for YOLOS)."""
+    probe = torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE)
+    logits, _, encoder, cross = Detector(ckpt.model, ckpt.family.detector_attention)(probe)
+    (_, queries, classes), (_, layers, heads, cells, _) = logits.shape, encoder.shape
     image = f32("pixel_values", "batch", 3, "height", "width")
-    queries, heads = cfg.num_queries, cfg.encoder_attention_heads
-    outputs = [f32("logits", "batch", queries, labels + 1), f32("boxes", "batch", queries, 4)]
+    outputs = [f32("logits", "batch", queries, classes), f32("boxes", "batch", queries, 4)]
     attention = [
-        f32("encoder_attention", "batch", cfg.encoder_layers, heads, "cells", "cells"),
-        f32("decoder_attention", "batch", cfg.decoder_layers, cfg.decoder_attention_heads, queries, "cells"),
+        f32("encoder_attention", "batch", layers, heads, "cells", "cells"),
+        f32("decoder_attention", "batch", *cross.shape[1:3], queries, "cells"),
     ]
-    return {
+    graphs = {
         "main": GraphSpec(file="model.onnx", inputs=[image], outputs=outputs),
         "attention": GraphSpec(file="attention.onnx", inputs=[image], outputs=outputs + attention),
     }
+    return graphs, PROBE_SIDE // math.isqrt(cells)
 
 
 # photos and parity --------------------------------------------------------------------------------
@@ -239,34 +320,46 @@ def preprocessing_error(processor: Any, spec: Preprocessing, photos: list[Image.
 
 
 def classifier_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs: dict[str, GraphSpec]) -> Any:
-    """Every output of both graphs against PyTorch in float32 and float64, on photos and their flips."""
+    """Every output of every graph against PyTorch in float32 and float64, on photos and their flips."""
     photos = sample_photos()
     inputs = preprocess_batch([Decoded(p, p.size) for p in photos], spec)
     inputs = np.concatenate([inputs, inputs[:, :, ::-1].copy(), inputs[:, :, :, ::-1].copy()])  # flips: more cases
-    (onnx_logits,) = export_image_graph(Classifier(ckpt.model), inputs, staged, graphs["main"])
-    onnx_attention = export_image_graph(Classifier(ckpt.model, attention=True), inputs, staged, graphs["attention"])
-    reference = Classifier(ckpt.model, attention=True)
+    attention = "attention" in graphs
+    reference = Classifier(ckpt.model, attention=attention)
     single, double = torch_outputs(reference, inputs), torch_outputs(reference, inputs, double=True)
+    if not attention:
+        (onnx_logits,) = export_image_graph(reference, inputs, staged, graphs["main"])
+        return check_parity([Compared("main.logits", onnx_logits, single[0], double[0])], PARITY_BATCH)
+    onnx_attention = export_image_graph(reference, inputs, staged, graphs["attention"])
+    (onnx_logits,) = run_batched(main_cut_from_attention(staged, graphs), "pixel_values", inputs, PARITY_BATCH)
     names = [f"attention.{t.name}" for t in graphs["attention"].outputs]
-    compared = [Compared("main.logits", onnx_logits, single[0], double[0])] + [
-        Compared(name, *arrays) for name, *arrays in zip(names, onnx_attention, single, double, strict=True)
-    ]
+    compared = [Compared("main.logits", onnx_logits, single[0], double[0])]
+    compared += [Compared(name, *arrays) for name, *arrays in zip(names, onnx_attention, single, double, strict=True)]
     return check_parity(compared, PARITY_BATCH)
+
+
+def main_cut_from_attention(staged: Path, graphs: dict[str, GraphSpec]) -> ort.InferenceSession:
+    """The main graph: the attention graph less its attention outputs (the very nodes a trace of its own
+    gives, in one trace, not two: tracing is most of an import's time)."""
+    main, full = graphs["main"], graphs["attention"]
+    onnx.utils.extract_model(str(staged / full.file), str(staged / main.file), [t.name for t in main.inputs],
+                             [t.name for t in main.outputs])  # fmt: skip
+    return ort.InferenceSession(str(staged / main.file), providers=["CPUExecutionProvider"])
 
 
 def detector_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs: dict[str, GraphSpec]) -> Any:
     """Each photo at its own input size, through graphs traced with a dynamic height and width; every
     output against PyTorch in float32 and float64 (outputs of different sizes compared flattened)."""
     inputs = [preprocess_batch([Decoded(p, p.size)], spec) for p in sample_photos()]
-    sessions = {}
-    for graph, attention in (("main", False), ("attention", True)):
-        spec_ = graphs[graph]
-        height, width = torch.export.Dim("height", min=16, max=8192), torch.export.Dim("width", min=16, max=8192)
-        to_onnx(Detector(ckpt.model, attention), (torch.from_numpy(np.concatenate([inputs[0]] * 2)),),
-                staged / spec_.file, ["pixel_values"], [t.name for t in spec_.outputs],
-                dynamic_shapes={"pixel_values": {0: BATCH, 2: height, 3: width}})  # fmt: skip
-        sessions[graph] = ort.InferenceSession(str(staged / spec_.file), providers=["CPUExecutionProvider"])
-    reference = Detector(ckpt.model, attention=True)
+    reference, traced = Detector(ckpt.model, ckpt.family.detector_attention), graphs["attention"]
+    height, width = torch.export.Dim("height", min=16, max=8192), torch.export.Dim("width", min=16, max=8192)
+    to_onnx(reference, (torch.from_numpy(np.concatenate([inputs[0]] * 2)),), staged / traced.file,
+            ["pixel_values"], [t.name for t in traced.outputs],
+            dynamic_shapes={"pixel_values": {0: BATCH, 2: height, 3: width}})  # fmt: skip
+    sessions = {
+        "main": main_cut_from_attention(staged, graphs),
+        "attention": ort.InferenceSession(str(staged / traced.file), providers=["CPUExecutionProvider"]),
+    }
     names = ["main.logits", "main.boxes", *(f"attention.{t.name}" for t in graphs["attention"].outputs)]
     parts: dict[str, list[tuple[np.ndarray, ...]]] = {name: [] for name in names}
     for x in [*inputs, np.concatenate([inputs[0]] * 3)]:  # one at a time, and a batch of three
@@ -281,14 +374,6 @@ def detector_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs:
         return np.concatenate([arrays[which].reshape(shape) for arrays in parts[name]])
 
     return check_parity([Compared(name, *(joined(name, i) for i in range(3))) for name in names], 1)
-
-
-def feature_stride(ckpt: Checkpoint) -> int:
-    """Input pixels per feature cell of the backbone (32 for a ResNet-50), measured on a 64x64 input."""
-    with torch.no_grad():
-        out = ckpt.model(pixel_values=torch.zeros(1, 3, 64, 64), output_attentions=True)
-    cells = out.encoder_attentions[-1].shape[-1]
-    return 64 // int(round(cells**0.5))
 
 
 # the import ---------------------------------------------------------------------------------------
@@ -328,11 +413,7 @@ def export_checkpoint(
         raise ExportError(f"the service's preprocessing differs from {type(ckpt.processor).__name__}'s by "
                           f"{prep_error:.3g}; nothing was written")  # fmt: skip
     detector = family.task == DETECTION
-    graphs = (
-        detector_graphs(cfg, len(labels))
-        if detector
-        else classifier_graphs(cfg, spec, len(labels), family.prefix_tokens)
-    )
+    graphs, stride = detector_graphs(ckpt) if detector else (classifier_graphs(ckpt, spec, len(labels)), None)
     parity_of: Callable[..., Any] = detector_parity if detector else classifier_parity
     with staging(name, version) as staged:
         parity = parity_of(ckpt, spec, staged, graphs)
@@ -343,8 +424,9 @@ def export_checkpoint(
             data={**data, "image_processor": type(ckpt.processor).__name__, "preprocessing_max_abs_diff": prep_error,
                   "parity_images": "scikit-learn sample photos and crops of them"},
             quality=quality or {}, parity=parity, opset=OPSET, versions={**library_versions(), **hf_versions()},
-            training=training or {}, config=ckpt.config, prefix_tokens=family.prefix_tokens,
-            feature_stride=feature_stride(ckpt) if detector else None,
+            training=training or {}, config=ckpt.config, prefix_tokens=ckpt.prefix_tokens, feature_stride=stride,
+            score_activation=family.scores,
+            absent_graphs={"attention": family.no_attention} if family.no_attention else {},
         )  # fmt: skip
         publish(manifest, staged, repository, force)
     return manifest

@@ -315,6 +315,9 @@ def resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, int
     under 1 (transformers' arithmetic gives 0 for a short side under 1/192 of a 96-pixel edge, and
     then fails)."""
     new_width, new_height = _resized_size(width, height, spec)
+    if spec.size_multiple is not None:  # YOLOS: get_size_with_aspect_ratio_yolos's mod_size
+        step = spec.size_multiple
+        return max(step, new_width - new_width % step), max(step, new_height - new_height % step)
     return max(1, new_width), max(1, new_height)
 
 
@@ -332,7 +335,9 @@ def _resized_size(width: int, height: int, spec: Preprocessing) -> tuple[int, in
     if max(height, width) / min(height, width) * size > spec.longest_edge:
         raw = spec.longest_edge * min(height, width) / max(height, width)
         size = int(round(raw))
-    if (height <= width and height == size) or (width <= height and width == size):
+    # already that size: kept (get_size_with_aspect_ratio_yolos asks only once width < height is ruled out)
+    yolos_portrait = spec.size_multiple is not None and width < height
+    if not yolos_portrait and ((height <= width and height == size) or (width <= height and width == size)):
         return width, height
     if width < height:
         return size, int((raw if raw is not None else size) * height / width)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # beside a model's version folders: its version policy
 
+ScoreActivation = Literal["softmax", "sigmoid"]
 DType = Literal["float32", "float16", "int64", "int32", "uint8", "bool"]
 
 
@@ -56,6 +57,9 @@ class Preprocessing(_Strict):
     resample: Literal["nearest", "box", "bilinear", "bicubic", "lanczos"] = "bilinear"
     shortest_edge: int | None = Field(None, ge=1, description="shortest_edge: the shorter side's length")
     longest_edge: int | None = Field(None, ge=1, description="shortest_edge: the longer side's cap")
+    size_multiple: int | None = Field(
+        None, ge=1, description="shortest_edge: YOLOS's size arithmetic, each side floored to a multiple of this (16)"
+    )
     crop: tuple[int, int] | None = Field(None, description="(height, width) of a centre crop after resizing")
     stretch_to: tuple[int, int] | None = Field(None, description="stretch with crop: (height, width) before it")
     # pixels (0..255) times this, then (x - mean) / std, per channel
@@ -83,6 +87,11 @@ class Preprocessing(_Strict):
     def fixed_size(self) -> bool:
         """Every image becomes an input of `size` (else each keeps its own resized size)."""
         return self.resize != "shortest_edge" or self.crop is not None
+
+    @property
+    def smallest_side(self) -> int:
+        """The least height or width an input of this recipe has (a resized side is at least 1, or one multiple)."""
+        return self.size_multiple or 1
 
     @property
     def channels(self) -> int:
@@ -169,6 +178,12 @@ class Manifest(_Strict):
     # and a detector's input pixels per feature cell (None: a square grid over the square input)
     prefix_tokens: int = Field(1, ge=0)
     feature_stride: int | None = Field(None, ge=1)
+    # detection: softmax over the labels and a last "no object" class, the best label per query (DETR,
+    # YOLOS); or sigmoid, an independent score per query and label, the best pairs over all (Conditional DETR)
+    score_activation: ScoreActivation = "softmax"
+    absent_graphs: dict[str, str] = Field(
+        default_factory=dict, description="graphs deliberately not exported, and why (the routes needing one say it)"
+    )
     precision: Literal["float32", "float16", "int8"] = Field(
         "float32", description="of the main graph's weights and math"
     )
@@ -243,9 +258,11 @@ def check_detection(manifest: Manifest) -> None:
     names = [t.name for t in main.outputs]
     if len(main.inputs) != 1 or names != ["logits", "boxes"]:
         raise ValueError("a detection graph takes one image batch and gives 'logits' and 'boxes'")
-    if main.outputs[0].shape[-1] != len(manifest.labels) + 1:
+    no_object = manifest.score_activation == "softmax"  # its last class
+    if main.outputs[0].shape[-1] != len(manifest.labels) + no_object:
         raise ValueError(
-            f"the graph gives {main.outputs[0].shape[-1]} classes; {len(manifest.labels)} labels + no object"
+            f"the graph gives {main.outputs[0].shape[-1]} classes; {manifest.score_activation} scoring needs "
+            f"{len(manifest.labels)} labels" + (" + no object" if no_object else "")
         )
 
 

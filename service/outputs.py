@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from service.imaging import Decoded, normalize, resized_size, to_unit_array
-from service.manifest import GenerationConfig, Preprocessing
+from service.manifest import GenerationConfig, Preprocessing, ScoreActivation
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -29,24 +29,47 @@ class Found(NamedTuple):
 
 
 def detections(
-    logits: np.ndarray, boxes: np.ndarray, original: tuple[int, int], spec: Preprocessing, threshold: float, limit: int
+    logits: np.ndarray,
+    boxes: np.ndarray,
+    original: tuple[int, int],
+    spec: Preprocessing,
+    threshold: float,
+    limit: int,
+    activation: ScoreActivation = "softmax",
 ) -> Found:
-    """One image: logits `[queries, classes + 1]` (last = no object), boxes `[queries, 4]` (cx, cy, w, h
-    relative to the input) -> the detections scoring at least `threshold`, at most `limit`."""
-    probs = softmax(logits.astype(np.float64))[:, :-1]
-    labels, scores = probs.argmax(-1), probs.max(-1)
-    keep = np.flatnonzero(scores >= threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][:limit]
-    cx, cy, w, h = boxes[keep].astype(np.float64).T
+    """One image: logits `[queries, classes (+ 1)]`, boxes `[queries, 4]` (cx, cy, w, h relative to the
+    input) -> the detections scoring at least `threshold`, at most `limit`, best first."""
+    queries, labels, scores = best_scores(logits, threshold, limit, activation)
+    cx, cy, w, h = boxes[queries].astype(np.float64).T
     corners = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
     if not spec.fixed_size:  # the input is the whole image, unpadded: as transformers, no clipping
-        return Found(corners * ([original[0], original[1]] * 2), scores[keep], labels[keep], keep)
+        return Found(corners * ([original[0], original[1]] * 2), scores, labels, queries)
     height, width = spec.size
     xyxy = corners * [width, height, width, height]
     # input pixels -> original pixels, through the letterbox's per-axis scale
     scale_x, scale_y = input_scale(original, spec)
     xyxy = np.clip(xyxy / np.array([scale_x, scale_y] * 2), 0, [original[0], original[1]] * 2)
-    return Found(xyxy, scores[keep], labels[keep], keep)
+    return Found(xyxy, scores, labels, queries)
+
+
+def best_scores(
+    logits: np.ndarray, threshold: float, limit: int, activation: ScoreActivation
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries, labels, scores) scoring at least `threshold`, at most `limit`, best first. softmax: the
+    last class is "no object", each query gives its best label (DETR, YOLOS). sigmoid: each query and
+    label is scored alone and the best pairs are kept, so that a query may give several labels (as
+    transformers' Conditional DETR post-processing, whose top-k runs over every pair)."""
+    if activation == "sigmoid":
+        flat = (1 / (1 + np.exp(-logits.astype(np.float64)))).ravel()
+        pairs = np.flatnonzero(flat >= threshold)
+        pairs = pairs[np.argsort(-flat[pairs], kind="stable")][:limit]
+        queries, labels = np.divmod(pairs, logits.shape[-1])
+        return queries, labels, flat[pairs]
+    probs = softmax(logits.astype(np.float64))[:, :-1]
+    best, top = probs.argmax(-1), probs.max(-1)
+    queries = np.flatnonzero(top >= threshold)
+    queries = queries[np.argsort(-top[queries], kind="stable")][:limit]
+    return queries, best[queries], top[queries]
 
 
 def input_scale(original: tuple[int, int], spec: Preprocessing) -> tuple[float, float]:

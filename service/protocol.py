@@ -149,17 +149,18 @@ def outputs_big(outputs: dict[str, np.ndarray]) -> bool:
 
 def check_free_axes(feeds: dict[str, np.ndarray], manifest: Manifest) -> None:
     """Free axes past the batch (an image's own height and width, for a detector that keeps each
-    image's size) hold at least 1 and at most what the model's preprocessing makes (a long thin
-    tensor costs an attention graph memory quadratic in its length)."""
+    image's size) hold at least the preprocessing's smallest side (1; YOLOS: 16) and at most what it
+    makes (a long thin tensor costs an attention graph memory quadratic in its length)."""
     longest = max(manifest.preprocessing.size)  # either side of a kept-aspect input is at most this
+    least = manifest.preprocessing.smallest_side
     bounds = {"height": longest, "width": longest}
     for spec in manifest.main.inputs:
         for axis, dim in enumerate(spec.shape[1:], start=1):
             if not isinstance(dim, str):
                 continue
             size, most = feeds[spec.name].shape[axis], bounds.get(dim)
-            if size < 1 or (most is not None and size > most):
-                within = f"1 to {most}" if most is not None else "at least 1"
+            if size < least or (most is not None and size > most):
+                within = f"{least} to {most}" if most is not None else f"at least {least}"
                 raise CodecError(f"input {quoted(spec.name)}: its {dim} axis is {size}; the model takes {within}")
 
 

@@ -135,7 +135,9 @@ class ModelRegistry:
             raise ServiceError(503, "graph_not_ready", f"model {model.name!r}'s {graph} graph failed to load: "
                                f"{model.failed_graphs[graph]}")  # fmt: skip
         if not model.has_graph(graph):
-            raise ServiceError(422, f"no_{graph}_graph", f"model {model.name!r} was exported without a {graph!r} graph")
+            why = model.manifest.absent_graphs.get(graph) if model.manifest else None
+            raise ServiceError(422, f"no_{graph}_graph", f"model {model.name!r} was exported without a {graph!r} graph"
+                               + (f": {why}" if why else ""))  # fmt: skip
         return mark_served(model)
 
     def _pick(self, name: str | None, task: str, version: int | None) -> ServedModel:

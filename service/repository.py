@@ -234,19 +234,20 @@ def batchable(spec: GraphSpec) -> bool:
     return all(t.shape and t.shape[0] == "batch" for t in request_inputs(spec))
 
 
-def zeros(spec: GraphSpec, batch: int) -> dict[str, np.ndarray]:
-    """Feeds of zeros for `batch` images (every free axis `batch` long)."""
-    return {
-        t.name: np.zeros([d if isinstance(d, int) else batch for d in t.shape], dtype=t.dtype)
-        for t in request_inputs(spec)
-    }
+def zeros(spec: GraphSpec, batch: int, side: int = 1) -> dict[str, np.ndarray]:
+    """Feeds of zeros for `batch` images (every free axis `batch` long, an image's side at least `side`)."""
+
+    def length(dim: int | str) -> int:
+        return dim if isinstance(dim, int) else batch if dim == "batch" else max(batch, side)
+
+    return {t.name: np.zeros([length(d) for d in t.shape], dtype=t.dtype) for t in request_inputs(spec)}
 
 
-def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int = 1) -> None:
+def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int = 1, side: int = 1) -> None:
     """Runs on zeros at each batch size the batcher forms, so no request pays for a first run (with
     CUDA graphs, three times: ONNX Runtime captures a graph after two ordinary runs)."""
     for batch in batch_sizes:
-        feeds = zeros(spec, batch)
+        feeds = zeros(spec, batch, side)
         for _ in range(times):
             run(feeds)
 
@@ -406,7 +407,8 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     # every batch size for the serving graphs, once for the on-request ones; always with CUDA graphs:
     # captured under live traffic, another thread's allocation or copy would break a capture
     elif settings.warmup or cuda_graph(session):
-        warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1)
+        side = model.manifest.preprocessing.smallest_side if model.manifest else 1  # YOLOS: 16, not 1 pixel
+        warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1, side=side)
     if timed and (known is None or (known.knee is None and knee is not None)):
         measured.remember(kept_at, key, measured.Measured(heavy, knee, model.batch_rates.get(graph, {})))
     model.sessions[graph], model.runs[graph] = session, run

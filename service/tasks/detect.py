@@ -6,9 +6,10 @@ to fit with its aspect kept, at the top left, padded). A fixed shape lets reques
 a batch and keeps ONNX Runtime's kernels static; boxes are mapped back through the same scale.
 Thresholding and top-k happen here, outside the graph.
 
-An imported DETR (export/hf.py) resizes as its image processor does instead (`shortest_edge`): each
-image keeps its aspect and its own input size, runs unpadded (pixel_mask all ones, exactly what
-transformers' pipeline computes for one image), and shares a batch only with images of its size.
+An imported detector (DETR, Conditional DETR, YOLOS: export/hf.py) resizes as its image processor does
+instead (`shortest_edge`): each image keeps its aspect and its own input size, runs unpadded (pixel_mask
+all ones, exactly what transformers' pipeline computes for one image), and shares a batch only with
+images of its size. Scores follow the manifest's `score_activation` (softmax with "no object", or sigmoid).
 """
 
 from __future__ import annotations
@@ -65,16 +66,15 @@ def as_response(found: Found, names: list[str]) -> list[Detection]:
     ]
 
 
+def found_in(job: Job[Any], i: int) -> Found:
+    """Image `i`'s detections, scored as the manifest says (softmax or sigmoid)."""
+    manifest, options, (logits, boxes) = job.manifest, job.options, job.outputs[:2]
+    return detections(logits[i], boxes[i], job.images[i].size, manifest.preprocessing, options.threshold,
+                      options.max_detections, manifest.score_activation)  # fmt: skip
+
+
 def detect(job: Job[DetectOptions]) -> DetectResponse:
-    logits, boxes = job.outputs
-    spec, options = job.manifest.preprocessing, job.options
-    results = [
-        as_response(
-            detections(logits[i], boxes[i], image.size, spec, options.threshold, options.max_detections),
-            job.manifest.labels,
-        )
-        for i, image in enumerate(job.images)
-    ]
+    results = [as_response(found_in(job, i), job.manifest.labels) for i in range(len(job.images))]
     return DetectResponse(model=job.model.name, results=results)
 
 
@@ -193,10 +193,10 @@ Panel = tuple[np.ndarray, Box | None, str]  # a map over the whole feature grid,
 
 def image_attention(job: Job[DetectAttentionOptions], i: int) -> tuple[ImageAttention, list[Panel]]:
     """One image's detections with their queries' cross-attention, and the encoder's at `point`."""
-    logits, boxes, encoder, decoder = job.outputs
-    options, spec, size = job.options, job.manifest.preprocessing, job.images[i].size
+    _, _, encoder, decoder = job.outputs
+    options, size = job.options, job.images[i].size
     grid = cells(job.manifest, decoder[i].shape[-1], size)
-    found = detections(logits[i], boxes[i], size, spec, options.threshold, options.max_detections)
+    found = found_in(job, i)
     cross = heads(pick(decoder[i], options.layer, "layer"), options.head)  # [queries, cells]
     items, panels = [], list[Panel]()
     for d, q in zip(as_response(found, job.manifest.labels), found.queries, strict=True):

@@ -111,3 +111,91 @@ def imagegpt(folder: Path, seed: int = 4) -> Path:
     model.save_pretrained(folder)
     ImageGPTImageProcessorPil(clusters=clusters, size={"height": 8, "width": 8}).save_pretrained(folder)
     return folder
+
+
+def swin(folder: Path, seed: int = 4) -> Path:
+    """Shifted windows of 4x4 patches over an 8x8 grid, then one 4x4 window after patch merging."""
+    import torch
+    from transformers import SwinConfig, SwinForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(seed)
+    cfg = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                     mlp_ratio=2.0, **_labels(6))  # fmt: skip
+    model = SwinForImageClassification(cfg)
+    _spread_head(model.classifier, 40.0)
+    model.save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}, resample=3, image_mean=[0.485, 0.456, 0.406],
+                         image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def dinov2(folder: Path, registers: int = 0, seed: int = 5) -> Path:
+    """DINOv2's recipe at a small scale: position embeddings for a 5x5 grid (40 px) interpolated to the
+    4x4 grid of a 32 px centre crop (as facebook/dinov2-*: 37x37 for 518 px, served at 224), and
+    BitImageProcessor's shortest-edge resize (36 px, bicubic) and crop."""
+    import torch
+    from transformers import (
+        BitImageProcessorPil,
+        Dinov2Config,
+        Dinov2ForImageClassification,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersForImageClassification,
+    )
+
+    torch.manual_seed(seed + registers)
+    shape = {"image_size": 40, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "mlp_ratio": 2, **_labels(8)}  # fmt: skip
+    if registers:
+        model = Dinov2WithRegistersForImageClassification(
+            Dinov2WithRegistersConfig(num_register_tokens=registers, **shape)
+        )
+    else:
+        model = Dinov2ForImageClassification(Dinov2Config(**shape))
+    _spread_head(model.classifier, 40.0)
+    model.save_pretrained(folder)
+    processor = BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    processor.save_pretrained(folder)
+    return folder
+
+
+def yolos(folder: Path, seed: int = 6) -> Path:
+    """A ViT with 10 detection tokens; position embeddings for 32x32 px interpolated to each image's own
+    size (YolosImageProcessor: shortest edge 64, longest 100, both floored to a multiple of 16)."""
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessorPil
+
+    torch.manual_seed(seed)
+    cfg = YolosConfig(image_size=[32, 32], patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, num_detection_tokens=10, initializer_range=0.2, **_labels(5))  # fmt: skip
+    model = YolosForObjectDetection(cfg)  # larger random weights: scores and boxes that differ by token
+    with torch.no_grad():  # the detection tokens start at zero: set apart, as training would
+        model.vit.embeddings.detection_tokens.normal_(0, 1)
+    model.save_pretrained(folder)
+    YolosImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 100}).save_pretrained(folder)
+    return folder
+
+
+def conditional_detr(folder: Path, seed: int = 7) -> Path:
+    """Sigmoid scores over the labels (no "no object" class)."""
+    import torch
+    from transformers import (
+        ConditionalDetrConfig,
+        ConditionalDetrForObjectDetection,
+        ConditionalDetrImageProcessorPil,
+        ResNetConfig,
+    )
+
+    torch.manual_seed(seed)
+    backbone = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                            layer_type="basic", out_features=["stage2"])  # fmt: skip
+    cfg = ConditionalDetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
+                                d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_queries=12,
+                                init_std=0.5, **_labels(4))  # fmt: skip
+    model = ConditionalDetrForObjectDetection(cfg)  # larger random weights: queries that differ
+    with torch.no_grad():  # the focal-loss prior puts every score near 0.01; at 0.12, some pass a threshold
+        model.class_labels_classifier.bias.fill_(-2.0)
+    model.save_pretrained(folder)
+    ConditionalDetrImageProcessorPil(size={"shortest_edge": 48, "longest_edge": 80}, resample=3).save_pretrained(folder)
+    return folder

@@ -1,6 +1,6 @@
-"""Tiny Hugging Face checkpoints (ViT, DeiT, DeiT with teacher, DETR) imported by `export.hf` into one
-temporary repository, served by a real `python -m service` process, and transformers' own pipelines
-over the same folders to compare with."""
+"""Tiny Hugging Face checkpoints (ViT, DeiT, DeiT with teacher, BEiT, Swin, DINOv2 with and without
+registers; DETR, YOLOS, Conditional DETR) imported by `export.hf` into one temporary repository, served
+by a real `python -m service` process, and transformers' own pipelines over the same folders to compare with."""
 
 from __future__ import annotations
 
@@ -24,8 +24,14 @@ MAKERS: dict[str, Callable[[Path], Path]] = {
     "hfdeitteacher": lambda folder: checkpoints.deit(folder, teacher=True),
     "hfdetr": checkpoints.detr,
     "hfbeit": checkpoints.beit,
+    "hfswin": checkpoints.swin,
+    "hfdinov2": checkpoints.dinov2,
+    "hfdinov2reg": lambda folder: checkpoints.dinov2(folder, registers=2),
+    "hfyolos": checkpoints.yolos,
+    "hfcondetr": checkpoints.conditional_detr,
 }
-CLASSIFIERS = ["hfvit", "hfdeit", "hfdeitteacher", "hfbeit"]
+CLASSIFIERS = ["hfvit", "hfdeit", "hfdeitteacher", "hfbeit", "hfswin", "hfdinov2", "hfdinov2reg"]
+DETECTORS = ["hfdetr", "hfyolos", "hfcondetr"]
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +70,7 @@ def hf_pipelines(hf_folders: dict[str, Path]) -> dict[str, Any]:
 
     pipes = {}
     for name, folder in hf_folders.items():
-        task = "object-detection" if name == "hfdetr" else "image-classification"
+        task = "object-detection" if name in DETECTORS else "image-classification"
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         pipes[name] = pipeline(task, model=str(folder), image_processor=processor, device="cpu")
     return pipes

@@ -9,7 +9,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.hf.conftest import CLASSIFIERS
+from tests.hf.conftest import CLASSIFIERS, DETECTORS
 from tests.hf.photos import decoded, photos
 
 SCORE_TOLERANCE = 1e-3
@@ -64,44 +64,47 @@ def float_box_difference(pipe: Any, image: Any, ours: list[dict[str, Any]]) -> f
                 for i, k in enumerate(("xmin", "ymin", "xmax", "ymax"))], default=0.0)  # fmt: skip
 
 
-def test_detection_equals_the_pipeline(hf_server: str, hf_pipelines: dict[str, Any]) -> None:
+@pytest.mark.parametrize("model", DETECTORS)
+def test_detection_equals_the_pipeline(hf_server: str, hf_pipelines: dict[str, Any], model: str) -> None:
+    """DETR and YOLOS: softmax with a "no object" class; Conditional DETR: sigmoid, top pairs of query and label."""
     found, worst, exact, score = 0, 0.0, 0.0, 0.0
     for name, data in photos().items():
-        response = httpx2.post(f"{hf_server}/v1/detect?model=hfdetr&threshold={THRESHOLD}", content=data,
+        response = httpx2.post(f"{hf_server}/v1/detect?model={model}&threshold={THRESHOLD}", content=data,
                                headers={"content-type": media_type(name)}, timeout=60)  # fmt: skip
         assert response.status_code == 200, response.text
         (ours,) = response.json()["results"]
-        theirs = hf_pipelines["hfdetr"](decoded(data), threshold=THRESHOLD)
+        theirs = hf_pipelines[model](decoded(data), threshold=THRESHOLD)
         score_diff, box_diff = assert_same_detections(ours, theirs, name)
         score, worst = max(score, score_diff), max(worst, box_diff)
-        exact = max(exact, float_box_difference(hf_pipelines["hfdetr"], decoded(data), ours))
+        exact = max(exact, float_box_difference(hf_pipelines[model], decoded(data), ours))
         found += len(ours)
     print(
-        f"hfdetr: {found} detections, largest score difference {score:.2e}, "
+        f"{model}: {found} detections, largest score difference {score:.2e}, "
         f"largest box difference against transformers' pipeline {worst:.3f} px "
         f"(its boxes are truncated to whole pixels); against its post-processing's float boxes {exact:.2e} px"
     )
     assert found >= 8  # enough detections for the comparison to mean something
 
 
-def test_detection_batch_of_different_sizes(hf_server: str, hf_pipelines: dict[str, Any]) -> None:
+@pytest.mark.parametrize("model", DETECTORS)
+def test_detection_batch_of_different_sizes(hf_server: str, hf_pipelines: dict[str, Any], model: str) -> None:
     """One request of photos of different sizes, and concurrent requests that the batcher groups by size."""
     names = ["china.jpeg", "portrait.png", "wide.jpeg", "flower.png"]
     files = [("file", (name, photos()[name], media_type(name))) for name in names]
-    response = httpx2.post(f"{hf_server}/v1/detect?model=hfdetr&threshold={THRESHOLD}", files=files, timeout=60)
+    response = httpx2.post(f"{hf_server}/v1/detect?model={model}&threshold={THRESHOLD}", files=files, timeout=60)
     assert response.status_code == 200, response.text
     for name, ours in zip(names, response.json()["results"], strict=True):
-        assert_same_detections(ours, hf_pipelines["hfdetr"](decoded(photos()[name]), threshold=THRESHOLD), name)
+        assert_same_detections(ours, hf_pipelines[model](decoded(photos()[name]), threshold=THRESHOLD), name)
 
     async def concurrently() -> list[httpx2.Response]:
         async with httpx2.AsyncClient(base_url=hf_server, timeout=60) as http:
             return await asyncio.gather(*(
-                http.post(f"/v1/detect?model=hfdetr&threshold={THRESHOLD}", content=photos()[name],
+                http.post(f"/v1/detect?model={model}&threshold={THRESHOLD}", content=photos()[name],
                           headers={"content-type": media_type(name)})
                 for name in names * 4
             ))  # fmt: skip
 
     for name, answer in zip(names * 4, asyncio.run(concurrently()), strict=True):
         assert answer.status_code == 200, answer.text
-        assert_same_detections(answer.json()["results"][0], hf_pipelines["hfdetr"](decoded(photos()[name]),
+        assert_same_detections(answer.json()["results"][0], hf_pipelines[model](decoded(photos()[name]),
                                threshold=THRESHOLD), name)  # fmt: skip

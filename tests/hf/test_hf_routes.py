@@ -1,5 +1,7 @@
 """Everything else works for imported models: attention routes (rollout over CLS and DeiT's distillation
-token; DETR's per-query cross-attention on each image's own grid), /v2 raw and image views, /v1/models."""
+token or DINOv2's registers; DETR's and Conditional DETR's per-query cross-attention and YOLOS's detection
+tokens' attention, on each image's own grid; Swin's refused with the reason), /v2 raw and image views,
+/v1/models."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import tritonclient.http as triton
 from PIL import Image
 
 from service.attention import rollout
-from tests.hf.conftest import CLASSIFIERS
+from tests.hf.conftest import CLASSIFIERS, DETECTORS
 from tests.hf.photos import decoded, photos
 
 JPEG = {"content-type": "image/jpeg"}
+PREFIX = {"hfdeit": 2, "hfdeitteacher": 2, "hfdinov2reg": 3}  # tokens before the patches (CLS alone elsewhere)
+MAPPED = [model for model in CLASSIFIERS if model != "hfswin"]  # Swin's windows give no map
 
 
 def transformers_attention(pipe: Any, data: bytes, **kwargs: Any) -> Any:
@@ -31,15 +35,15 @@ def transformers_attention(pipe: Any, data: bytes, **kwargs: Any) -> Any:
         return model(**inputs, output_attentions=True, **kwargs)
 
 
-@pytest.mark.parametrize("model", CLASSIFIERS)
+@pytest.mark.parametrize("model", MAPPED)
 def test_rollout_equals_transformers_attention(hf_server: str, hf_pipelines: dict[str, Any], model: str) -> None:
-    """The map is the CLS row of the rollout over every token (DeiT's distillation token included) of
-    transformers' own attention probabilities, over the patches only."""
+    """The map is the CLS row of the rollout over every token (DeiT's distillation token and DINOv2's
+    registers included) of transformers' own attention probabilities, over the patches only."""
     data = photos()["china.jpeg"]
     response = httpx2.post(f"{hf_server}/v1/classify/attention?model={model}", content=data, headers=JPEG, timeout=60)
     assert response.status_code == 200, response.text
     answer = response.json()
-    prefix = 2 if model.startswith("hfdeit") else 1
+    prefix = PREFIX.get(model, 1)
     attentions = transformers_attention(hf_pipelines[model], data).attentions
     stacked = np.stack([a[0].numpy() for a in attentions])  # [layers, heads, tokens, tokens]
     expected = rollout(stacked)[0, prefix:].reshape(4, 4)
@@ -51,29 +55,53 @@ def test_rollout_equals_transformers_attention(hf_server: str, hf_pipelines: dic
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
-def test_detr_cross_attention_on_each_images_own_grid(hf_server: str, hf_pipelines: dict[str, Any]) -> None:
+def test_swin_attention_is_refused_with_the_reason(hf_server: str) -> None:
+    data = photos()["china.jpeg"]
+    response = httpx2.post(f"{hf_server}/v1/classify/attention?model=hfswin", content=data, headers=JPEG, timeout=60)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "no_attention_graph" and "shifted local windows" in error["message"]
+    assert httpx2.post(f"{hf_server}/v1/classify?model=hfswin", content=data, headers=JPEG).status_code == 200
+
+
+def expected_attention(model: str, out: Any) -> tuple[np.ndarray, list[int]]:
+    """From transformers' outputs: each query's attention over the feature cells (last layer, heads
+    averaged), and the queries of the detections at 0.3, best first. YOLOS's queries are its detection
+    tokens, its cells its patches; Conditional DETR scores every query and label by a sigmoid."""
+    if model == "hfyolos":
+        cross = out.attentions[-1][0].mean(0)[-10:, 1:-10].numpy()
+    else:
+        cross = out.cross_attentions[-1][0].mean(0).numpy()
+    if model == "hfcondetr":
+        scores = out.logits[0].sigmoid().flatten().numpy()
+        return cross, [p // out.logits.shape[-1] for p in np.argsort(-scores, kind="stable") if scores[p] >= 0.3]
+    scores = out.logits[0].softmax(-1)[:, :-1].max(-1).values.numpy()
+    return cross, [q for q in np.argsort(-scores, kind="stable") if scores[q] >= 0.3]
+
+
+@pytest.mark.parametrize("model", DETECTORS)
+def test_detection_attention_on_each_images_own_grid(hf_server: str, hf_pipelines: dict[str, Any], model: str) -> None:
     names = ["china.jpeg", "portrait.jpeg"]
     files = [("file", (name, photos()[name], "image/jpeg")) for name in names]
-    response = httpx2.post(f"{hf_server}/v1/detect/attention?model=hfdetr&threshold=0.3&point=100,100",
+    response = httpx2.post(f"{hf_server}/v1/detect/attention?model={model}&threshold=0.3&point=100,100",
                            files=files, timeout=60)  # fmt: skip
     assert response.status_code == 200, response.text
     answer = response.json()
+    grids = []
     for name, result in zip(names, answer["results"], strict=True):
         image = decoded(photos()[name])
-        out = transformers_attention(hf_pipelines["hfdetr"], photos()[name])
-        _, _, height, width = (
-            hf_pipelines["hfdetr"].image_processor(images=image, return_tensors="pt")["pixel_values"].shape
-        )
-        rows, cols = math.ceil(height / 8), math.ceil(width / 8)
-        cross = out.cross_attentions[-1][0].mean(0).numpy()  # [queries, cells]: heads averaged, last layer
-        scores = out.logits[0].softmax(-1)[:, :-1].max(-1).values.numpy()
-        queries = [q for q in np.argsort(-scores, kind="stable") if scores[q] >= 0.3]
+        out = transformers_attention(hf_pipelines[model], photos()[name])
+        inputs = hf_pipelines[model].image_processor(images=image, return_tensors="pt")
+        _, _, height, width = inputs["pixel_values"].shape
+        rows, cols = math.ceil(height / 8), math.ceil(width / 8)  # a feature cell: 8 pixels (stride or patch)
+        grids.append([rows, cols])
+        cross, queries = expected_attention(model, out)
         assert len(result["detections"]) == len(queries) > 0
         for detection, q in zip(result["detections"], queries, strict=True):
             np.testing.assert_allclose(detection["attention"], cross[q].reshape(rows, cols), atol=1e-5)
         assert np.asarray(result["encoder"]["map"]).shape == (rows, cols)
-    assert answer["grid"] == [8, 12]  # china: 427x640 -> 64x95 input -> 8x12 cells of 8 pixels
-    png = httpx2.post(f"{hf_server}/v1/detect/attention?model=hfdetr&threshold=0.9&render=true",
+    assert answer["grid"] == grids[0]  # DETR: china 427x640 -> 64x95 input -> 8x12 cells of 8 pixels
+    png = httpx2.post(f"{hf_server}/v1/detect/attention?model={model}&threshold=0.9&render=true",
                       content=photos()["wide.jpeg"], headers=JPEG, timeout=60)  # fmt: skip
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
@@ -101,7 +129,9 @@ def test_v2_views_and_models(hf_server: str) -> None:
     assert {name: m["architecture"] for name, m in models.items()} == {
         "hfvit": "ViTForImageClassification", "hfdeit": "DeiTForImageClassification",
         "hfdeitteacher": "DeiTForImageClassificationWithTeacher", "hfdetr": "DetrForObjectDetection",
-        "hfbeit": "BeitForImageClassification",
+        "hfbeit": "BeitForImageClassification", "hfswin": "SwinForImageClassification",
+        "hfdinov2": "Dinov2ForImageClassification", "hfdinov2reg": "Dinov2WithRegistersForImageClassification",
+        "hfyolos": "YolosForObjectDetection", "hfcondetr": "ConditionalDetrForObjectDetection",
     }  # fmt: skip
     assert all(m["state"] == "ready" for m in models.values())
 

@@ -42,3 +42,14 @@ def test_centre_crop_equals_transformers() -> None:
         ours = np.asarray(centre_crop(Image.fromarray(pixels), crop))
         theirs = transforms.center_crop(pixels, crop, input_data_format="channels_last")
         np.testing.assert_array_equal(ours, theirs, err_msg=f"{(height, width)} -> {crop}")
+
+
+@pytest.mark.parametrize(("shortest", "longest"), [(800, 1333), (64, 100), (512, 864)])
+def test_yolos_sizes_equal_transformers(shortest: int, longest: int) -> None:
+    """YolosImageProcessor floors each side to a multiple of 16 (where that gives 0, the service keeps 16)."""
+    from transformers.models.yolos.image_processing_pil_yolos import get_size_with_aspect_ratio_yolos
+
+    recipe = spec(shortest, longest).model_copy(update={"size_multiple": 16})
+    for width, height in itertools.product(SIDES, SIDES):
+        expected = get_size_with_aspect_ratio_yolos((height, width), shortest, longest)
+        assert resized_size(width, height, recipe)[::-1] == tuple(max(16, side) for side in expected), (width, height)
