@@ -96,6 +96,7 @@ def test_roll_in_refuse_and_unload_under_load(repository: Path, tmp_path: Path) 
                 operator.load_model(TINY_NAME)
             states = {(r["version"], r["state"]) for r in operator.get_model_repository_index()}
             assert states == {("2", "READY"), ("3", "UNAVAILABLE")}
+            wait_for_answers(traffic, "broken")  # a failed load is quick: answers to look at, on busy cores too
             shutil.rmtree(model_dir / "3")
             traffic.phase = "before unload"
             wait_for_answers(traffic, "before unload")
