@@ -454,6 +454,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m export.hf") -> Ma
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    except Exception as exc:  # transformers or the exporter failing on this checkpoint: one line, not a trace
+        logging.getLogger("export").debug("export failed", exc_info=True)
+        print(f"error: {args.folder} could not be exported: {type(exc).__name__}: {exc}; nothing was written",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from exc
     summary = {
         "published": f"{args.repository}/{manifest.name}/{manifest.version}",
         "architecture": manifest.architecture,

@@ -150,3 +150,19 @@ def test_new_families_manifests(hf_repository: Path) -> None:
         check_detection(condetr.model_copy(update={"score_activation": "softmax"}))
     swin = read_manifest(hf_repository / "hfswin" / "1")
     assert list(swin.graphs) == ["main"] and "shifted local windows" in swin.absent_graphs["attention"]
+
+
+def test_a_checkpoint_that_fails_to_export_is_one_clear_line(
+    tmp_path: Path, hf_folders: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers itself failing on a checkpoint (a real-size YOLOS whose image size is no multiple of
+    its patch, with mid position embeddings, cannot run in transformers either): one line, exit 2."""
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("shape '[11, 192, 50, 83]' is invalid for input of size 8796480")
+
+    monkeypatch.setattr(hf, "export_checkpoint", fails)
+    message = run_import(hf_folders["hfvit"], tmp_path / "repository", capsys)
+    assert message == (f"error: {hf_folders['hfvit']} could not be exported: RuntimeError: shape '[11, 192, 50, 83]' "
+                       "is invalid for input of size 8796480; nothing was written\n")  # fmt: skip
+    assert not (tmp_path / "repository").exists()
