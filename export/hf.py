@@ -28,18 +28,17 @@ from PIL import Image
 from export.onnx_export import (
     BATCH,
     OPSET,
-    PARITY_BATCH,
     Compared,
     ExportError,
-    check_parity,
-    export_image_graph,
+    ParityRuns,
     library_versions,
+    parity_chunk,
     publish,
     require_parity,
-    run_batched,
     staging,
     to_onnx,
     torch_outputs,
+    trace_image_graph,
 )
 from service.imaging import Decoded, preprocess_batch
 from service.manifest import (
@@ -320,22 +319,24 @@ def preprocessing_error(processor: Any, spec: Preprocessing, photos: list[Image.
 
 
 def classifier_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs: dict[str, GraphSpec]) -> Any:
-    """Every output of every graph against PyTorch in float32 and float64, on photos and their flips."""
+    """Every output of every graph against PyTorch in float32 and float64, on photos and their flips,
+    in chunks that bound memory (parity_chunk)."""
     photos = sample_photos()
     inputs = preprocess_batch([Decoded(p, p.size) for p in photos], spec)
     inputs = np.concatenate([inputs, inputs[:, :, ::-1].copy(), inputs[:, :, :, ::-1].copy()])  # flips: more cases
     attention = "attention" in graphs
-    reference = Classifier(ckpt.model, attention=attention)
-    single, double = torch_outputs(reference, inputs), torch_outputs(reference, inputs, double=True)
-    if not attention:
-        (onnx_logits,) = export_image_graph(reference, inputs, staged, graphs["main"])
-        return check_parity([Compared("main.logits", onnx_logits, single[0], double[0])], PARITY_BATCH)
-    onnx_attention = export_image_graph(reference, inputs, staged, graphs["attention"])
-    (onnx_logits,) = run_batched(main_cut_from_attention(staged, graphs), "pixel_values", inputs, PARITY_BATCH)
-    names = [f"attention.{t.name}" for t in graphs["attention"].outputs]
-    compared = [Compared("main.logits", onnx_logits, single[0], double[0])]
-    compared += [Compared(name, *arrays) for name, *arrays in zip(names, onnx_attention, single, double, strict=True)]
-    return check_parity(compared, PARITY_BATCH)
+    reference, traced = Classifier(ckpt.model, attention=attention), graphs["attention" if attention else "main"]
+    session = trace_image_graph(reference, inputs, staged, traced)
+    main = main_cut_from_attention(staged, graphs) if attention else session
+    names = ["main.logits", *(f"attention.{t.name}" for t in traced.outputs if attention)]
+    runs, chunk = ParityRuns(names), parity_chunk(traced)
+    for i in range(0, len(inputs), chunk):
+        x = inputs[i : i + chunk]
+        single, double = torch_outputs(reference, x), torch_outputs(reference, x, double=True)
+        ours = main.run(None, {"pixel_values": x})[:1] + (session.run(None, {"pixel_values": x}) if attention else [])
+        for name, *arrays in zip(names, ours, [single[0], *single], [double[0], *double], strict=False):
+            runs.add(Compared(name, *arrays))
+    return runs.parity(min(chunk, len(inputs)))
 
 
 def main_cut_from_attention(staged: Path, graphs: dict[str, GraphSpec]) -> ort.InferenceSession:
@@ -361,19 +362,15 @@ def detector_parity(ckpt: Checkpoint, spec: Preprocessing, staged: Path, graphs:
         "attention": ort.InferenceSession(str(staged / traced.file), providers=["CPUExecutionProvider"]),
     }
     names = ["main.logits", "main.boxes", *(f"attention.{t.name}" for t in graphs["attention"].outputs)]
-    parts: dict[str, list[tuple[np.ndarray, ...]]] = {name: [] for name in names}
+    runs = ParityRuns(names)  # each run's arrays freed after it: a real-size YOLOS's attention is 0.5 GB an image
     for x in [*inputs, np.concatenate([inputs[0]] * 3)]:  # one at a time, and a batch of three
         main, full = (sessions[graph].run(None, {"pixel_values": x}) for graph in ("main", "attention"))
         single, double = torch_outputs(reference, x), torch_outputs(reference, x, double=True)
         for name, *arrays in zip(names, [*main, *full], [*single[:2], *single], [*double[:2], *double], strict=True):
-            parts[name].append(tuple(arrays))
-    logits_width = parts["main.logits"][0][0].shape[-1]
-
-    def joined(name: str, which: int) -> np.ndarray:  # logits keep their classes axis, for the argmax
-        shape = (-1, logits_width) if name == "main.logits" else (-1,)
-        return np.concatenate([arrays[which].reshape(shape) for arrays in parts[name]])
-
-    return check_parity([Compared(name, *(joined(name, i) for i in range(3))) for name in names], 1)
+            flat = (-1, arrays[0].shape[-1]) if name == "main.logits" else (-1,)  # logits keep their classes axis
+            runs.add(Compared(name, *(a.reshape(flat) for a in arrays)))
+        del main, full, single, double
+    return runs.parity(1)
 
 
 # the import ---------------------------------------------------------------------------------------
