@@ -81,10 +81,11 @@ def imported(folder: Path, repository: Path) -> Path:
 
 
 @contextmanager
-def server(repository: Path) -> Iterator[str]:
-    """`python -m service` over the repository, once ready (loading and warming a ViT-B takes a while)."""
+def server(repository: Path, **settings: str) -> Iterator[str]:
+    """`python -m service` over the repository, once ready (loading and warming a ViT-B takes a while);
+    `settings` as environment variables (VITSERVE_...)."""
     port = free_port()
-    env = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", "VITSERVE_MODEL_REPOSITORY": str(repository)}
+    env = {**os.environ, "VITSERVE_LOG_LEVEL": "warning", "VITSERVE_MODEL_REPOSITORY": str(repository), **settings}
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -44,7 +44,9 @@ from service.imaging import Decoded, preprocess_batch
 from service.manifest import (
     CLASSIFICATION,
     DETECTION,
+    EMBEDDING,
     GENERATION,
+    ZERO_SHOT,
     GraphSpec,
     Manifest,
     Preprocessing,
@@ -106,6 +108,11 @@ SUPPORTED: dict[str, Family] = {
     "YolosForObjectDetection": Family(DETECTION, detector_attention=yolos_attention),
     "ConditionalDetrForObjectDetection": Family(DETECTION, scores="sigmoid"),  # no "no object" class
     "ImageGPTForCausalImageModeling": Family(GENERATION),  # imported by export/hf_imagegpt.py
+    # bare models (no head): their vectors; CLIP and SigLIP also score labels (export/hf_embed.py imports all four)
+    "ViTModel": Family(EMBEDDING, prefix_tokens=1),
+    "Dinov2Model": Family(EMBEDDING, prefix_tokens=1),
+    "CLIPModel": Family(ZERO_SHOT, prefix_tokens=1),
+    "SiglipModel": Family(ZERO_SHOT, prefix_tokens=0),  # no CLS token: attention pooling over the patches
 }
 
 
@@ -167,8 +174,10 @@ def load(folder: Path) -> Checkpoint:
     model.eval()
     if getattr(processor, "backend", "pil") != "pil":
         raise ExportError(f"the image processor {type(processor).__name__} is not the PIL one the service replicates")
-    problem = model.config.problem_type
-    if problem not in (None, "single_label_classification") or model.config.num_labels < 2:
+    problem = getattr(model.config, "problem_type", None)
+    if SUPPORTED[architecture].task not in (EMBEDDING, ZERO_SHOT) and (
+        problem not in (None, "single_label_classification") or model.config.num_labels < 2
+    ):
         raise ExportError(f"only softmax classifiers are imported (problem_type {problem!r})")
     return Checkpoint(folder, architecture, SUPPORTED[architecture], model, processor, model.config.to_dict())
 
@@ -220,8 +229,8 @@ def preprocessing_of(processor: Any, task: str) -> Preprocessing:
         if recipe["resize"] == "stretch":
             recipe["stretch_to"] = recipe["size"]
         recipe |= {"crop": crop, "size": crop}
-    elif task == CLASSIFICATION and recipe["resize"] == "shortest_edge":
-        raise ExportError("a classifier resized by its shortest edge needs a centre crop (a fixed input size)")
+    elif task in (CLASSIFICATION, EMBEDDING, ZERO_SHOT) and recipe["resize"] == "shortest_edge":
+        raise ExportError(f"a {task} model resized by its shortest edge needs a centre crop (a fixed input size)")
     recipe["rescale_factor"] = float(p.rescale_factor) if p.do_rescale else 1.0
     mean, std = (p.image_mean, p.image_std) if p.do_normalize else ([0.0] * 3, [1.0] * 3)
     recipe |= {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
@@ -385,6 +394,10 @@ def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 
         from export import hf_imagegpt  # imports this module
 
         return hf_imagegpt.import_checkpoint(folder, repository, name, version, force)
+    if SUPPORTED[architecture_of(folder)].task in (EMBEDDING, ZERO_SHOT):
+        from export import hf_embed  # imports this module
+
+        return hf_embed.import_checkpoint(folder, repository, name, version, force)
     ckpt = load(folder)
     data = {"source": "hugging face checkpoint", "folder": folder.resolve().name}
     return export_checkpoint(ckpt, repository, name, version, force, data)

@@ -31,6 +31,7 @@ from service.runtime import check_device
 from service.settings import Settings, get_settings
 from service.tasks import TASKS, manifest_checks
 from service.tasks.base import Task
+from service.text_tower import LABEL_CACHE
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -70,6 +71,7 @@ def create_app(
         # loading blocks startup: the server accepts no request before every model is loaded and warm
         app.state.registry = registry = ModelRegistry(serving, manifest_checks(tasks))
         watch(registry, metrics)
+        LABEL_CACHE.max_bytes, LABEL_CACHE.on_lookup = serving.label_cache_bytes, metrics.label_cache_lookup
         await registry.start()
         # what was loaded lives as long as the process: out of the collector's sight, full
         # collections under load stay short

@@ -120,6 +120,8 @@ async def _from_multipart(request: Request, max_images: int) -> tuple[list[bytes
             images.append(await value.read())
         elif key == "file":
             raise ServiceError(422, "not_a_file", "field 'file' must be a file upload (curl -F file=@image.png)")
+        elif key in options:  # a repeated field: its values as a list (zero-shot's labels)
+            options[key] = [*(options[key] if isinstance(options[key], list) else [options[key]]), value]
         else:
             options[key] = value
     return images, options

@@ -157,6 +157,19 @@ class BatchPolicy(_Strict):
     max_queue_size: int = Field(256, ge=1, description="most images waiting; beyond it requests get 503")
 
 
+class TextTower(_Strict):
+    """A zero-shot model's text side: its tokenizer (the `tokenizers` library's JSON, beside the graphs),
+    padded and truncated as transformers' zero-shot pipeline pads for the family, and the scale (and
+    bias) that turn a cosine similarity into a logit."""
+
+    tokenizer: str = Field(description="file name of the tokenizer.json")
+    padding: Literal["longest", "max_length"] = Field(description="pad to the longest label, or to max_length")
+    max_length: int = Field(ge=1, description="most tokens a label's text keeps (truncated past it)")
+    pad_id: int = Field(ge=0)
+    logit_scale: float = Field(gt=0, description="exp(the model's logit_scale)")
+    logit_bias: float = 0.0
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = 1
     name: str
@@ -189,6 +202,10 @@ class Manifest(_Strict):
     )
     fp16_gate: QualityGate | None = Field(None, description="the float16 conversion's quality gate, if converted")
     int8_gate: QuantizationGate | None = Field(None, description="the INT8 quantization's quality gate, if quantized")
+    also_serves: list[str] = Field(
+        default_factory=list, description="tasks its graphs answer besides `task` (CLIP: embedding beside zero-shot)"
+    )
+    text: TextTower | None = Field(None, description="zero-shot: how labels become the text graph's inputs")
 
     @model_validator(mode="after")
     def _has_main_graph(self) -> Manifest:
@@ -199,6 +216,11 @@ class Manifest(_Strict):
     @property
     def main(self) -> GraphSpec:
         return self.graphs["main"]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every task it serves: its own first."""
+        return [self.task, *self.also_serves]
 
 
 class GenerationConfig(BaseModel):
@@ -241,6 +263,8 @@ class GenerationConfig(BaseModel):
 # task added beside them brings its own). Here, in the core, so that export names a task without
 # the service's tasks.
 CLASSIFICATION, DETECTION, GENERATION = "classification", "detection", "generation"
+EMBEDDING, ZERO_SHOT = "embedding", "zero-shot"
+POOLINGS = ("pooled", "cls", "mean")  # an embedding graph's outputs, in this order (a model without CLS lacks it)
 
 
 def check_classification(manifest: Manifest) -> None:
@@ -276,10 +300,32 @@ def check_generation(manifest: Manifest) -> None:
         raise ValueError(f"a palette of {len(cfg.palette)} colours for {cfg.levels} tokens")
 
 
+def check_embedding(manifest: Manifest) -> None:
+    main = manifest.main
+    names = [t.name for t in main.outputs]
+    if len(main.inputs) != 1 or "pooled" not in names or names != [p for p in POOLINGS if p in names]:
+        raise ValueError(f"an embedding graph takes one image batch and gives 'pooled' and any of {POOLINGS[1:]}")
+    if any(len(t.shape) != 2 for t in main.outputs):
+        raise ValueError("each embedding output is [batch, dimensions]")
+
+
+def check_zero_shot(manifest: Manifest) -> None:
+    check_embedding(manifest)
+    text = manifest.graphs.get("text")
+    if text is None or manifest.text is None:
+        raise ValueError("a zero-shot model needs a 'text' graph and its `text` tokenizer settings")
+    if text.inputs[0].name != "input_ids" or [t.name for t in text.outputs] != ["text_embeds"]:
+        raise ValueError("the text graph takes input_ids (and attention_mask) and gives text_embeds")
+    if text.outputs[0].shape[-1] != manifest.main.outputs[0].shape[-1]:
+        raise ValueError("text and image embeddings differ in size")
+
+
 TASK_CHECKS: dict[str, Callable[[Manifest], None]] = {
     CLASSIFICATION: check_classification,
     DETECTION: check_detection,
     GENERATION: check_generation,
+    EMBEDDING: check_embedding,
+    ZERO_SHOT: check_zero_shot,
 }
 
 

@@ -53,6 +53,8 @@ class Metrics:
                                     multiprocess_mode="livesum")  # fmt: skip
         self.model_ready = Gauge("vitserve_model_ready", "1 when a model version serves, 0 when it failed to load",
                                  by_version, registry=r, multiprocess_mode="livemin")  # fmt: skip
+        self.label_cache = Counter("vitserve_label_cache_lookups", "Zero-shot label sets looked up in the cache of "
+                                   "their text embeddings, by result (hit, miss)", ["result"], registry=r)  # fmt: skip
         self.rejected = Counter(
             "vitserve_rejected", "Requests refused, by reason (the error code)", ["reason"], registry=r
         )
@@ -118,6 +120,9 @@ class Metrics:
         """Reads the queue depth when scraped; returns what to call with each batch's size."""
         self._read_from(self.queue_images.labels(model, str(version), graph), queued_images)
         return self.batch_size.labels(model, str(version), graph).observe
+
+    def label_cache_lookup(self, hit: bool) -> None:
+        self.label_cache.labels("hit" if hit else "miss").inc()
 
     def track_connections(self, open_connections: Callable[[], float]) -> Callable[[str], None]:
         """Reads the open connections when scraped; returns what to call with each closure's reason."""

@@ -7,7 +7,7 @@ their format. Nothing here knows HTTP."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +21,7 @@ from service.imaging import Decoded, Opened, decode_all, open_all, preprocess_ba
 from service.manifest import Manifest
 from service.registry import ModelRegistry
 from service.repository import ServedModel
+from service.settings import Settings
 
 
 class ModelOptions(BaseModel):
@@ -46,6 +47,7 @@ class Job(Generic[Opts]):
     graph: str
     images: list[Decoded] = field(default_factory=list)
     outputs: list[np.ndarray] = field(default_factory=list)
+    extra: Any = None  # what a pipeline's `before` stage found (zero-shot: its labels' text embeddings)
 
 
 def model_inputs(batch: Job[Any]) -> dict[str, np.ndarray]:
@@ -92,6 +94,8 @@ class ImagePipeline(Generic[Opts, A]):
     graph: str = "main"
     preprocess: Callable[[Job[Opts]], Feeds] = model_inputs  # decoded images -> the graph's inputs
     render: Callable[[Job[Opts], A], Image.Image] | None = None  # the answer drawn over the image, for PNG answers
+    # async work before the images are decoded, into `job.extra` (zero-shot: its labels' text embeddings)
+    before: Callable[[Job[Opts], Settings], Awaitable[None]] | None = None
 
     async def __call__(
         self, registry: ModelRegistry, images: list[bytes], options: Opts, limits: ImageLimits, full_size: bool = False,
@@ -101,6 +105,8 @@ class ImagePipeline(Generic[Opts, A]):
         image), not at the reduced scale the model input allows. `model`: the one the request holds
         already. The request's pixels count against the process's budget until it has its answer."""
         job = start_job(registry, self.task, self.graph, options, model)
+        if self.before is not None:
+            await self.before(job, registry.settings)
         with limits.claim() as claim:
             feeds = await decoded(job, images, limits, claim, full_size, self.preprocess)
             job.outputs = await self._run(job.model, feeds)

@@ -77,8 +77,9 @@ def _tensor_meta(name: str, dtype: str, shape: list[int | str]) -> dict[str, Any
 
 
 def _image_view(tasks: dict[str, Task], model: ServedModel) -> ImageView[Any] | None:
-    task = tasks.get(model.manifest.task) if model.manifest else None
-    return task.view if task else None
+    """The view of the first of its tasks that has one (CLIP: its embeddings; zero-shot has none)."""
+    views = [task.view for name in (model.manifest.tasks if model.manifest else []) if (task := tasks.get(name))]
+    return next((view for view in views if view is not None), None)
 
 
 def protocol_model(

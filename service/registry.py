@@ -81,6 +81,11 @@ async def _collect_when_free(model: ServedModel) -> None:
     collect()
 
 
+def _serves_besides(model: ServedModel, task: str) -> bool:
+    """Whether the task is one the model serves besides its own."""
+    return model.manifest is not None and model.manifest.task != task
+
+
 def _on_loop(model: ServedModel) -> None:
     """Nothing: what the registry tells of models before anyone listens."""
 
@@ -143,11 +148,13 @@ class ModelRegistry:
     def _pick(self, name: str | None, task: str, version: int | None) -> ServedModel:
         if name is not None:
             model = self.named(name, version)
-            if model.manifest is not None and model.manifest.task != task:
-                raise ServiceError(422, "wrong_task", f"model {name!r} serves {model.manifest.task}, not {task}")
+            if model.manifest is not None and task not in model.manifest.tasks:
+                raise ServiceError(422, "wrong_task", f"model {name!r} serves {', '.join(model.manifest.tasks)}, "
+                                   f"not {task}")  # fmt: skip
             return model
-        shown = [m for m in self.models.values() if m.manifest and m.manifest.task == task]
-        ready = [m for m in shown if m.state == "ready"]
+        shown = [m for m in self.models.values() if m.manifest and task in m.manifest.tasks]
+        # models of the task itself first, then those that serve it besides their own (CLIP's embeddings)
+        ready = sorted((m for m in shown if m.state == "ready"), key=lambda m: _serves_besides(m, task))
         if ready:
             return self.named(ready[0].name, version) if version is not None else ready[0]
         failed = [f"{m.name}: {m.reason}" for m in self.models.values() if m.state == "failed"]

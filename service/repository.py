@@ -460,9 +460,10 @@ def load_version(version_dir: Path, settings: Settings, checks: ManifestChecks) 
             raise ValueError(
                 f"manifest names {manifest.name}/{manifest.version}, the folder is {model_dir.name}/{version_dir.name}"
             )
-        if manifest.task not in checks:
-            raise ValueError(f"task {manifest.task!r} is not one this service serves ({sorted(checks)})")
-        checks[manifest.task](manifest)
+        for task in manifest.tasks:
+            if task not in checks:
+                raise ValueError(f"task {task!r} is not one this service serves ({sorted(checks)})")
+            checks[task](manifest)
         model.manifest = manifest
         model.executor = ThreadPoolExecutor(len(manifest.graphs), thread_name_prefix=f"infer-{model.name}")
         load_graphs(model, manifest, settings)

@@ -192,6 +192,10 @@ class Settings(BaseSettings):
         "forgotten, and starts again with a full burst",
     )  # fmt: skip
     max_images_per_request: int = Field(64, gt=0, description="most images in one request; more gets 413")
+    zero_shot_max_labels: int = Field(256, ge=1, description="most labels in one zero-shot request; more gets 422")
+    label_cache_bytes: int = Field(
+        64 * 2**20, ge=0, description="zero-shot: memory for the text embeddings of recent label sets (LRU); 0: none"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log verbosity")
     log_json: bool = Field(False, description="log lines as JSON objects (one per request, with its request id)")
 

@@ -21,6 +21,7 @@ class ModelInfo(BaseModel):
     version: int | None = None
     default: bool = Field(False, description="the version a request that names none gets (the highest serving)")
     task: str | None = None
+    tasks: list[str] = Field([], description="every task it serves: `task`, then any besides (CLIP: embedding)")
     architecture: str | None = None
     precision: str | None = Field(None, description="of the main graph: float32, float16 or int8")
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use, best first")
@@ -66,6 +67,7 @@ def describe(model: ServedModel) -> ModelInfo:
             update={
                 "version": m.version,
                 "task": m.task,
+                "tasks": m.tasks,
                 "architecture": m.architecture,
                 "precision": m.precision,
                 "labels": m.labels,

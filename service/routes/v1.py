@@ -31,6 +31,7 @@ IMAGE_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "body, image or image count over a limit"},
     415: {"description": "not an image"},
 }
+BINARY = "application/octet-stream"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no cache, no proxy buffering
 
 
@@ -53,9 +54,11 @@ def add_upload_route(router: APIRouter, route: Route, pipeline: ImagePipeline[An
     async def endpoint(request: Request) -> Response:
         images, body_options = await read_images(request, request.app.state.image_limits.max_images)
         options = parse_options(pipeline.options, dict(request.query_params), body_options)
-        return await answer_images(request, pipeline, images, options)
+        return await answer_images(request, pipeline, images, options, route.binary)
 
     responses = {**IMAGE_ERRORS, 200: {"content": {"image/png": {}}}} if pipeline.render else IMAGE_ERRORS
+    if route.binary is not None:
+        responses = {**responses, 200: {"content": {BINARY: {}}}}
     extra = {**IMAGE_REQUEST_BODY, "parameters": query_parameters(pipeline.options)}
     _add(router, route, endpoint, responses, extra)
 
@@ -118,14 +121,20 @@ def field_images(options: BaseModel, route: Route) -> list[bytes]:
 
 
 async def answer_images(
-    request: Request, pipeline: ImagePipeline[Opts, Any], images: list[bytes], options: Opts
-) -> Response:
-    """The pipeline's answer as JSON, or drawn as one PNG where asked (`render`, `Accept: image/png`)."""
+    request: Request, pipeline: ImagePipeline[Opts, Any], images: list[bytes], options: Opts,
+    binary: Callable[[Any], tuple[bytes, dict[str, str]]] | None = None,
+) -> Response:  # fmt: skip
+    """The pipeline's answer as JSON, drawn as one PNG where asked (`render`, `Accept: image/png`), or
+    as raw bytes where the route has them and they are asked for (`Accept: application/octet-stream`)."""
     png = pipeline.render is not None and wants_png(request, bool(getattr(options, "render", False)), len(images))
     limits: ImageLimits = request.app.state.image_limits
     job, result = await pipeline(request.app.state.registry, images, options, limits, full_size=png)
     if png:  # drawing and PNG encoding are heavy: off the event loop
         return Response(await limits.run(_render, pipeline, job, result), media_type="image/png")
+    if binary is not None and BINARY in request.headers.get("accept", ""):
+        with timed("encode"):
+            body, headers = binary(result)
+        return Response(body, media_type=BINARY, headers=headers)
     return json_response(result)
 
 

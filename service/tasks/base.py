@@ -36,6 +36,8 @@ class Route:
     answer: type[BaseModel]
     description: str
     image_field: str | None = None
+    # the answer as raw bytes and the headers that describe them, for `Accept: application/octet-stream`
+    binary: Callable[[Any], tuple[bytes, dict[str, str]]] | None = None
 
 
 @dataclass(frozen=True)

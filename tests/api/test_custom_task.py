@@ -61,7 +61,7 @@ VIEW = ImageView(
     outputs=[{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
     tensors=lambda answer: {"embedding": np.array(answer.embeddings, dtype=np.float32)},
 )
-TASK = Task(NAME, check_manifest, (Route("/v1/embed", EMBED, EmbedResponse, "One embedding per image."),), VIEW)
+TASK = Task(NAME, check_manifest, (Route("/v1/linear-embed", EMBED, EmbedResponse, "One embedding per image."),), VIEW)
 # ...and one registry entry: `NAME: TASK` in service/tasks/__init__.py's TASKS (here, the app's `tasks`)
 
 # a model for it: an ONNX graph and its manifest --------------------------------------------------------
@@ -144,9 +144,9 @@ def app_client(repository: Path) -> Iterator[TestClient]:
 
 
 def test_v1_answers_the_numpy_computation_in_every_input_form(app_client: TestClient) -> None:
-    multipart = app_client.post("/v1/embed", files=[("file", ("a.png", png, "image/png")) for png in PNGS[:2]])
-    raw = app_client.post("/v1/embed", content=PNG, headers={"content-type": "image/png"})
-    as_json = app_client.post("/v1/embed", json={"images": [base64.b64encode(PNG).decode()]})
+    multipart = app_client.post("/v1/linear-embed", files=[("file", ("a.png", png, "image/png")) for png in PNGS[:2]])
+    raw = app_client.post("/v1/linear-embed", content=PNG, headers={"content-type": "image/png"})
+    as_json = app_client.post("/v1/linear-embed", json={"images": [base64.b64encode(PNG).decode()]})
     np.testing.assert_allclose(embeddings(multipart), [expected(PNGS[0]), expected(PNGS[1])], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(embeddings(raw), [expected(PNG)], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(embeddings(as_json), [expected(PNG)], rtol=1e-5, atol=1e-5)
@@ -156,22 +156,22 @@ def test_v1_answers_the_numpy_computation_in_every_input_form(app_client: TestCl
 def test_options_from_query_form_and_json_are_validated_by_its_model(app_client: TestClient) -> None:
     headers = {"content-type": "image/png"}
     normalized = [
-        app_client.post("/v1/embed?normalize=true", content=PNG, headers=headers),
-        app_client.post("/v1/embed", files={"file": ("a.png", PNG, "image/png")}, data={"normalize": "true"}),
-        app_client.post("/v1/embed", json={"images": [base64.b64encode(PNG).decode()], "normalize": True}),
-        app_client.post(f"/v1/embed?normalize=true&model={MODEL}", content=PNG, headers=headers),
+        app_client.post("/v1/linear-embed?normalize=true", content=PNG, headers=headers),
+        app_client.post("/v1/linear-embed", files={"file": ("a.png", PNG, "image/png")}, data={"normalize": "true"}),
+        app_client.post("/v1/linear-embed", json={"images": [base64.b64encode(PNG).decode()], "normalize": True}),
+        app_client.post(f"/v1/linear-embed?normalize=true&model={MODEL}", content=PNG, headers=headers),
     ]
     for response in normalized:
         np.testing.assert_allclose(embeddings(response), [expected(PNG, normalize=True)], rtol=1e-5, atol=1e-6)
     for query in ("normalize=maybe", "colour=red", "model=vit"):
-        response = app_client.post(f"/v1/embed?{query}", content=PNG, headers=headers)
+        response = app_client.post(f"/v1/linear-embed?{query}", content=PNG, headers=headers)
         error = response.json()["error"]
         if query == "model=vit":  # a model of another task
             assert (response.status_code, error["code"]) == (422, "wrong_task"), response.text
         else:
             assert (response.status_code, error["code"]) == (422, "invalid_request"), response.text
             assert query.split("=")[0] in error["message"]
-    openapi = app_client.get("/openapi.json").json()["paths"]["/v1/embed"]["post"]
+    openapi = app_client.get("/openapi.json").json()["paths"]["/v1/linear-embed"]["post"]
     assert {p["name"] for p in openapi["parameters"]} == {"model", "version", "normalize"}
 
 
@@ -198,7 +198,7 @@ def test_v2_image_view_gives_the_v1_numbers_and_validates_parameters(app_client:
     metadata = app_client.get(f"/v2/models/{MODEL}_image").json()
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == VIEW.outputs
-    v1 = embeddings(app_client.post("/v1/embed", files=[("file", ("a.png", p, "image/png")) for p in PNGS]))
+    v1 = embeddings(app_client.post("/v1/linear-embed", files=[("file", ("a.png", p, "image/png")) for p in PNGS]))
     for parameters, want in (({}, v1), ({"normalize": True}, v1 / np.linalg.norm(v1, axis=-1, keepdims=True))):
         response = app_client.post(f"/v2/models/{MODEL}_image/infer", **triton_images(PNGS, parameters))
         assert response.status_code == 200, response.text
@@ -229,7 +229,7 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(app_client:
     app_client.app.state.registry.models[MODEL].batchers["main"].lone_run_s = float("inf")  # type: ignore[attr-defined]
     with ThreadPoolExecutor(len(PNGS)) as pool:
         responses = list(pool.map(
-            lambda png: app_client.post("/v1/embed", content=png, headers={"content-type": "image/png"}), PNGS
+            lambda png: app_client.post("/v1/linear-embed", content=png, headers={"content-type": "image/png"}), PNGS
         ))  # fmt: skip
     for png, response in zip(PNGS, responses, strict=True):
         np.testing.assert_allclose(embeddings(response), [expected(png)], rtol=1e-5, atol=1e-5)
@@ -246,10 +246,11 @@ def test_the_registry_entry_is_what_serves_it(repository: Path, tmp_path: Path) 
         ready = shipped_only.get("/health/ready")
         assert ready.status_code == 503
         assert "'image-embedding' is not one this service serves" in ready.json()["models"][MODEL]["reason"]
-        assert shipped_only.post("/v1/embed", content=PNG, headers={"content-type": "image/png"}).status_code == 404
+        headers = {"content-type": "image/png"}
+        assert shipped_only.post("/v1/linear-embed", content=PNG, headers=headers).status_code == 404
     with TestClient(create_app(Settings(model_repository=alone, device="cpu"), tasks={NAME: TASK})) as only_new:
         assert only_new.get("/health/ready").status_code == 200
-        response = only_new.post("/v1/embed", content=PNG, headers={"content-type": "image/png"})
+        response = only_new.post("/v1/linear-embed", content=PNG, headers={"content-type": "image/png"})
         np.testing.assert_allclose(embeddings(response), [expected(PNG)], rtol=1e-5, atol=1e-5)
         assert only_new.post("/v1/classify", content=PNG, headers={"content-type": "image/png"}).status_code == 404
         assert set(only_new.get("/v2").json()["models"]) == {MODEL, f"{MODEL}_image"}

@@ -16,6 +16,7 @@ from service.settings import PROJECT_ROOT
 from tests.e2e.conftest import Server, free_port, running_server
 from vitserve.client import (
     AsyncClient,
+    Call,
     Classified,
     Client,
     Detected,
@@ -58,8 +59,11 @@ def test_sync_errors(keyed: Server) -> None:
         with pytest.raises(VitserveError) as unknown:
             client.classify(DIGIT, model="nope")
         assert (unknown.value.status, unknown.value.code) == (404, "unknown_model") and "nope" in unknown.value.message
-        with pytest.raises(EndpointMissing):  # another engineer's /v1/embed is not on this server yet
+        with pytest.raises(VitserveError) as no_embedder:  # /v1/embed is there, but no embedding model
             client.embed(DIGIT)
+        assert (no_embedder.value.status, no_embedder.value.code) == (404, "no_model")
+        with pytest.raises(EndpointMissing):
+            client.send(Call("POST", "/v1/nowhere", lambda body: body))
     with Client(keyed.url, api_key="wrong") as client, pytest.raises(VitserveError) as refused:
         client.classify(DIGIT)
     assert (refused.value.status, refused.value.code) == (401, "unauthorized")
@@ -107,6 +111,6 @@ def test_command_line(keyed: Server, tmp_path: Path) -> None:
     assert len(files) == 2 and all(Path(f).read_bytes().startswith(b"\x89PNG") for f in files)
     assert "8/8" in made.stderr  # the progress bar counted every row
     missing = vitserve("embed", str(DIGIT), url=keyed.url)
-    assert missing.returncode == 1 and "does not offer embed" in missing.stderr and "/v1/embed" in missing.stderr
+    assert missing.returncode == 1 and "no embedding model" in missing.stderr and "Traceback" not in missing.stderr
     refused = vitserve("models", url=keyed.url, key=None)
     assert refused.returncode == 1 and "unauthorized" in refused.stderr and "Traceback" not in refused.stderr

@@ -199,3 +199,94 @@ def conditional_detr(folder: Path, seed: int = 7) -> Path:
     model.save_pretrained(folder)
     ConditionalDetrImageProcessorPil(size={"shortest_edge": 48, "longest_edge": 80}, resample=3).save_pretrained(folder)
     return folder
+
+
+# embedding and zero-shot ------------------------------------------------------------------------------
+
+WORDS = ["this", "is", "a", "photo", "of", "cat", "dog", "car", "tree", "house", "flower", "city", "temple", "sea",
+         "sky", "person", "bird", "red", "street", "night"]  # fmt: skip
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3
+
+
+def tokenizer(bos: bool, max_length: int) -> object:
+    """A word-level tokenizer over WORDS (the `tokenizers` library), lower-cased, split on whitespace and
+    punctuation, `</s>` appended (and `<s>` before, CLIP's way), wrapped as transformers' fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate([*SPECIAL, *WORDS, ".", ","])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = "<s> $A </s>" if bos else "$A </s>"
+    backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 2), ("</s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", model_max_length=max_length)  # fmt: skip
+
+
+def _towers(max_positions: int) -> dict[str, object]:
+    text = {"vocab_size": len(SPECIAL) + len(WORDS) + 2, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": max_positions,
+            "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3}  # fmt: skip
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2}  # fmt: skip
+    return {"text_config": text, "vision_config": vision}
+
+
+def clip(folder: Path, seed: int = 8) -> Path:
+    """CLIP with a 16-wide projection; logit_scale log(100) (a trained CLIP's), so that scores spread."""
+    import math
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(projection_dim=16, logit_scale_init_value=math.log(100), **_towers(77)))
+    model.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    tokenizer(bos=True, max_length=77).save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
+def siglip(folder: Path, seed: int = 9) -> Path:
+    """SigLIP: attention pooling (no CLS token), sigmoid scores with a bias; labels padded to 64 tokens."""
+    import math
+
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(**_towers(64)))
+    with torch.no_grad():  # a larger scale than at init, no bias: sigmoid scores that spread around 0.5
+        model.logit_scale.fill_(math.log(30.0))
+        model.logit_bias.fill_(0.0)
+    model.save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    tokenizer(bos=False, max_length=64).save_pretrained(folder)  # type: ignore[attr-defined]
+    return folder
+
+
+def vit_model(folder: Path, seed: int = 10) -> Path:
+    """A bare ViTModel (pooler: dense + tanh over CLS)."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(folder)  # fmt: skip
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def dinov2_model(folder: Path, seed: int = 11) -> Path:
+    """A bare Dinov2Model, DINOv2's recipe as `dinov2` above (pooler output: the layer-normed CLS)."""
+    import torch
+    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(image_size=40, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             mlp_ratio=2)).save_pretrained(folder)  # fmt: skip
+    processor = BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, resample=3,
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    processor.save_pretrained(folder)
+    return folder

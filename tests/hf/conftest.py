@@ -74,3 +74,43 @@ def hf_pipelines(hf_folders: dict[str, Path]) -> dict[str, Any]:
         processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         pipes[name] = pipeline(task, model=str(folder), image_processor=processor, device="cpu")
     return pipes
+
+
+# embedding and zero-shot: a repository and server of their own (their tests need no other model)
+
+EMBED_MAKERS: dict[str, Callable[[Path], Path]] = {
+    "hfclip": checkpoints.clip,
+    "hfsiglip": checkpoints.siglip,
+    "hfvitmodel": checkpoints.vit_model,
+    "hfdinov2model": checkpoints.dinov2_model,
+}
+ZERO_SHOT = ["hfclip", "hfsiglip"]
+
+
+@pytest.fixture(scope="session")
+def embed_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf_embed_checkpoints")
+    return {name: make(root / name) for name, make in EMBED_MAKERS.items()}
+
+
+@pytest.fixture(scope="session")
+def embed_repository(tmp_path_factory: pytest.TempPathFactory, embed_folders: dict[str, Path]) -> Path:
+    """Every one imported: CLIP by the real command line, the others in-process."""
+    from export import hf
+
+    repository = tmp_path_factory.mktemp("hf_embed_repository")
+    for name, folder in embed_folders.items():
+        if name == "hfclip":
+            command = [sys.executable, "-m", "export.hf", str(folder), "--name", name, "--repository", str(repository)]
+            done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            hf.main([str(folder), "--name", name, "--repository", str(repository)])
+    return repository
+
+
+@pytest.fixture(scope="session")
+def embed_server(tmp_path_factory: pytest.TempPathFactory, embed_repository: Path) -> Iterator[str]:
+    folder = tmp_path_factory.mktemp("hf_embed_server")
+    with running_server(folder, VITSERVE_MODEL_REPOSITORY=str(embed_repository)) as running:
+        yield running.url
