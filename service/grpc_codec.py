@@ -46,8 +46,11 @@ CONTENTS: dict[str, tuple[str, np.dtype[Any]]] = {
 PARAMETER_KINDS = ("bool_param", "int64_param", "string_param", "double_param", "uint64_param")
 
 
-def parameter_values(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
-    """A parameters map as plain values (a parameter with none set is left out)."""
+def parameter_values(
+    parameters: Mapping[str, pb.InferParameter] | Mapping[str, pb.ModelRepositoryParameter],
+) -> dict[str, Any]:
+    """A parameters map (an inference's or a repository call's: both hold a oneof `parameter_choice`)
+    as plain values (a parameter with none set is left out)."""
     values: dict[str, Any] = {}
     for key, parameter in parameters.items():
         kind = parameter.WhichOneof("parameter_choice")
@@ -138,9 +141,4 @@ def tensor_metadata(tensors: Sequence[dict[str, Any]]) -> list[pb.ModelMetadataR
 
 def repository_parameters(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, Any]:
     """A load's parameters as plain values (`config`: the JSON string Triton takes; `file:...`: bytes)."""
-    values: dict[str, Any] = {}
-    for key, parameter in parameters.items():
-        kind = parameter.WhichOneof("parameter_choice")
-        if kind is not None:
-            values[key] = getattr(parameter, kind)
-    return values
+    return parameter_values(parameters)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,19 @@ CLASSIFIERS = ["hfvit", "hfdeit", "hfdeitteacher", "hfbeit", "hfswin", "hfdinov2
 DETECTORS = ["hfdetr", "hfyolos", "hfcondetr"]
 
 
-@pytest.fixture(scope="session")
-def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf_checkpoints")
-    return {name: make(root / name) for name, make in MAKERS.items()}
+def made(factory: pytest.TempPathFactory, makers: dict[str, Callable[[Path], Path]]) -> dict[str, Path]:
+    root = factory.mktemp("hf_checkpoints")
+    return {name: make(root / name) for name, make in makers.items()}
 
 
-@pytest.fixture(scope="session")
-def hf_repository(tmp_path_factory: pytest.TempPathFactory, hf_folders: dict[str, Path]) -> Path:
-    """Every checkpoint imported: DeiT with teacher by the real command line, the others in-process."""
+def imported(factory: pytest.TempPathFactory, folders: dict[str, Path], by_command_line: str) -> Path:
+    """Every folder imported into a repository of its own: `by_command_line` by the real command
+    line, the others in-process."""
     from export import hf
 
-    repository = tmp_path_factory.mktemp("hf_repository")
-    for name, folder in hf_folders.items():
-        if name == "hfdeitteacher":
+    repository = factory.mktemp("hf_repository")
+    for name, folder in folders.items():
+        if name == by_command_line:
             command = [sys.executable, "-m", "export.hf", str(folder), "--name", name, "--repository", str(repository)]
             done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-3000:]
@@ -56,11 +56,26 @@ def hf_repository(tmp_path_factory: pytest.TempPathFactory, hf_folders: dict[str
     return repository
 
 
+@contextmanager
+def serving(factory: pytest.TempPathFactory, repository: Path) -> Iterator[str]:
+    with running_server(factory.mktemp("hf_server"), VITSERVE_MODEL_REPOSITORY=str(repository)) as running:
+        yield running.url
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return made(tmp_path_factory, MAKERS)
+
+
+@pytest.fixture(scope="session")
+def hf_repository(tmp_path_factory: pytest.TempPathFactory, hf_folders: dict[str, Path]) -> Path:
+    return imported(tmp_path_factory, hf_folders, by_command_line="hfdeitteacher")
+
+
 @pytest.fixture(scope="session")
 def hf_server(tmp_path_factory: pytest.TempPathFactory, hf_repository: Path) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp("hf_server")
-    with running_server(folder, VITSERVE_MODEL_REPOSITORY=str(hf_repository)) as running:
-        yield running.url
+    with serving(tmp_path_factory, hf_repository) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -89,28 +104,15 @@ ZERO_SHOT = ["hfclip", "hfsiglip"]
 
 @pytest.fixture(scope="session")
 def embed_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf_embed_checkpoints")
-    return {name: make(root / name) for name, make in EMBED_MAKERS.items()}
+    return made(tmp_path_factory, EMBED_MAKERS)
 
 
 @pytest.fixture(scope="session")
 def embed_repository(tmp_path_factory: pytest.TempPathFactory, embed_folders: dict[str, Path]) -> Path:
-    """Every one imported: CLIP by the real command line, the others in-process."""
-    from export import hf
-
-    repository = tmp_path_factory.mktemp("hf_embed_repository")
-    for name, folder in embed_folders.items():
-        if name == "hfclip":
-            command = [sys.executable, "-m", "export.hf", str(folder), "--name", name, "--repository", str(repository)]
-            done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
-            assert done.returncode == 0, done.stderr[-3000:]
-        else:
-            hf.main([str(folder), "--name", name, "--repository", str(repository)])
-    return repository
+    return imported(tmp_path_factory, embed_folders, by_command_line="hfclip")
 
 
 @pytest.fixture(scope="session")
 def embed_server(tmp_path_factory: pytest.TempPathFactory, embed_repository: Path) -> Iterator[str]:
-    folder = tmp_path_factory.mktemp("hf_embed_server")
-    with running_server(folder, VITSERVE_MODEL_REPOSITORY=str(embed_repository)) as running:
-        yield running.url
+    with serving(tmp_path_factory, embed_repository) as url:
+        yield url
