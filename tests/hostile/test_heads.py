@@ -111,10 +111,12 @@ def test_a_pipelined_head_behind_an_answer_in_progress_is_counted(server: Server
     before, rest = _closed(server, "headers_too_large"), resident_mb(server)
     first = busy_request() + b"GET /health/live HTTP/1.1\r\nHost: t\r\n" + (b"X-A: " if b"\r\n" not in piece else b"")
     with _connect(server) as sock:
-        flood = Flood(sock, first, piece, 24 * 2**20)
+        flood = Flood(sock, first, piece, 64 * 2**20)
         flood.thread.join(30)
         answer = _read_until_closed(sock)
-    assert flood.sent < 16 * 2**20, flood.sent
+    # the socket buffers, what the lingering close drops, and what arrived while the answer ahead ran:
+    # under 16 MiB on a quiet machine, 16.5 MiB measured on busy cores; never the 64 MiB sent at
+    assert flood.sent < 24 * 2**20, flood.sent
     assert _closed(server, "headers_too_large") == before + 1
     if answer:  # a client still sending when the lingering close gives up is reset: the answers may be lost
         assert statuses(answer)[:1] == [200] and statuses(answer)[1:] in ([], [431]), answer[:300]

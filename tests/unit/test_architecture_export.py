@@ -17,7 +17,7 @@ CORE = {
     f"service.{name}"
     for name in (
         "manifest", "imaging", "runtime", "repository", "sampling", "outputs", "settings", "budget", "context",
-        "attention", "batching", "pipeline", "text", "memory", "metrics", "logs", "errors", "schemas",
+        "attention", "batching", "pipeline", "text", "memory", "metrics", "logs", "errors", "schemas", "text_tower",
     )
 }  # fmt: skip
 

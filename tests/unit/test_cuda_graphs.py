@@ -269,7 +269,10 @@ def test_a_session_with_graphs_on_runs_one_at_a_time_captured_or_not() -> None:
 def test_graphs_on_are_warmed_up_even_with_warm_up_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Captured under live traffic, another thread's allocation or synchronous copy breaks a capture."""
     warmed: list[tuple[list[int], int]] = []
-    monkeypatch.setattr(service.repository, "warm_up", lambda run, spec, sizes, times: warmed.append((sizes, times)))
+    def warm_up(run: object, spec: object, sizes: list[int], times: int, side: int = 1) -> None:
+        warmed.append((sizes, times))
+
+    monkeypatch.setattr(service.repository, "warm_up", warm_up)
     model = load_model(SHIPPED_REPOSITORY / "vit", Settings(warmup=False, lazy_attention=False), manifest_checks(TASKS))
     assert model.state == "ready", model.reason
     assert warmed == [([1, 2, 4, 8, 16, 32], 3), ([1], 3)]  # the model's graph and its attention graph
