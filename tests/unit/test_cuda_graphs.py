@@ -269,6 +269,7 @@ def test_a_session_with_graphs_on_runs_one_at_a_time_captured_or_not() -> None:
 def test_graphs_on_are_warmed_up_even_with_warm_up_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Captured under live traffic, another thread's allocation or synchronous copy breaks a capture."""
     warmed: list[tuple[list[int], int]] = []
+
     def warm_up(run: object, spec: object, sizes: list[int], times: int, side: int = 1) -> None:
         warmed.append((sizes, times))
 
