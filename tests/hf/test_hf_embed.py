@@ -223,3 +223,16 @@ def test_tokenizing_a_large_label_set_leaves_other_requests_answered(embed_serve
     asyncio.run(flood())
     print(f"zero-shot request {took:.2f} s; slowest health answer meanwhile {worst:.3f} s")
     assert worst < max(0.25, took / 3)
+
+
+def test_labels_repeated_in_the_query_string_are_all_taken(embed_server: str) -> None:
+    """`?labels=sea&labels=dog` as the form's repeated fields are taken: both (the last alone was, silently);
+    another option given twice is a 422, not its last value."""
+    png, as_png = photos()["flower.png"], {"content-type": "image/png"}
+    url = f"{embed_server}/v1/zero-shot?model=hfsiglip"
+    repeated = httpx2.post(f"{url}&labels=sea&labels=dog&labels=cat", content=png, headers=as_png)
+    assert repeated.status_code == 200, repeated.text
+    assert sorted(s["label"] for s in repeated.json()["results"][0]) == ["cat", "dog", "sea"]
+    twice = httpx2.post(f"{url}&labels=sea&hypothesis_template=a+{{}}&hypothesis_template=b+{{}}", content=png,
+                        headers=as_png)  # fmt: skip
+    assert twice.status_code == 422, twice.text
