@@ -17,6 +17,7 @@ from service import __version__, tracing
 from service.auth import ApiKeyMiddleware
 from service.batching import Batcher
 from service.budget import ImageLimits
+from service.codec import HEADER_LENGTH
 from service.error_responses import install_error_handlers
 from service.http_limits import BodyLimitMiddleware, BodyTimeoutMiddleware, RateLimitMiddleware, TimeoutMiddleware
 from service.memory import give_back_big_blocks
@@ -31,6 +32,7 @@ from service.runtime import check_device
 from service.settings import Settings, get_settings
 from service.tasks import TASKS, manifest_checks
 from service.tasks.base import Task
+from service.tasks.embed import SHAPE_HEADER
 from service.text_tower import LABEL_CACHE
 
 if TYPE_CHECKING:
@@ -48,8 +50,9 @@ Images go in as multipart `file` fields (repeatable), as a raw `image/*` body, o
 
 # what a page on an allowed origin may send (besides the headers any page may) and read
 CORS_METHODS = ("GET", "POST")
-CORS_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "X-Request-ID")
-CORS_EXPOSED = ("X-Request-ID", "Server-Timing", "X-Model-Version", "Retry-After")
+# and the headers of binary tensors: /v2's JSON header length (both ways), /v1/embed's shape
+CORS_HEADERS = ("Authorization", "X-API-Key", "Content-Type", "X-Request-ID", HEADER_LENGTH)
+CORS_EXPOSED = ("X-Request-ID", "Server-Timing", "X-Model-Version", "Retry-After", SHAPE_HEADER, HEADER_LENGTH)
 
 
 def create_app(

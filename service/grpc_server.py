@@ -28,6 +28,7 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from service import context, protocol, tracing
@@ -230,21 +231,41 @@ class InferenceService:
         self.state.metrics.request_done(method, status, state.model, state.provider, state.timings, total)
 
     async def watch(
-        self, request: health_pb2.HealthCheckRequest, rpc: grpc.aio.ServicerContext[Any, Any]
+        self, raw: bytes, rpc: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
         """grpc.health.v1's Watch: the status now, then each change (looked at every WATCH_EVERY_S)."""
         metadata = {key: value for key, value in rpc.invocation_metadata() or ()}
         try:
             self._authorize("health", metadata)
+            request = message_of(health_pb2.HealthCheckRequest, raw)
             status = self._health(request.service)
         except ServiceError as exc:
             await rpc.abort(grpc_code(exc), exc.message)
+        except CodecError as exc:
+            await rpc.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         yield health_pb2.HealthCheckResponse(status=status)
         while True:
             await asyncio.sleep(WATCH_EVERY_S)
             if (now := self._health(request.service)) != status:
                 status = now
                 yield health_pb2.HealthCheckResponse(status=status)
+
+
+def message_of(kind: Any, raw: bytes) -> Any:
+    """The message `raw` holds (CodecError where it holds none: INVALID_ARGUMENT)."""
+    try:
+        return kind.FromString(raw)
+    except DecodeError:
+        raise CodecError(f"the request is not a valid {kind.DESCRIPTOR.full_name} message") from None
+
+
+def parsed(kind: Any, work: Callable[[Any], Awaitable[Any]]) -> Callable[[bytes], Awaitable[Any]]:
+    """`work` on the message of type `kind` its bytes hold."""
+
+    async def run(raw: bytes) -> Any:
+        return await work(message_of(kind, raw))
+
+    return run
 
 
 def _model_name(model_name: str, repository_name: str) -> str:
@@ -293,12 +314,12 @@ def handlers(service: InferenceService) -> tuple[grpc.GenericRpcHandler, grpc.Ge
     """The inference service's and the health service's handlers."""
 
     def unary(path: str, guard: Guard, work: Callable[[Any], Awaitable[Any]], request: Any, response: Any) -> Any:
-        async def behaviour(message: Any, rpc: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await service.call(path, guard, work, message, rpc)
+        async def behaviour(message: bytes, rpc: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await service.call(path, guard, parsed(request, work), message, rpc)
 
-        return grpc.unary_unary_rpc_method_handler(
-            behaviour, request_deserializer=request.FromString, response_serializer=response.SerializeToString
-        )
+        # the bytes as they came: parsed inside the call, where a failure is the client's (gRPC's own
+        # deserializer answers one as UNKNOWN)
+        return grpc.unary_unary_rpc_method_handler(behaviour, response_serializer=response.SerializeToString)
 
     inference = {
         name: unary(f"/{SERVICE}/{name}", guard, getattr(service, attribute), request, response)
@@ -306,10 +327,9 @@ def handlers(service: InferenceService) -> tuple[grpc.GenericRpcHandler, grpc.Ge
     }
     check = unary(f"/{HEALTH}/Check", "health", service.health_check, health_pb2.HealthCheckRequest,
                   health_pb2.HealthCheckResponse)  # fmt: skip
-    watch = grpc.unary_stream_rpc_method_handler(
-        service.watch, request_deserializer=health_pb2.HealthCheckRequest.FromString,
-        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-    )  # fmt: skip
+    watch: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(
+        service.watch, response_serializer=health_pb2.HealthCheckResponse.SerializeToString
+    )
     return (grpc.method_handlers_generic_handler(SERVICE, inference),
             grpc.method_handlers_generic_handler(HEALTH, {"Check": check, "Watch": watch}))  # fmt: skip
 

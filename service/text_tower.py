@@ -5,6 +5,7 @@ bounded cache of label embeddings. Shared by the zero-shot task and the importer
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -84,11 +85,20 @@ class LabelCache:
 
     def put(self, key: Hashable, embeddings: np.ndarray) -> None:
         if key in self.entries:
-            self.held -= self.entries.pop(key).nbytes
+            self.held -= footprint(key, self.entries.pop(key))
         self.entries[key] = embeddings
-        self.held += embeddings.nbytes
+        self.held += footprint(key, embeddings)
         while self.held > self.max_bytes and self.entries:
-            self.held -= self.entries.popitem(last=False)[1].nbytes
+            self.held -= footprint(*self.entries.popitem(last=False))
+
+
+def footprint(key: Hashable, embeddings: np.ndarray) -> int:
+    """The bytes an entry holds: its embeddings and its key (a small model's embeddings can take less
+    than the labels that name them: 256 labels of 200 emoji are 200 KB; 16 dimensions of them, 16 KB)."""
+    parts = list(key) if isinstance(key, tuple) else [key]
+    for part in [p for p in parts if isinstance(p, tuple)]:
+        parts += part
+    return embeddings.nbytes + sys.getsizeof(key) + sum(map(sys.getsizeof, parts))
 
 
 LABEL_CACHE = LabelCache(64 * 2**20)  # the process's; the app sets its size and wires its metrics

@@ -5,7 +5,8 @@ images run in batches (ONNX Runtime on every core), each image's outputs postpro
 would. Each line of the output is `{"path": <relative to DIR>, "results": [...]}`, `results` being
 what /v1/classify or /v1/detect answers for that one image (or `{"path", "error": {"code",
 "message"}}` for a file the service would refuse). Run again with the same output, it goes on where
-it stopped: paths already there are skipped, and a last line cut short by an interrupt is dropped."""
+it stopped: paths already there are skipped, and a last line cut short by an interrupt is dropped (an
+output file with a whole line that is no result is refused, untouched)."""
 
 from __future__ import annotations
 
@@ -159,19 +160,21 @@ def image_paths(root: Path) -> tuple[list[str], int]:
 
 
 def done_paths(out: Path) -> list[str]:
-    """The paths an earlier run wrote to `out`, in order. A line cut short (the last, where a run was
-    interrupted as it wrote) is cut off the file, and so is anything after it."""
+    """The paths an earlier run wrote to `out`, in order. A last line cut short (a run interrupted as
+    it wrote) is cut off the file; a whole line that is no result (the file is another's, or damaged)
+    is a PredictError, the file left as it is."""
     if not out.exists():
         return []
     done, good = [], 0
     with out.open("rb") as lines:
-        for line in lines:
+        for number, line in enumerate(lines, 1):
+            if not line.endswith(b"\n"):
+                break  # the last line: where an interrupted run stopped writing
             try:
-                if not line.endswith(b"\n"):
-                    raise ValueError("no newline")
                 done.append(str(json.loads(line)["path"]))
-            except (ValueError, KeyError, TypeError):
-                break
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PredictError(f"{out}: line {number} is not a result of vitserve predict ({type(exc).__name__}); "
+                                   "name another --out, or mend the file") from None  # fmt: skip
             good += len(line)
     if good < out.stat().st_size:
         print(f"{out}: dropped {out.stat().st_size - good} bytes of an interrupted line", file=sys.stderr)
@@ -203,11 +206,15 @@ def predict(predictor: Predictor, root: Path, out: Path, batch_size: int) -> dic
     if not root.is_dir():
         raise PredictError(f"{root} is not a folder")
     paths, skipped = image_paths(root)
-    done = set(done_paths(out))
+    try:
+        done = set(done_paths(out))
+        sink = out.open("a")
+    except OSError as exc:  # a folder, a missing folder, no permission
+        raise PredictError(f"cannot write the results to {out}: {exc.strerror or exc}") from exc
     todo = [p for p in paths if p not in done]
     counts = {"images": len(paths), "before": len(paths) - len(todo), "now": 0, "errors": 0, "skipped": skipped}
     bar = tqdm(total=len(paths), initial=counts["before"], unit="img", desc=predictor.model.name, file=sys.stderr)
-    with ThreadPoolExecutor(every_core(), thread_name_prefix="decode") as pool, out.open("a") as sink, bar:
+    with ThreadPoolExecutor(every_core(), thread_name_prefix="decode") as pool, sink, bar:
         for batch in ahead(pool, predictor, root, todo, batch_size):
             lines = predictor.run(batch)
             sink.write("".join(json.dumps(line) + "\n" for line in lines))

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import QueryParams
 
 from service.pipeline import Opts
 from service.text import LISTED_ITEMS
@@ -48,6 +49,15 @@ def validate_options(cls: type[Opts], values: Mapping[str, Any], where: Callable
     errors += [{"loc": (where(name), name), "msg": UNKNOWN, "type": "extra_forbidden"}
                for name, _ in zip(names, range(LISTED_ITEMS), strict=False)]  # fmt: skip
     raise InvalidOptions(errors, total)
+
+
+def query_options(query: QueryParams) -> dict[str, Any]:
+    """The query string's options: a key given more than once, its values as a list (as a form's
+    repeated field: zero-shot's labels take one, any other option refuses it), never its last alone."""
+    values: dict[str, list[str]] = {}
+    for key, value in query.multi_items():
+        values.setdefault(key, []).append(value)
+    return {key: found[0] if len(found) == 1 else found for key, found in values.items()}
 
 
 def parse_options(cls: type[Opts], query: dict[str, Any], body: dict[str, Any]) -> Opts:

@@ -21,7 +21,7 @@ from service.errors import ServiceError
 from service.imaging import encode_png
 from service.inputs import IMAGE_REQUEST_BODY, decode_base64, json_body, json_request_body, read_images, wants_png
 from service.pipeline import ImagePipeline, Job, Opts, Stream, StreamPipeline
-from service.routes.options import parse_options, query_parameters
+from service.routes.options import parse_options, query_options, query_parameters
 from service.sampling import finished
 from service.tasks.base import Route, Task
 from service.text import clipped
@@ -53,7 +53,7 @@ def add_upload_route(router: APIRouter, route: Route, pipeline: ImagePipeline[An
 
     async def endpoint(request: Request) -> Response:
         images, body_options = await read_images(request, request.app.state.image_limits.max_images)
-        options = parse_options(pipeline.options, dict(request.query_params), body_options)
+        options = parse_options(pipeline.options, query_options(request.query_params), body_options)
         return await answer_images(request, pipeline, images, options, route.binary)
 
     responses = {**IMAGE_ERRORS, 200: {"content": {"image/png": {}}}} if pipeline.render else IMAGE_ERRORS

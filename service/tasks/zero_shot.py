@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import anyio.to_thread
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
@@ -48,6 +49,8 @@ class ZeroShotOptions(ModelOptions):
         longest = max(len(label) for label in labels)
         if longest > MAX_LABEL_CHARS:
             raise ValueError(f"a label of {longest} characters; at most {MAX_LABEL_CHARS}")
+        if not all(map(_utf8, labels)):
+            raise ValueError("a label holds a lone surrogate (an escape such as \\ud800): not text")
         return labels
 
     @field_validator("hypothesis_template")
@@ -56,6 +59,15 @@ class ZeroShotOptions(ModelOptions):
         if "{}" not in template:
             raise ValueError("the template needs `{}`, where each label goes")
         return template
+
+
+def _utf8(text: str) -> bool:
+    """False for lone surrogates, which JSON can escape and no tokenizer can encode."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class LabelScore(BaseModel):
@@ -92,7 +104,9 @@ async def label_embeddings(job: Job[ZeroShotOptions], settings: Settings) -> Non
         assert tower is not None  # check_zero_shot
         names = [t.name for t in job.manifest.graphs["text"].inputs]
         texts = [template.replace("{}", label) for label in labels]
-        feeds = encoder(model.path, model.fingerprint, tower).tokenize(texts, names)
+        # up to 256 texts of 20,000 characters: tokenized off the event loop, which would stall meanwhile
+        tokenize = encoder(model.path, model.fingerprint, tower).tokenize
+        feeds = await anyio.to_thread.run_sync(tokenize, texts, names)
         (found,) = await model.run(feeds, graph="text")
         LABEL_CACHE.put(key, found)
     job.extra = found

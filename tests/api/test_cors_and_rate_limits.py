@@ -51,6 +51,14 @@ def test_a_preflight_from_an_allowed_origin_needs_no_key(cors: TestClient) -> No
     assert {"authorization", "x-api-key", "content-type", "x-request-id"} <= set(allowed.split(", "))
     refused = cors.options("/v1/classify", headers={**asked, "access-control-request-method": "DELETE"})
     assert refused.status_code == 400
+    binary = {**asked, "access-control-request-headers": "content-type, inference-header-content-length"}
+    assert cors.options("/v2/models/vit/infer", headers=binary).status_code == 200  # /v2's binary requests
+    for odd in ("x-other", "content-type, x\x7fbad", "a" * 5000):
+        headers = {**asked, "access-control-request-headers": odd}
+        assert cors.options("/v1/classify", headers=headers).status_code == 400
+    for method in ("TRACE", "post", "CONNECT", "GET, POST"):
+        headers = {**asked, "access-control-request-method": method}
+        assert cors.options("/v1/classify", headers=headers).status_code == 400
 
 
 def test_a_simple_request_from_an_allowed_origin_can_read_the_answer(cors: TestClient) -> None:
@@ -60,7 +68,9 @@ def test_a_simple_request_from_an_allowed_origin_can_read_the_answer(cors: TestC
     for answer in (answered, refused):
         assert answer.headers["access-control-allow-origin"] == PAGE
         exposed = set(answer.headers["access-control-expose-headers"].split(", "))
-        assert exposed == {"X-Request-ID", "Server-Timing", "X-Model-Version", "Retry-After"}
+        # and what a binary answer needs read: /v1/embed's shape, /v2's JSON header length
+        assert exposed == {"X-Request-ID", "Server-Timing", "X-Model-Version", "Retry-After", "X-Embedding-Shape",
+                           "Inference-Header-Content-Length"}  # fmt: skip
 
 
 def test_a_disallowed_origin_gets_no_cors_headers(cors: TestClient) -> None:

@@ -224,3 +224,24 @@ def test_a_grpc_port_in_use_leaves_rest_serving(repository: Path, tmp_path: Path
             assert httpx2.get(f"{server.url}/v2/models/vit").status_code == 200
             log = server.log_path.read_text()
             assert f"gRPC cannot listen on 127.0.0.1:{port}" in log and "REST serves on" in log
+
+
+UNPARSED = [  # a cut varint; a string field (a model's name, a service's) of bytes that are not UTF-8
+    ("inference.GRPCInferenceService/ModelInfer", b"\xff\xff\xff\xff"),
+    ("inference.GRPCInferenceService/ModelInfer", b"\x0a\x03\xff\xfe\xfd"),
+    ("inference.GRPCInferenceService/ServerLive", b"\xff\xff\xff\xff"),
+    ("grpc.health.v1.Health/Check", b"\x0a\x03\xff\xfe\xfd"),
+]
+
+
+@pytest.mark.parametrize(("method", "body"), UNPARSED)
+def test_a_message_that_does_not_parse_is_invalid_argument(served: Server, method: str, body: bytes) -> None:
+    """Bytes no message parses from are the client's mistake: INVALID_ARGUMENT, not gRPC's own UNKNOWN
+    for a deserializer that raised; and the call answers on."""
+    with grpc.insecure_channel(served.grpc) as channel:
+        call = channel.unary_unary(f"/{method}", request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(body, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        if not method.endswith("ModelInfer"):
+            assert call(b"", timeout=10) is not None  # an empty message parses, and is answered

@@ -7,12 +7,14 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from service.settings import PROJECT_ROOT
 from vitserve import cli
-from vitserve.predict import done_paths
+from vitserve.predict import PredictError, done_paths, predict
 
 
 def test_serve_and_import_take_the_flags_of_their_modules(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,3 +55,24 @@ def test_the_client_and_command_import_nothing_of_the_server() -> None:
     script = f"import sys, vitserve, vitserve.cli; print(sorted(m for m in {server} if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.parametrize("text", ['{"path": "a.png", "results": []}\ngarbage\n{"path": "b.png", "results": []}\n',
+                                  "\x00\x00\xff\n", "# my notes\n"])  # fmt: skip
+def test_an_output_file_that_is_not_predicts_is_left_alone(tmp_path: Path, text: str) -> None:
+    """Only a last line cut short is an interrupted write; a whole line that is no result means the file
+    is someone else's (or damaged): refused, the file as it was (it was cut at that line, and all after it)."""
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(text.encode("latin-1"))
+    with pytest.raises(PredictError, match="line"):
+        done_paths(out)
+    assert out.read_bytes() == text.encode("latin-1")
+
+
+@pytest.mark.parametrize("where", ["a_folder", "missing/out.jsonl"])
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "images").mkdir()
+    predictor: Any = SimpleNamespace(model=SimpleNamespace(name="m"))
+    with pytest.raises(PredictError, match="cannot write"):
+        predict(predictor, tmp_path / "images", tmp_path / where, 8)
