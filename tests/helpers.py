@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import struct
 import zlib
 
@@ -69,3 +70,11 @@ def decode_one(data: bytes, limits: ImageLimits, spec: Preprocessing | None = No
     with limits.claim() as claim:
         limits.budget.take(opened[0].pixels, claim)
         return decode_all(opened, spec, claim)[0]
+
+
+def ctrl_c_reaches_it() -> None:
+    """A child's `preexec_fn`: Ctrl-C (SIGINT) back to its default. A test run started in the
+    background by a shell without job control (as a CI script may be) ignores SIGINT, its children
+    inherit that, and Python then installs no KeyboardInterrupt handler: a SIGINT a test sends would
+    do nothing (`serve run` never stopped; `vitserve predict` was never interrupted)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
