@@ -126,20 +126,32 @@ def output_parity(c: Compared) -> OutputParity:
     )
 
 
+def worst(parts: Sequence[OutputParity]) -> OutputParity:
+    """One output measured in parts (an image or a layer at a time): each figure the largest of the
+    parts', the same as measured over the whole at once (the tolerance grows with the error)."""
+    fields = ("max_abs_diff", "tolerance", "float32_error", "onnx_float64_error")
+    return OutputParity(name=parts[0].name, **{f: max(getattr(p, f) for p in parts) for f in fields})
+
+
 def check_parity(compared: Sequence[Compared], batch_size: int) -> Parity:
     """Every output measured on its own; the first is the logits, whose argmax must not change."""
-    outputs = [output_parity(c) for c in compared]
-    binding = max(outputs, key=lambda o: o.max_abs_diff / o.tolerance)
     logits = compared[0]
+    argmax_equal = bool((logits.float32.argmax(-1) == logits.onnx.argmax(-1)).all())
+    return parity_of([output_parity(c) for c in compared], batch_size, argmax_equal)
+
+
+def parity_of(outputs: Sequence[OutputParity], batch_size: int, argmax_equal: bool) -> Parity:
+    """The outputs' figures, those of the one closest to its tolerance on top."""
+    binding = max(outputs, key=lambda o: o.max_abs_diff / o.tolerance)
     return Parity(
         max_abs_diff=binding.max_abs_diff,
         tolerance=binding.tolerance,
         float32_error=binding.float32_error,
         batch_size=batch_size,
         traced_batch_size=TRACED_BATCH,
-        argmax_equal=bool((logits.float32.argmax(-1) == logits.onnx.argmax(-1)).all()),
+        argmax_equal=argmax_equal,
         cap=PARITY_CAP,
-        outputs=outputs,
+        outputs=list(outputs),
     )
 
 
