@@ -332,13 +332,17 @@ def image_bytes(spec: GraphSpec) -> int:
     return sum(sizes)
 
 
+def generating_images(spec: GraphSpec) -> int:
+    """The most images a generation's step graph may hold caches for at once (a pool's slots too)."""
+    return max(1, MAX_GENERATING_BYTES // image_bytes(spec))
+
+
 def within_memory(policy: BatchPolicy, spec: GraphSpec, graph: str) -> BatchPolicy:
     """The policy, its batches (and a generation step's queue) cut to MAX_BATCH_BYTES
     (MAX_GENERATING_BYTES), never below one image."""
-    per_image = image_bytes(spec)
-    update = {"max_batch_size": min(policy.max_batch_size, max(1, MAX_BATCH_BYTES // per_image))}
+    update = {"max_batch_size": min(policy.max_batch_size, max(1, MAX_BATCH_BYTES // image_bytes(spec)))}
     if graph in GENERATION_STEPS:
-        update["max_queue_size"] = min(policy.max_queue_size, max(1, MAX_GENERATING_BYTES // per_image))
+        update["max_queue_size"] = min(policy.max_queue_size, generating_images(spec))
     return policy.model_copy(update=update)
 
 
@@ -419,7 +423,8 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         session = session_on(every=False)
     run, pool = runner(session, sizes), None
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
-        pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
+        capacity = max(policy.max_queue_size, settings.max_images_per_request)
+        pool = CachePool(session, min(capacity, generating_images(spec)), sizes)
         run = pool.run
     knee = None
     if heavy and batched and graph == "main" and "max_batch_size" not in settings.batch_policy.get(model.name, {}):

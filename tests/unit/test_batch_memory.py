@@ -45,3 +45,9 @@ def test_small_graphs_keep_their_policy() -> None:
     for name in ("vit", "imagetransformer"):
         for graph, spec in read_manifest(SHIPPED_REPOSITORY / name / "1").graphs.items():
             assert within_memory(POLICY, spec, graph) == POLICY, (name, graph)
+
+
+def test_a_cache_pool_has_no_more_slots_than_that() -> None:
+    from service.repository import generating_images
+
+    assert generating_images(STEP) == 21 and generating_images(ATTENTION) == 5
