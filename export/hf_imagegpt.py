@@ -19,7 +19,9 @@ only ever reads the logits of SOS + all pixels but the last, which it can: the g
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +37,28 @@ from export.onnx_export import (
     TRACED_BATCH,
     Compared,
     ExportError,
-    check_parity,
     library_versions,
+    output_parity,
+    parity_of,
     publish,
     require_parity,
     staging,
     to_onnx,
-    torch_outputs,
+    worst,
 )
 from export.pooled import write_pooled
 from service.imaging import Decoded, preprocess_batch
-from service.manifest import GENERATION, GenerationConfig, GraphSpec, Manifest, Parity, Preprocessing, TensorSpec
+from service.manifest import (
+    GENERATION,
+    GenerationConfig,
+    GraphSpec,
+    Manifest,
+    OutputParity,
+    Parity,
+    Preprocessing,
+    TensorSpec,
+)
+from service.memory import give_back_big_blocks
 from service.outputs import image_to_tokens
 from service.sampling import POOLED_GRAPH, cache_names, sample
 
@@ -241,21 +254,62 @@ def stepped_logits(session: ort.InferenceSession, cfg: GenerationConfig, pixels:
     return np.stack(steps, axis=1)
 
 
+ATTENTION_BYTES = 2**28  # the float32 attention weights one parity run holds at most (float64: twice that)
+
+
+def images_per_run(cfg: GenerationConfig, budget: int) -> int:
+    """How many images' attention weights `[layers, heads, length, length]` in float32 fit in `budget`,
+    at least one: ImageGPT-small's (24 layers, 8 heads, 1024 positions) are 805 MB an image."""
+    return max(1, budget // (4 * cfg.layers * cfg.heads * cfg.length**2))
+
+
+@torch.no_grad()
+def reference(model: Any, pixels: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """transformers' logits and its attention weights, a `[batch, heads, length, length]` per layer
+    (not stacked, which would hold them twice)."""
+    out = model(input_ids=shifted_in(torch.from_numpy(pixels), model.config.vocab_size - 1), output_attentions=True)
+    return out.logits.numpy(), tuple(a.numpy() for a in out.attentions)
+
+
+def attention_parity(
+    models: tuple[Any, Any], session: ort.InferenceSession, pixels: np.ndarray
+) -> tuple[list[OutputParity], np.ndarray, np.ndarray]:
+    """Some images' attention graph outputs against transformers in float32 and float64, the weights a
+    layer at a time; and transformers' logits for them in both. The graph runs first: its transient
+    room (each layer's weights, then their stack) is free again before the references are made."""
+    logits, weights = session.run(None, {"pixels": pixels})
+    (logits32, attention32), (logits64, attention64) = (reference(m, pixels) for m in models)
+    compared = [
+        Compared("attention.logits", logits, logits32, logits64),
+        *(Compared("attention.attention", weights[:, layer], attention32[layer], attention64[layer])
+          for layer in range(weights.shape[1])),
+    ]  # fmt: skip
+    return [output_parity(c) for c in compared], logits32, logits64
+
+
 def graph_parity(
     model: Any, cfg: GenerationConfig, sessions: dict[str, ort.InferenceSession], pixels: np.ndarray
 ) -> Parity:
     """Every graph's outputs against transformers in float32 and float64 (the cached steps against the
-    full sequence's logits); ExportError where one is out of its tolerance."""
-    single, double = (torch_outputs(ScoreGraph(model, attention=True), pixels, double=d) for d in (False, True))
-    main = sessions["main"].run(None, {"pixels": pixels})
-    attention = sessions["attention"].run(None, {"pixels": pixels})
-    compared = [
-        Compared("main.logits", main[0], single[0], double[0]),
-        Compared("step.logits", stepped_logits(sessions["step"], cfg, pixels), single[0], double[0]),
-        Compared("attention.logits", attention[0], single[0], double[0]),
-        Compared("attention.attention", attention[1], single[1], double[1]),
-    ]
-    parity = check_parity(compared, len(pixels))
+    full sequence's logits); ExportError where one is out of its tolerance. The attention graph and
+    the references run on images_per_run images at a time (at real size the batch's attention in
+    float32 and float64 would be 20 GB), each figure the largest over all of them: the same as
+    measured at once; then the main and step graphs on every image at once (the references' logits
+    are small)."""
+    double = copy.deepcopy(model).double()
+    at_once = images_per_run(cfg, ATTENTION_BYTES)
+    runs = [attention_parity((model, double), sessions["attention"], pixels[i : i + at_once])
+            for i in range(0, len(pixels), at_once)]  # fmt: skip
+    del double
+    parts = defaultdict[str, list[OutputParity]](list)
+    for part in (part for measured, _, _ in runs for part in measured):
+        parts[part.name].append(part)
+    logits32, logits64 = (np.concatenate([run[k] for run in runs]) for k in (1, 2))
+    main = sessions["main"].run(["logits"], {"pixels": pixels})[0]
+    compared = [Compared("main.logits", main, logits32, logits64),
+                Compared("step.logits", stepped_logits(sessions["step"], cfg, pixels), logits32, logits64)]  # fmt: skip
+    outputs = [*(output_parity(c) for c in compared), *(worst(p) for p in parts.values())]
+    parity = parity_of(outputs, len(pixels), bool((logits32.argmax(-1) == main.argmax(-1)).all()))
     require_parity(parity)
     return parity
 
@@ -280,11 +334,15 @@ def transformers_greedy(model: Any, cfg: GenerationConfig, prime: np.ndarray) ->
     return np.asarray(out[:, 1:].numpy(), dtype=np.int64)
 
 
+GREEDY_TOKENS = 2048  # tokens decoded from primes: each photo's (32 for the tiny test's 8x8; 2 for a 32x32 model)
+
+
 def greedy_agreement(model: Any, cfg: GenerationConfig, step: ort.InferenceSession, pixels: np.ndarray) -> float:
     """The service's sampler at top_k=1 on the step graph against transformers' greedy decoding, from
-    SOS and primed with the top half of each photo: the share of tokens equal (1.0 to publish)."""
-    half = cfg.height // 2
-    primes = [np.zeros((1, 0), dtype=np.int64), pixels[:, : half * cfg.width]]
+    SOS and primed with the top half of as many photos as GREEDY_TOKENS allows (at 32x32 each photo
+    costs 80 s on two cores, the sampler's and generate()'s): the share of tokens equal (1.0 to publish)."""
+    half, photos = cfg.height // 2, max(1, GREEDY_TOKENS // cfg.length)
+    primes = [np.zeros((1, 0), dtype=np.int64), pixels[:photos, : half * cfg.width]]
     equal = total = 0
     for prime in primes:
         ours = sample(step, cfg, np.zeros(len(prime), dtype=np.int64), seed=0, top_k=1,
@@ -296,8 +354,14 @@ def greedy_agreement(model: Any, cfg: GenerationConfig, step: ort.InferenceSessi
 
 def generation_gates(model: Any, cfg: GenerationConfig, folder: Path, specs: dict[str, GraphSpec],
                      pixels: np.ndarray) -> tuple[Parity, dict[str, float]]:  # fmt: skip
-    """The graph parity, then the greedy and score gates: ExportError unless all hold."""
-    sessions = {g: ort.InferenceSession(str(folder / specs[g].file), providers=["CPUExecutionProvider"])
+    """The graph parity, then the greedy and score gates: ExportError unless all hold. The attention
+    and main graphs run without ONNX Runtime's arena, which would keep their biggest run's room (at
+    real size 1.6 GB for an image's attention, 0.8 GB for the main graph's five images); the step
+    graph keeps its arena, which spares it the same allocations at each of its thousand steps."""
+    no_arena = ort.SessionOptions()
+    no_arena.enable_cpu_mem_arena = False
+    sessions = {g: ort.InferenceSession(str(folder / specs[g].file), no_arena if g != "step" else None,
+                                        providers=["CPUExecutionProvider"])
                 for g in ("main", "attention", "step")}  # fmt: skip
     parity = graph_parity(model, cfg, sessions, pixels[:PARITY_BATCH])
     agreement = greedy_agreement(model, cfg, sessions["step"], pixels[:PARITY_BATCH])
@@ -322,6 +386,7 @@ def generation_gates(model: Any, cfg: GenerationConfig, folder: Path, specs: dic
 def import_checkpoint(folder: Path, repository: Path, name: str, version: int = 1, force: bool = False) -> Manifest:
     """Export an ImageGPT folder to `repository/name/version/` (the caller checked the target is free);
     nothing is written unless every gate passes."""
+    give_back_big_blocks()  # the gates' arrays, hundreds of MB each at real size, go back to the system when freed
     model, processor = load(folder)
     config = generation_config(model, processor)
     cfg = GenerationConfig.model_validate(config)

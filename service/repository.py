@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -315,6 +316,36 @@ def warm_sizes(policy: BatchPolicy) -> list[int]:
     return sorted({*sizes, policy.max_batch_size})
 
 
+# The most one batch's tensors may take (their fixed axes), and the most the images queued for a
+# generation's step may hold (each keeps its key/value cache until its generation ends): ImageGPT-small's
+# attention weights are 805 MB an image, its cache 100 MB in and 100 MB out. Bigger batches are formed
+# smaller; more images than the queue then holds get 413 (in one request) or 503 (together).
+MAX_BATCH_BYTES = 2**30
+MAX_GENERATING_BYTES = 4 * 2**30
+GENERATION_STEPS = {"step", POOLED_GRAPH}
+
+
+def image_bytes(spec: GraphSpec) -> int:
+    """What one image's inputs and outputs take (a free axis other than the batch counted once)."""
+    sizes = [math.prod(d for d in t.shape if isinstance(d, int)) * np.dtype(t.dtype).itemsize
+             for t in [*spec.inputs, *spec.outputs]]  # fmt: skip
+    return sum(sizes)
+
+
+def generating_images(spec: GraphSpec) -> int:
+    """The most images a generation's step graph may hold caches for at once (a pool's slots too)."""
+    return max(1, MAX_GENERATING_BYTES // image_bytes(spec))
+
+
+def within_memory(policy: BatchPolicy, spec: GraphSpec, graph: str) -> BatchPolicy:
+    """The policy, its batches (and a generation step's queue) cut to MAX_BATCH_BYTES
+    (MAX_GENERATING_BYTES), never below one image."""
+    update = {"max_batch_size": min(policy.max_batch_size, max(1, MAX_BATCH_BYTES // image_bytes(spec)))}
+    if graph in GENERATION_STEPS:
+        update["max_queue_size"] = min(policy.max_queue_size, generating_images(spec))
+    return policy.model_copy(update=update)
+
+
 def is_fp16(model: ServedModel, spec: GraphSpec) -> bool:
     """A float16 model: converted at export (its manifest says), or float16 at its inputs or outputs."""
     converted = model.manifest is not None and model.manifest.precision == "float16"
@@ -365,7 +396,7 @@ def should_load(graph: str, settings: Settings) -> bool:
 
 def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settings, policy: BatchPolicy) -> None:
     """A session for one of the model's graphs, checked against its manifest and warmed up, with its batcher."""
-    batched = settings.batching and batchable(spec)
+    batched, policy = settings.batching and batchable(spec), within_memory(policy, spec, graph)
     sizes = warm_sizes(policy) if batched and graph != "attention" else [1]
     largest = max(policy.max_queue_size, settings.max_images_per_request)  # the biggest run a request can make
 
@@ -392,7 +423,8 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         session = session_on(every=False)
     run, pool = runner(session, sizes), None
     if graph == POOLED_GRAPH:  # room for every image the queue admits (batching off: requests wait for none)
-        pool = CachePool(session, max(policy.max_queue_size, settings.max_images_per_request), sizes)
+        capacity = max(policy.max_queue_size, settings.max_images_per_request)
+        pool = CachePool(session, min(capacity, generating_images(spec)), sizes)
         run = pool.run
     knee = None
     if heavy and batched and graph == "main" and "max_batch_size" not in settings.batch_policy.get(model.name, {}):

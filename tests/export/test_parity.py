@@ -86,3 +86,14 @@ def test_the_exporter_widens_only_the_noisy_output(
     tolerances = {o.name: o.tolerance for o in parity.outputs}
     assert tolerances["main.logits"] == pytest.approx(4e-4, rel=0.01) and tolerances["attention.attention"] == 1e-4
     assert all(o.onnx_float64_error > 0 and o.float32_error > 0 for o in parity.outputs)
+
+
+def test_an_output_measured_in_parts_has_the_figures_of_the_whole() -> None:
+    """An image (or a layer) at a time, as ImageGPT's attention at real size is compared: the worst
+    part's figures, tolerance included, are those of the whole batch measured at once."""
+    quiet, noisy = compared("main.logits", 1e-6, 5e-5), compared("main.logits", 3e-4, 2e-4)
+    arrays = [np.concatenate([getattr(quiet, f), getattr(noisy, f)]) for f in ("onnx", "float32", "float64")]
+    whole = Compared("main.logits", *arrays)
+    parts = [onnx_export.output_parity(c) for c in (quiet, noisy)]
+    assert onnx_export.worst(parts) == onnx_export.output_parity(whole)
+    assert onnx_export.parity_of([onnx_export.worst(parts)], 10, True) == check_parity([whole], 10)

@@ -262,3 +262,32 @@ def test_the_page_draws_it_in_the_palette_colours(browser: Browser, server: str)
     assert (np.asarray(drawn) == expected).all()  # each pixel its palette colour, as the PNG has it
     assert page.evaluate(BROKEN) == []
     page.close()
+
+
+def test_parity_an_image_at_a_time_is_as_strict(repository: Path, hf: tuple[Any, Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """At real size the attention parity runs an image at a time (ImageGPT-small's attention is 805 MB
+    an image); the tiny model's fits at once. Both ways, every output is measured, to the same figures."""
+    import onnxruntime as ort
+
+    from export import hf_imagegpt
+    from service.manifest import GenerationConfig, read_manifest
+
+    model, processor = hf
+    manifest = read_manifest(repository / NAME / "1")
+    cfg = GenerationConfig.model_validate(manifest.config)
+    small = GenerationConfig.model_validate({**manifest.config, "height": 32, "width": 32, "memory": 1024,
+                                             "layers": 24, "heads": 8, "dim": 512})  # fmt: skip
+    assert hf_imagegpt.images_per_run(small, hf_imagegpt.ATTENTION_BYTES) == 1
+    assert hf_imagegpt.images_per_run(cfg, hf_imagegpt.ATTENTION_BYTES) >= hf_imagegpt.PARITY_BATCH
+    sessions = {g: ort.InferenceSession(str(repository / NAME / "1" / manifest.graphs[g].file))
+                for g in ("main", "attention", "step")}  # fmt: skip
+    pixels = hf_imagegpt.photo_tokens(processor, manifest.preprocessing, cfg)[0][: hf_imagegpt.PARITY_BATCH]
+    at_once = hf_imagegpt.graph_parity(model, cfg, sessions, pixels)
+    monkeypatch.setattr(hf_imagegpt, "ATTENTION_BYTES", 1)  # an image at a time
+    apart = hf_imagegpt.graph_parity(model, cfg, sessions, pixels)
+    names = ["main.logits", "step.logits", "attention.logits", "attention.attention"]
+    assert [o.name for o in apart.outputs] == [o.name for o in at_once.outputs] == names
+    for a, b in zip(apart.outputs, at_once.outputs, strict=True):
+        assert a.tolerance == b.tolerance and a.max_abs_diff <= a.tolerance and b.max_abs_diff <= b.tolerance
+    assert apart.argmax_equal and at_once.argmax_equal and apart.batch_size == at_once.batch_size == len(pixels)
