@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +36,13 @@ from export.onnx_export import (
     TRACED_BATCH,
     Compared,
     ExportError,
+    ParityRuns,
+    images_within,
     library_versions,
-    output_parity,
-    parity_of,
     publish,
     require_parity,
     staging,
     to_onnx,
-    worst,
 )
 from export.pooled import write_pooled
 from service.imaging import Decoded, preprocess_batch
@@ -53,7 +51,6 @@ from service.manifest import (
     GenerationConfig,
     GraphSpec,
     Manifest,
-    OutputParity,
     Parity,
     Preprocessing,
     TensorSpec,
@@ -257,12 +254,6 @@ def stepped_logits(session: ort.InferenceSession, cfg: GenerationConfig, pixels:
 ATTENTION_BYTES = 2**28  # the float32 attention weights one parity run holds at most (float64: twice that)
 
 
-def images_per_run(cfg: GenerationConfig, budget: int) -> int:
-    """How many images' attention weights `[layers, heads, length, length]` in float32 fit in `budget`,
-    at least one: ImageGPT-small's (24 layers, 8 heads, 1024 positions) are 805 MB an image."""
-    return max(1, budget // (4 * cfg.layers * cfg.heads * cfg.length**2))
-
-
 @torch.no_grad()
 def reference(model: Any, pixels: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """transformers' logits and its attention weights, a `[batch, heads, length, length]` per layer
@@ -272,19 +263,18 @@ def reference(model: Any, pixels: np.ndarray) -> tuple[np.ndarray, tuple[np.ndar
 
 
 def attention_parity(
-    models: tuple[Any, Any], session: ort.InferenceSession, pixels: np.ndarray
-) -> tuple[list[OutputParity], np.ndarray, np.ndarray]:
-    """Some images' attention graph outputs against transformers in float32 and float64, the weights a
-    layer at a time; and transformers' logits for them in both. The graph runs first: its transient
-    room (each layer's weights, then their stack) is free again before the references are made."""
+    models: tuple[Any, Any], session: ort.InferenceSession, pixels: np.ndarray, runs: ParityRuns
+) -> tuple[np.ndarray, np.ndarray]:
+    """Some images' attention graph outputs against transformers in float32 and float64, into `runs`,
+    the weights a layer at a time; returns transformers' logits for them in both. The graph runs
+    first: its transient room (each layer's weights, then their stack) is free again before the
+    references are made."""
     logits, weights = session.run(None, {"pixels": pixels})
     (logits32, attention32), (logits64, attention64) = (reference(m, pixels) for m in models)
-    compared = [
-        Compared("attention.logits", logits, logits32, logits64),
-        *(Compared("attention.attention", weights[:, layer], attention32[layer], attention64[layer])
-          for layer in range(weights.shape[1])),
-    ]  # fmt: skip
-    return [output_parity(c) for c in compared], logits32, logits64
+    runs.add_part(Compared("attention.logits", logits, logits32, logits64))
+    for layer in range(weights.shape[1]):
+        runs.add_part(Compared("attention.attention", weights[:, layer], attention32[layer], attention64[layer]))
+    return logits32, logits64
 
 
 def graph_parity(
@@ -292,24 +282,21 @@ def graph_parity(
 ) -> Parity:
     """Every graph's outputs against transformers in float32 and float64 (the cached steps against the
     full sequence's logits); ExportError where one is out of its tolerance. The attention graph and
-    the references run on images_per_run images at a time (at real size the batch's attention in
+    the references run on as many images at a time as ATTENTION_BYTES holds (at real size the batch's attention in
     float32 and float64 would be 20 GB), each figure the largest over all of them: the same as
     measured at once; then the main and step graphs on every image at once (the references' logits
     are small)."""
     double = copy.deepcopy(model).double()
-    at_once = images_per_run(cfg, ATTENTION_BYTES)
-    runs = [attention_parity((model, double), sessions["attention"], pixels[i : i + at_once])
-            for i in range(0, len(pixels), at_once)]  # fmt: skip
+    at_once = images_within(graphs(cfg)["attention"], ATTENTION_BYTES)
+    runs = ParityRuns(["main.logits", "step.logits", "attention.logits", "attention.attention"])
+    references = [attention_parity((model, double), sessions["attention"], pixels[i : i + at_once], runs)
+                  for i in range(0, len(pixels), at_once)]  # fmt: skip
     del double
-    parts = defaultdict[str, list[OutputParity]](list)
-    for part in (part for measured, _, _ in runs for part in measured):
-        parts[part.name].append(part)
-    logits32, logits64 = (np.concatenate([run[k] for run in runs]) for k in (1, 2))
+    logits32, logits64 = (np.concatenate([pair[k] for pair in references]) for k in (0, 1))
     main = sessions["main"].run(["logits"], {"pixels": pixels})[0]
-    compared = [Compared("main.logits", main, logits32, logits64),
-                Compared("step.logits", stepped_logits(sessions["step"], cfg, pixels), logits32, logits64)]  # fmt: skip
-    outputs = [*(output_parity(c) for c in compared), *(worst(p) for p in parts.values())]
-    parity = parity_of(outputs, len(pixels), bool((logits32.argmax(-1) == main.argmax(-1)).all()))
+    runs.add(Compared("main.logits", main, logits32, logits64))
+    runs.add(Compared("step.logits", stepped_logits(sessions["step"], cfg, pixels), logits32, logits64))
+    parity = runs.parity(len(pixels))
     require_parity(parity)
     return parity
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -96,12 +97,16 @@ def trace_image_graph(
 PARITY_CHUNK_BYTES = 1 << 30
 
 
+def images_within(spec: GraphSpec, budget: int) -> int:
+    """How many images' largest output (float32, its fixed axes) fit in `budget` bytes, at least one."""
+    largest = max(math.prod(d for d in t.shape[1:] if isinstance(d, int)) for t in spec.outputs)
+    return max(1, budget // (4 * largest))
+
+
 def parity_chunk(spec: GraphSpec) -> int:
     """Images per parity run for a graph of fixed shapes: PARITY_BATCH, or fewer where its outputs are
-    large, but never the traced batch size (a run at another size checks the batch axis)."""
-    largest = max(int(np.prod([d for d in t.shape[1:] if isinstance(d, int)])) for t in spec.outputs)
-    fits = PARITY_CHUNK_BYTES // (8 * largest)
-    return min(PARITY_BATCH, max(TRACED_BATCH + 1, fits))
+    large (held in float64 too), but never the traced batch size (another size checks the batch axis)."""
+    return min(PARITY_BATCH, max(TRACED_BATCH + 1, images_within(spec, PARITY_CHUNK_BYTES // 2)))
 
 
 @torch.no_grad()
@@ -167,6 +172,10 @@ class ParityRuns:
         self.runs[compared.name].append(output_parity(compared))
         if compared.name == next(iter(self.runs)):
             self.argmax_equal &= bool((compared.float32.argmax(-1) == compared.onnx.argmax(-1)).all())
+
+    def add_part(self, compared: Compared) -> None:
+        """A part of an output (a layer of its attention, say): measured, never an argmax."""
+        self.runs[compared.name].append(output_parity(compared))
 
     def parity(self, batch_size: int) -> Parity:
         return parity_of([worst(runs) for runs in self.runs.values()], batch_size, self.argmax_equal)

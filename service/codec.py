@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic_core import to_json
 
-from service.text import quoted
+from service.text import encodable, quoted
 
 if TYPE_CHECKING:
     from service.manifest import TensorSpec
@@ -155,22 +155,13 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
 
 
 def _name(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or not _utf8(value):
+    if not isinstance(value, str) or not value or not encodable(value):
         raise CodecError(f'{what} needs a "name": a non-empty string')
     return value
 
 
-def _utf8(text: str) -> bool:
-    """False for lone surrogates (JSON can escape them; no encoder can write them back)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _id(value: Any) -> str | None:
-    if value is not None and not (isinstance(value, str) and _utf8(value)):
+    if value is not None and not (isinstance(value, str) and encodable(value)):
         raise CodecError('"id" must be a string')
     return value
 
@@ -265,7 +256,7 @@ def from_json(data: Any, datatype: str, shape: list[int]) -> np.ndarray:
     """JSON `data`, flat or nested as `shape`, whose values are all of the datatype's JSON type."""
     leaves = _leaves(data, shape)
     if datatype == "BYTES":
-        if not all(isinstance(item, str) and _utf8(item) for item in leaves):
+        if not all(isinstance(item, str) and encodable(item) for item in leaves):
             raise CodecError("BYTES data in JSON must be strings")
         return _objects([item.encode() for item in leaves]).reshape(shape)
     return _numbers(leaves, DATATYPES[datatype], datatype).reshape(shape)

@@ -24,3 +24,12 @@ def clipped(text: object, limit: int = MESSAGE_CHARS) -> str:
     value = str(text)
     value = value if len(value) <= limit else value[:limit] + "..."
     return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def encodable(text: str) -> bool:
+    """False for lone surrogates: JSON can escape them, but no encoder (UTF-8, a tokenizer) can write them."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -18,6 +18,7 @@ from service.manifest import ZERO_SHOT, TextTower, check_zero_shot
 from service.pipeline import ImagePipeline, Job, ModelOptions
 from service.settings import Settings
 from service.tasks.base import Route, Task
+from service.text import encodable
 from service.text_tower import LABEL_CACHE, TextEncoder, label_scores
 
 NAME = ZERO_SHOT
@@ -49,7 +50,7 @@ class ZeroShotOptions(ModelOptions):
         longest = max(len(label) for label in labels)
         if longest > MAX_LABEL_CHARS:
             raise ValueError(f"a label of {longest} characters; at most {MAX_LABEL_CHARS}")
-        if not all(map(_utf8, labels)):
+        if not all(map(encodable, labels)):
             raise ValueError("a label holds a lone surrogate (an escape such as \\ud800): not text")
         return labels
 
@@ -59,15 +60,6 @@ class ZeroShotOptions(ModelOptions):
         if "{}" not in template:
             raise ValueError("the template needs `{}`, where each label goes")
         return template
-
-
-def _utf8(text: str) -> bool:
-    """False for lone surrogates, which JSON can escape and no tokenizer can encode."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class LabelScore(BaseModel):
