@@ -33,6 +33,7 @@ class LabelledData:
     train: Split
     held_out: Split
     description: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # what export.vit.load_data reloads it from
 
 
 def digit_image(pixels: np.ndarray) -> Image.Image:
@@ -57,6 +58,7 @@ def load_digits_data(seed: int = 0) -> LabelledData:
         classes=[str(c) for c in digits.target_names],
         train=train,
         held_out=held_out,
+        source={"kind": "digits", "seed": seed},
         description={
             "name": "scikit-learn digits (sklearn.datasets.load_digits)",
             "images": len(labels),
@@ -85,6 +87,7 @@ def load_image_folder(root: Path, seed: int = 0, held_out_fraction: float = 0.2)
         classes=classes,
         train=train,
         held_out=held_out,
+        source={"kind": "folder", "path": str(root.resolve()), "seed": seed},
         description={
             "name": f"ImageFolder {root}",
             "images": len(labels),

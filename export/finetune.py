@@ -138,7 +138,7 @@ def finetune(folder: Path, data: LabelledData, cfg: FinetuneConfig) -> Finetuned
     return Finetuned(
         checkpoint=ckpt,
         quality=training.evaluate(ckpt.model),
-        data={"source": "fine-tuned hugging face checkpoint", "from": str(folder.resolve()), **data.description},
+        data={"source": data.source, "from": str(folder.resolve()), **data.description},
         training={
             **asdict(cfg),
             "epochs_run": len(losses),

@@ -77,7 +77,7 @@ def gate(manifest: Manifest, full: Path, quantized: Path, calibration: Path | No
     """The INT8 graph's figures against the float32 graph's, and whether they pass."""
     if manifest.task not in (CLASSIFICATION, DETECTION):
         raise ExportError(f"INT8 is for classification and detection models, not {manifest.task}")
-    if "source" in manifest.data and calibration is None:
+    if isinstance(manifest.data.get("source"), dict) and calibration is None:  # labelled data it can reload
         figures, samples = held_out_figures(manifest, full, quantized)
     elif calibration is not None:
         feeds = calibration_feeds(calibration, manifest)

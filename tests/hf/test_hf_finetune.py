@@ -9,12 +9,13 @@ each of the digits 5 to 9, against the same architecture from its random weights
 from __future__ import annotations
 
 import base64
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from export import finetune
+from export import finetune, quantize
 from export.__main__ import main
 from export.data import Split, load_digits_data, load_image_folder
 from export.onnx_export import ExportError
@@ -123,6 +124,17 @@ def test_the_service_answers_as_the_manifest_measured(published: Path, starts: d
                                 headers={"content-type": "image/png"})  # fmt: skip
         assert attention.status_code == 200, attention.text
         assert attention.json()["grid"] == [4, 4]
+
+
+def test_quantizing_it_is_gated_on_its_own_held_out_split(published: Path, tmp_path: Path) -> None:
+    """`export.quantize` reloads the folder's split from the manifest: agreement and accuracy on the
+    same 30 held-out digits the fine-tune measured, no --calibration needed."""
+    repository = shutil.copytree(published, tmp_path / "repository")
+    manifest = read_manifest(repository / NAME / "1")
+    assert manifest.data["source"] == {"kind": "folder", "path": str((published.parent / "digits59").resolve()), "seed": 0}
+    gate = quantize.quantize_model(repository, NAME, force=True).int8_gate  # a tiny model: the gate may fail
+    assert gate is not None and gate.samples == 30 and set(gate.figures) == {"top1_agreement", "accuracy"}
+    assert gate.figures["accuracy"][0] == pytest.approx(manifest.quality["top1"])
 
 
 def refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
