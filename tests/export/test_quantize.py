@@ -72,7 +72,7 @@ def test_a_refused_gate_publishes_nothing_unless_forced(repository: Path, monkey
 def test_an_import_is_gated_on_calibration_images(repository: Path, tmp_path: Path) -> None:
     source = repository / "vit" / "1" / "manifest.json"
     manifest = json.loads(source.read_text())
-    manifest["data"] = {"source": "hugging face checkpoint", "folder": "checkpoint"}  # as an import says: no held-out data
+    manifest["data"] = {"source": "hugging face checkpoint", "folder": "checkpoint"}  # an import's: no held-out data
     source.write_text(json.dumps(manifest))
     with pytest.raises(ExportError, match="--calibration"):
         quantize.quantize_model(repository, "vit")

@@ -131,7 +131,8 @@ def test_quantizing_it_is_gated_on_its_own_held_out_split(published: Path, tmp_p
     same 30 held-out digits the fine-tune measured, no --calibration needed."""
     repository = shutil.copytree(published, tmp_path / "repository")
     manifest = read_manifest(repository / NAME / "1")
-    assert manifest.data["source"] == {"kind": "folder", "path": str((published.parent / "digits59").resolve()), "seed": 0}
+    folder = str((published.parent / "digits59").resolve())
+    assert manifest.data["source"] == {"kind": "folder", "path": folder, "seed": 0}
     gate = quantize.quantize_model(repository, NAME, force=True).int8_gate  # a tiny model: the gate may fail
     assert gate is not None and gate.samples == 30 and set(gate.figures) == {"top1_agreement", "accuracy"}
     assert gate.figures["accuracy"][0] == pytest.approx(manifest.quality["top1"])
