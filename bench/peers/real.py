@@ -23,7 +23,8 @@ against raw ONNX Runtime in this process (the ceiling).
   request and resident memory of its process tree from /proc), stopped. Figures are medians over
   repeats; client and servers share the machine's cores.
 - The ceiling: ONNX Runtime alone on the same graph, the photos' inputs preprocessed in memory, at
-  each thread count, spinning and batch size; the best configuration's images/s."""
+  each thread count, spinning and batch size. At each concurrency the ceiling is the best
+  configuration whose batch that many requests in flight can form (one at a time forms none)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ class Results:
     chosen: dict[str, Config] = field(default_factory=dict)
     samples: dict[tuple[str, int], list[Sample]] = field(default_factory=lambda: defaultdict(list))
     ceiling: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # configuration -> images/s
+    ceiling_batch: dict[str, int] = field(default_factory=dict)  # configuration -> its batch size
     reference: list[Any] = field(default_factory=list)  # the service's answers
     answers: dict[str, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
@@ -215,6 +217,7 @@ def ceiling(workload: Workload, jpegs: list[bytes], seconds: float, results: Res
                 batch = np.stack([inputs[i % len(inputs)] for i in range(size)])
                 label = f"{threads} threads, spinning {word}, batch {size}"
                 results.ceiling[label].append(images_per_second(session, batch, seconds))
+                results.ceiling_batch[label] = size
 
 
 def images_per_second(session: ort.InferenceSession, batch: np.ndarray, seconds: float) -> float:
@@ -275,8 +278,11 @@ def medians(samples: list[Sample]) -> dict[str, Any]:
     }
 
 
-def best_ceiling(results: Results) -> tuple[str, float]:
-    rates = {label: statistics.median(r) for label, r in results.ceiling.items()}
+def best_ceiling(results: Results, concurrency: int) -> tuple[str, float]:
+    """The fastest configuration of ONNX Runtime alone among those whose batch `concurrency` requests
+    in flight can form (one request at a time cannot be batched)."""
+    rates = {label: statistics.median(r) for label, r in results.ceiling.items()
+             if results.ceiling_batch[label] <= concurrency}  # fmt: skip
     label = max(rates, key=rates.__getitem__, default="none")
     return label, rates.get(label, np.nan)
 
@@ -289,9 +295,9 @@ def at(concurrency: int, names: list[str], results: Results) -> tuple[dict[str, 
 
 
 def server_rows(names: list[str], results: Results, args: argparse.Namespace) -> list[dict[str, Any]]:
-    _, top = best_ceiling(results)
     rows = []
     for concurrency in args.concurrency:
+        _, top = best_ceiling(results, concurrency)
         found, best = at(concurrency, names, results)
         best_rate = found[best]["req/s"] if best else np.nan
         for name, m in found.items():
@@ -305,9 +311,9 @@ def server_rows(names: list[str], results: Results, args: argparse.Namespace) ->
 def summary_rows(names: list[str], results: Results, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The issue's targets: the service at 0.95 of the ceiling or more, ahead of every peer at every
     concurrency, its p99 no worse than the fastest peer's."""
-    label, top = best_ceiling(results)
     rows = []
     for concurrency in args.concurrency:
+        label, top = best_ceiling(results, concurrency)
         found, best = at(concurrency, names, results)
         if "service" not in found:
             continue

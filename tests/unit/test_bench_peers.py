@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.peers import procs, recipe
-from bench.peers.real import CORES, configs
+from bench.peers.real import CORES, Results, best_ceiling, configs
 from bench.peers.servers import SERVERS
 from bench.peers.workloads import WORKLOADS
 from service.imaging import Decoded, preprocess_batch, resized_size
@@ -121,3 +121,10 @@ def test_each_server_is_asked_in_its_own_protocol() -> None:
 def test_the_workloads_cache_under_bench() -> None:
     for workload in WORKLOADS.values():
         assert workload.repository.is_relative_to(Path(__file__).resolve().parents[2] / "bench" / ".cache")
+
+
+def test_the_ceiling_at_a_concurrency_is_only_what_that_many_requests_can_batch() -> None:
+    ceiling = {"batch 1": [5.0, 5.2], "batch 4": [5.4, 5.5]}
+    results = Results(ceiling=ceiling, ceiling_batch={"batch 1": 1, "batch 4": 4})
+    assert best_ceiling(results, 1) == ("batch 1", 5.1)  # one request in flight forms no batch of 4
+    assert best_ceiling(results, 4) == ("batch 4", 5.45)
