@@ -33,7 +33,6 @@ from service.runtime import (
     create_session,
     cuda_graph,
     every_core,
-    inference_threads,
     requested_providers,
     runner,
 )
@@ -259,15 +258,15 @@ def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int =
 HEAVY_RUN_S = 0.02
 
 
-def may_deserve_every_core(spec: GraphSpec, settings: Settings) -> bool:
-    """Whether a graph is worth timing for every core: warm-up on, no thread count set, on the CPU, a
-    core to gain. Graphs with free axes besides the batch (an imported DETR's image size) are not:
-    zeros of side 1 would not say how long a real image takes."""
+def worth_timing(spec: GraphSpec, settings: Settings) -> bool:
+    """Whether loading times the graph (is it heavy, where does batching stop paying): warm-up on, no
+    thread count set, on the CPU. Also where the workers leave each no core to spare for the event
+    loop: the knee still decides the batches. Graphs with free axes besides the batch (an imported
+    DETR's image size) are not timed: zeros of side 1 would not say how long a real image takes."""
     free = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
-    workers = settings.workers
     return (
         settings.warmup and not settings.intra_op_threads and free == {"batch"}
-        and requested_providers(settings.device)[0] == CPU and every_core(workers) != inference_threads(workers)
+        and requested_providers(settings.device)[0] == CPU
     )  # fmt: skip
 
 
@@ -405,7 +404,7 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         return create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads,
                               spin_us)  # fmt: skip
 
-    timed = may_deserve_every_core(spec, settings)
+    timed = worth_timing(spec, settings)
     kept_at = measured.path_of(settings.model_repository, model.name, model.version, graph)
     # what decides from the figures is part of the key: a start with other thresholds measures again
     decides = {"heavy_run_s": HEAVY_RUN_S, "batch_gain": BATCH_GAIN, "spin_us": settings.heavy_spin_us}
