@@ -234,6 +234,10 @@ def batchable(spec: GraphSpec) -> bool:
     return all(t.shape and t.shape[0] == "batch" for t in request_inputs(spec))
 
 
+# The free axes of an image input whose size each image keeps (an imported DETR's)
+IMAGE_AXES = ("height", "width")
+
+
 def zeros(spec: GraphSpec, batch: int, side: int = 1) -> dict[str, np.ndarray]:
     """Feeds of zeros for `batch` images (every free axis `batch` long, an image's side at least `side`)."""
 
@@ -258,21 +262,23 @@ def warm_up(run: GraphRun, spec: GraphSpec, batch_sizes: list[int], times: int =
 HEAVY_RUN_S = 0.02
 
 
-def worth_timing(spec: GraphSpec, settings: Settings) -> bool:
+def worth_timing(spec: GraphSpec, settings: Settings, side: int = 1) -> bool:
     """Whether loading times the graph (is it heavy, where does batching stop paying): warm-up on, no
     thread count set, on the CPU. Also where the workers leave each no core to spare for the event
-    loop: the knee still decides the batches. Graphs with free axes besides the batch (an imported
-    DETR's image size) are not timed: zeros of side 1 would not say how long a real image takes."""
+    loop: the knee still decides the batches. A graph whose image size is free (an imported DETR's)
+    is timed on a square image of `side` (its recipe's typical side), where it has one; other free
+    axes (a decoding step's) are not timed: zeros of length 1 would not say how long a real run takes."""
     free = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    sized = free == {"batch"} or (free == {"batch", *IMAGE_AXES} and side > 1)
     return (
-        settings.warmup and not settings.intra_op_threads and free == {"batch"}
+        settings.warmup and not settings.intra_op_threads and sized
         and requested_providers(settings.device)[0] == CPU
     )  # fmt: skip
 
 
-def runs_long(session: ort.InferenceSession, spec: GraphSpec) -> bool:
+def runs_long(session: ort.InferenceSession, spec: GraphSpec, side: int = 1) -> bool:
     """A one-image run (the second: the first pays for allocations) over HEAVY_RUN_S."""
-    feeds = zeros(spec, 1)
+    feeds = zeros(spec, 1, side)
     session.run(None, feeds)
     started = time.perf_counter()
     session.run(None, feeds)
@@ -283,16 +289,16 @@ def runs_long(session: ort.InferenceSession, spec: GraphSpec) -> bool:
 BATCH_GAIN = 1.1
 
 
-def batch_knee(run: GraphRun, spec: GraphSpec, sizes: list[int]) -> tuple[int, dict[int, float]]:
+def batch_knee(run: GraphRun, spec: GraphSpec, sizes: list[int], side: int = 1) -> tuple[int, dict[int, float]]:
     """The batch size past which doubling stops paying (images/s up by less than BATCH_GAIN), and the
     images/s measured at each size tried; the sizes past the knee are never run. Each size is timed
     against the one before, interleaved (a burst of other work, such as the traffic of a model
     already serving, slows both alike), the faster of two runs each (the first at a new size pays
     for its allocations). A heavy model on a CPU gains nothing from batching: its knee is 1."""
     rates: dict[int, float] = {}
-    feeds = {size: zeros(spec, size) for size in sizes[:2]}
+    feeds = {size: zeros(spec, size, side) for size in sizes[:2]}
     for smaller, size in zip(sizes, sizes[1:], strict=False):
-        feeds[size] = feeds.get(size) or zeros(spec, size)
+        feeds[size] = feeds.get(size) or zeros(spec, size, side)
         for _ in range(2):
             for s in (smaller, size):
                 started = time.perf_counter()
@@ -302,6 +308,14 @@ def batch_knee(run: GraphRun, spec: GraphSpec, sizes: list[int]) -> tuple[int, d
             return smaller, rates
         del feeds[smaller]
     return sizes[-1], rates
+
+
+def release_arena(session: ort.InferenceSession, spec: GraphSpec, side: int = 1) -> None:
+    """A smallest run that hands ONNX Runtime's arena back afterwards: what a timing's bigger runs
+    took (a DETR-R50's batch of two 800-pixel squares: 300 MB) is not kept for the life of the process."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    session.run(None, zeros(spec, 1, side), options)
 
 
 def batch_policy(manifest: Manifest, settings: Settings) -> BatchPolicy:
@@ -404,7 +418,9 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
         return create_session(model.path / spec.file, settings, spec, sizes, is_fp16(model, spec), largest, threads,
                               spin_us)  # fmt: skip
 
-    timed = worth_timing(spec, settings)
+    recipe = model.manifest.preprocessing if model.manifest else None
+    side, typical = (recipe.smallest_side, recipe.typical_side) if recipe else (1, 1)  # YOLOS: 16, not 1 pixel
+    timed = worth_timing(spec, settings, typical)
     kept_at = measured.path_of(settings.model_repository, model.name, model.version, graph)
     # what decides from the figures is part of the key: a start with other thresholds measures again
     decides = {"heavy_run_s": HEAVY_RUN_S, "batch_gain": BATCH_GAIN, "spin_us": settings.heavy_spin_us}
@@ -414,7 +430,7 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     # (once where an earlier start measured it)
     session = session_on(every=timed and (known is None or known.heavy))
     check_graph(session, spec)
-    heavy = timed and (known.heavy if known else runs_long(session, spec))
+    heavy = timed and (known.heavy if known else runs_long(session, spec, typical))
     if heavy:
         log.info("model %s: %s is heavy, ONNX Runtime keeps every core", model.name, spec.file)
     elif timed and known is None:  # light: the event loop keeps a core
@@ -429,16 +445,16 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
     if heavy and batched and graph == "main" and "max_batch_size" not in settings.batch_policy.get(model.name, {}):
         if known is not None and known.knee is not None:
             knee, model.batch_rates[graph] = min(known.knee, sizes[-1]), known.rates
-            warm_up(run, spec, [size for size in sizes if size <= knee])
         else:
-            knee, model.batch_rates[graph] = batch_knee(run, spec, sizes)  # warms the sizes it keeps
+            knee, model.batch_rates[graph] = batch_knee(run, spec, sizes, typical)
+            release_arena(session, spec, side)  # the batches timed past the knee hold no memory from now on
+        warm_up(run, spec, [size for size in sizes if size <= knee], side=side)
         log.info("model %s: batches of at most %d (images/s by batch size: %s)", model.name, knee,
                  {size: round(rate, 1) for size, rate in model.batch_rates[graph].items()})  # fmt: skip
         policy = policy.model_copy(update={"max_batch_size": knee})
     # every batch size for the serving graphs, once for the on-request ones; always with CUDA graphs:
     # captured under live traffic, another thread's allocation or copy would break a capture
     elif settings.warmup or cuda_graph(session):
-        side = model.manifest.preprocessing.smallest_side if model.manifest else 1  # YOLOS: 16, not 1 pixel
         warm_up(run, spec, sizes, times=3 if cuda_graph(session) else 1, side=side)
     if timed and (known is None or (known.knee is None and knee is not None)):
         measured.remember(kept_at, key, measured.Measured(heavy, knee, model.batch_rates.get(graph, {})))
