@@ -94,14 +94,6 @@ class Preprocessing(_Strict):
         return self.size_multiple or 1
 
     @property
-    def typical_side(self) -> int:
-        """The side of a square photo once resized: what loading times a graph whose image size is free on."""
-        if self.fixed_size:
-            return min(self.size)
-        side = self.shortest_edge or min(self.size)
-        return max(self.smallest_side, side - side % self.smallest_side)
-
-    @property
     def channels(self) -> int:
         return len(self.color_mode)
 

@@ -25,7 +25,16 @@ import onnxruntime as ort
 from service import context, measured
 from service.batching import Batcher, Reservation, Unloaded
 from service.errors import ServiceError
-from service.manifest import BatchPolicy, GenerationConfig, GraphSpec, Manifest, TensorSpec, read_manifest
+from service.imaging import resized_size
+from service.manifest import (
+    BatchPolicy,
+    GenerationConfig,
+    GraphSpec,
+    Manifest,
+    Preprocessing,
+    TensorSpec,
+    read_manifest,
+)
 from service.memory import resident_bytes
 from service.runtime import (
     CPU,
@@ -238,6 +247,13 @@ def batchable(spec: GraphSpec) -> bool:
 IMAGE_AXES = ("height", "width")
 
 
+def typical_side(recipe: Preprocessing) -> int:
+    """The side of a square photo once resized by `recipe`: what loading times a graph whose image
+    size is free on (800 for a DETR at its 800-pixel shortest edge)."""
+    side = max(recipe.size)
+    return min(resized_size(side, side, recipe))
+
+
 def zeros(spec: GraphSpec, batch: int, side: int = 1) -> dict[str, np.ndarray]:
     """Feeds of zeros for `batch` images (every free axis `batch` long, an image's side at least `side`)."""
 
@@ -312,7 +328,7 @@ def batch_knee(run: GraphRun, spec: GraphSpec, sizes: list[int], side: int = 1) 
 
 def release_arena(session: ort.InferenceSession, spec: GraphSpec, side: int = 1) -> None:
     """A smallest run that hands ONNX Runtime's arena back afterwards: what a timing's bigger runs
-    took (a DETR-R50's batch of two 800-pixel squares: 300 MB) is not kept for the life of the process."""
+    took (a DETR-R50's batch of two 800-pixel squares: 280 MB) is not kept for the life of the process."""
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     session.run(None, zeros(spec, 1, side), options)
@@ -419,7 +435,7 @@ def load_graph(model: ServedModel, graph: str, spec: GraphSpec, settings: Settin
                               spin_us)  # fmt: skip
 
     recipe = model.manifest.preprocessing if model.manifest else None
-    side, typical = (recipe.smallest_side, recipe.typical_side) if recipe else (1, 1)  # YOLOS: 16, not 1 pixel
+    side, typical = (recipe.smallest_side, typical_side(recipe)) if recipe else (1, 1)  # YOLOS: 16, not 1 pixel
     timed = worth_timing(spec, settings, typical)
     kept_at = measured.path_of(settings.model_repository, model.name, model.version, graph)
     # what decides from the figures is part of the key: a start with other thresholds measures again

@@ -12,7 +12,7 @@ import pytest
 import service.repository
 from service.imaging import resized_size
 from service.manifest import GraphSpec, Preprocessing, read_manifest
-from service.repository import load_model
+from service.repository import load_model, typical_side
 from service.runtime import every_core
 from service.settings import Settings
 from service.tasks import TASKS, manifest_checks
@@ -29,7 +29,9 @@ def recipe(shortest: int, longest: int | None, multiple: int | None = None) -> P
 def test_the_typical_side_is_a_square_photos_resized_side(shortest: int, longest: int | None,
                                                            multiple: int | None) -> None:  # fmt: skip
     spec = recipe(shortest, longest, multiple)
-    assert (spec.typical_side, spec.typical_side) == resized_size(1000, 1000, spec)
+    side = typical_side(spec)
+    assert side == shortest - shortest % (multiple or 1)  # the shorter side, floored to YOLOS's multiple
+    assert (side, side) == resized_size(1000, 1000, spec)
 
 
 @pytest.mark.parametrize("name", ["hfdetr", "hfyolos"])
@@ -47,10 +49,10 @@ def test_a_detector_of_free_size_is_timed_on_its_typical_side(
         return feeds
 
     monkeypatch.setattr(service.repository, "zeros", spied)
-    settings = Settings(model_repository=hf_repository, lazy_attention=True)
+    settings = Settings(model_repository=hf_repository)
     model = load_model(hf_repository / name, settings, manifest_checks(TASKS))
     assert model.state == "ready", model.reason
-    side = read_manifest(model.path).preprocessing.typical_side
+    side = typical_side(read_manifest(model.path).preprocessing)
     assert side > 1 and (1, 3, side, side) in shapes and (2, 3, side, side) in shapes
     assert model.sessions["main"].get_session_options().intra_op_num_threads == every_core()
     assert model.batchers["main"].policy.max_batch_size == 1 and set(model.batch_rates["main"]) == {1, 2}
